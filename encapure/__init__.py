@@ -1,0 +1,7 @@
+"""Encapure: fast reranking and text embeddings on ONNX Runtime."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,5 @@
+import sys
+
+from encapure.cli import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""One settings object for the CLI, ``ENCAPURE_*`` environment variables and the library.
+
+Precedence: explicit arguments (CLI flags, constructor kwargs) > environment > defaults.
+The CLI builds ``Settings(**flags_given)`` so unset flags fall through to the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_RERANKER = "BAAI/bge-reranker-v2-m3"
+
+Precision = Literal["fp32", "fp16", "int8", "int4"]
+
+
+def default_cache_dir() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "encapure"
+
+
+class Settings(BaseSettings):
+    """Every tunable of the engine, scheduler and server."""
+
+    model_config = SettingsConfigDict(env_prefix="ENCAPURE_", extra="ignore", populate_by_name=True)
+
+    # --- models ---------------------------------------------------------------------------
+    # Repeatable on the CLI; in the environment a comma-separated list. "name=ID_OR_PATH" names a model.
+    model: list[str] = Field(default_factory=lambda: [DEFAULT_RERANKER])
+    precision: Precision = "int8"
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    max_length: int | None = None  # None: the manifest's
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+
+    # --- runtime ----------------------------------------------------------------------------
+    workers: int = 1  # inference workers (threads sharing one ORT session)
+    threads_per_worker: int = 0  # 0: all cores / workers
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    memory_arena: bool = True
+
+    # --- batching ---------------------------------------------------------------------------
+    max_batch_tokens: int = 16384  # padded tokens (batch size x longest item) per batch
+    max_batch_size: int = 64
+    max_wait_ms: float = 2.0  # how long a partial batch waits for company
+
+    # --- admission and deadlines -----------------------------------------------------------
+    max_concurrent_requests: int = 512
+    max_queued_items: int = 8192
+    admission_timeout_s: float = 0.5
+    request_timeout_s: float = 30.0
+
+    # --- HTTP ---------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_request_bytes: int = 8 * 1024 * 1024
+    max_client_batch_size: int = 1024
+    shutdown_timeout_s: float = 30.0
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "info"
+
+    def resolved_threads(self) -> int:
+        if self.threads_per_worker > 0:
+            return self.threads_per_worker
+        return max(1, (os.cpu_count() or 1) // max(1, self.workers))
