@@ -78,6 +78,13 @@ class NotReadyError(UnavailableError):
     kind = "not_ready"
 
 
+class CancelledRequestError(EncapureError):
+    """The caller went away (client disconnected) before the work was done; nobody reads the answer."""
+
+    kind = "request_cancelled"
+    status = 499  # nginx's "client closed request": only ever seen in logs and metrics
+
+
 # --- ours (5xx) --------------------------------------------------------------------------------
 class ModelError(EncapureError):
     """Inference failed inside the runtime for reasons that are not the caller's."""

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=default_cache_dir)
     max_length: int | None = None  # None: the manifest's
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+    truncation_side: Literal["left", "right"] = "right"  # which end of a too-long text is cut
+    window_overlap: int = 64  # tokens shared by neighbouring windows (long_documents="window")
 
     # --- runtime ----------------------------------------------------------------------------
     workers: int = 1  # inference workers (threads sharing one ORT session)
@@ -53,6 +55,8 @@ class Settings(BaseSettings):
     max_queued_items: int = 8192
     admission_timeout_s: float = 0.5
     request_timeout_s: float = 30.0
+    # Tests only: honour Prepared.options["fault"] = "fail_batch" | "kill_worker" | "slow:<ms>".
+    fault_injection: bool = False
 
     # --- HTTP ---------------------------------------------------------------------------------
     host: str = "127.0.0.1"
