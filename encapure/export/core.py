@@ -1,0 +1,416 @@
+"""``export_model``: a Hugging Face model in, an Encapure model folder out.
+
+Steps: resolve the source (folder, hub id, or in-memory model) -> detect task/pooling/max length ->
+write tokenizer.json -> trace fp32 ONNX -> (optimize) -> quantize -> parity against PyTorch ->
+manifest. Everything is built in a temporary sibling folder and renamed into place at the end, so
+a failed or interrupted export never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from encapure.errors import EncapureError, ExportError, ParityError, UnsupportedModelError
+from encapure.export import parity as par
+from encapure.export.detect import (
+    SourceInfo,
+    detect,
+    find_model_dir,
+    has_tokenizer,
+    read_json,
+    tokenizer_model_max_length,
+)
+from encapure.export.progress import Progress
+from encapure.manifest import MANIFEST_NAME, Manifest
+
+# Bump when the exporter's output changes (the test fixture cache keys on it).
+EXPORT_VERSION = "1"
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+
+@dataclass
+class ExportResult:
+    output: Path
+    manifest: Manifest
+    parity: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    size_bytes: int = 0
+
+    @property
+    def model_path(self) -> Path:
+        return self.output / self.manifest.model_file
+
+
+def export_model(
+    source: Any,
+    output: str | Path,
+    *,
+    task: str = "auto",
+    precision: str = "int8",
+    max_length: int | None = None,
+    tokenizer: Any = None,
+    optimize: str = "auto",
+    check_parity: bool = True,
+    progress: bool | Progress = False,
+    overwrite: bool = True,
+) -> ExportResult:
+    """Export ``source`` (folder, hub id, or in-memory transformers model) into ``output``.
+
+    ``tokenizer`` is a transformers/tokenizers object or a folder; required for in-memory models.
+    ``optimize``: "auto" (fuse where it measured faster for this precision), "on", "off".
+    Raises ExportError subclasses with one-line messages; ParityError when fp32 does not match.
+    """
+    prog = progress if isinstance(progress, Progress) else Progress(bool(progress))
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if optimize not in ("auto", "on", "off"):
+        raise ExportError(f"optimize must be auto, on or off, not {optimize!r}")
+    output = Path(output).expanduser().resolve()
+    _check_output(output, overwrite)
+    try:
+        return _export(source, output, task=task, precision=precision, max_length=max_length,
+                       tokenizer=tokenizer, optimize=optimize, check_parity=check_parity, prog=prog)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ExportError(f"disk full while writing the export next to {output}: free some space") from e
+        raise ExportError(f"export failed: {e}") from e
+    except MemoryError as e:
+        raise ExportError("out of memory during export: close other programs or use a bigger machine") from e
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"output {output} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()):
+        if not (output / MANIFEST_NAME).is_file():
+            raise ExportError(f"output {output} is not empty and is not an Encapure model folder; refusing to overwrite")
+        if not overwrite:
+            raise ExportError(f"output {output} already holds an exported model")
+
+
+# --- source resolution -------------------------------------------------------------------------------
+def _resolve_folder(source: str | Path, prog: Progress) -> tuple[Path, str]:
+    path = Path(source).expanduser()
+    if path.exists():
+        return path.resolve(), str(path.resolve())
+    text = str(source)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or (os.sep == "\\" and "\\" in text):
+        raise UnsupportedModelError(f"{source} does not exist")
+    return _download(text, prog), text
+
+
+def _download(repo_id: str, prog: Progress) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        with prog.step(f"Downloading {repo_id}"):
+            folder = snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "*.bin"],
+            )
+    except Exception as e:
+        name = type(e).__name__
+        if "Offline" in name or "Connection" in name or "LocalEntryNotFound" in name:
+            raise ExportError(
+                f"cannot download {repo_id}: the Hugging Face hub is unreachable (offline?); "
+                "pass a local model folder instead"
+            ) from e
+        if "RepositoryNotFound" in name or "HFValidation" in name:
+            raise UnsupportedModelError(f"{repo_id} is neither a local folder nor a hub model id") from e
+        raise ExportError(f"cannot download {repo_id}: {str(e).strip().splitlines()[0]}") from e
+    return Path(folder)
+
+
+def _safetensors_only(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors"))
+
+
+# --- the pipeline ------------------------------------------------------------------------------------
+def _export(
+    source: Any,
+    output: Path,
+    *,
+    task: str,
+    precision: str,
+    max_length: int | None,
+    tokenizer: Any,
+    optimize: str,
+    check_parity: bool,
+    prog: Progress,
+) -> ExportResult:
+    t_start = time.perf_counter()
+    in_memory = not isinstance(source, (str, Path))
+    tok_obj: Any = None
+    st_root: Path | None = None
+    if in_memory:
+        if not hasattr(source, "config") or not hasattr(source, "forward"):
+            raise ExportError(f"source must be a path, a hub id or a transformers model, not {type(source).__name__}")
+        if tokenizer is None:
+            raise ExportError("an in-memory model needs tokenizer= (a transformers tokenizer or a folder)")
+        config = source.config.to_dict()
+        if not config.get("architectures"):
+            config["architectures"] = [type(source).__name__]
+        src_label = f"in-memory {type(source).__name__}"
+        tok_dir: Path | None = Path(tokenizer) if isinstance(tokenizer, (str, Path)) else None
+        model_dir: Path | None = None
+    else:
+        root, src_label = _resolve_folder(source, prog)
+        model_dir = find_model_dir(root)
+        st_root = root
+        config = read_json(model_dir / "config.json")
+        tok_dir = Path(tokenizer) if isinstance(tokenizer, (str, Path)) else (
+            model_dir if has_tokenizer(model_dir) else root)
+        if tokenizer is None and not has_tokenizer(tok_dir):
+            raise ExportError(f"no tokenizer in {root}: expected tokenizer.json (or vocab/sentencepiece files)")
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        tok_obj = tokenizer
+    elif tok_dir is not None and not has_tokenizer(tok_dir):
+        raise ExportError(f"no tokenizer in {tok_dir}: expected tokenizer.json (or vocab/sentencepiece files)")
+
+    info = detect(config, task=task, model_dir=model_dir, st_root=st_root, max_length=max_length,
+                  tokenizer_max=tokenizer_model_max_length(tok_dir))
+    if st_root is not None:
+        _st_prompts(st_root, info)
+
+    # Heavy imports only now: `encapure export --help` and early errors stay fast.
+    with prog.step("Loading model"):
+        import torch
+
+        from encapure.export.tokenizer import load_hf_tokenizer, pad_token_id, write_tokenizer
+
+        torch.set_grad_enabled(False)
+        if tok_obj is None:
+            assert tok_dir is not None
+            tok_obj = load_hf_tokenizer(tok_dir)
+        model = source if in_memory else _load_model(model_dir, info)  # type: ignore[arg-type]
+        if in_memory and info.task == "embed" and info.architecture.endswith("ForSequenceClassification"):
+            model = model.base_model
+        model.eval()
+        _set_eager(model)
+
+    parent = output.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _check_space(parent, model)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=parent))
+    work.chmod(0o755)
+    try:
+        rust_tok = write_tokenizer(tok_obj, work)
+        pad_id = pad_token_id(tok_obj, config)
+        result = _build(model, info, work, rust_tok, pad_id, precision=precision, optimize=optimize,
+                        check_parity=check_parity, prog=prog)
+        manifest, report = result
+        manifest.source = src_label
+        manifest.tool_versions = _versions()
+        files = sorted(p.name for p in work.iterdir() if p.is_file() and p.name not in (MANIFEST_NAME, "parity.json"))
+        with prog.step("Writing manifest"):
+            manifest.compute_files(work, files)
+            manifest.validate()
+            manifest.save(work)
+            report["timings_s"] = dict(prog.timings)
+            (work / "parity.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        _replace_dir(work, output)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    size = sum(p.stat().st_size for p in output.iterdir() if p.name.startswith("model.onnx"))
+    prog.timings["total"] = round(time.perf_counter() - t_start, 3)
+    return ExportResult(output=output, manifest=manifest, parity=report, timings=dict(prog.timings), size_bytes=size)
+
+
+def _st_prompts(root: Path, info: SourceInfo) -> None:
+    cfg = root / "config_sentence_transformers.json"
+    if not cfg.is_file():
+        return
+    prompts = read_json(cfg).get("prompts") or {}
+    if isinstance(prompts, dict):
+        q = prompts.get("query")
+        d = prompts.get("document", prompts.get("passage"))
+        info.query_prefix = q if isinstance(q, str) and q else None
+        info.document_prefix = d if isinstance(d, str) and d else None
+
+
+def _load_model(model_dir: Path, info: SourceInfo) -> Any:
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if info.task in ("rerank", "classify") else AutoModel
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - cosmetic only
+        pass
+    try:
+        return cls.from_pretrained(str(model_dir), attn_implementation="eager", dtype="float32")
+    except (OSError, ValueError, KeyError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "does not appear to have a file" in msg or "no file named" in msg.lower():
+            raise ExportError(f"no model weights in {model_dir}: {msg}") from e
+        raise UnsupportedModelError(f"cannot load {model_dir} ({info.architecture or info.model_type}): {msg}") from e
+
+
+def _set_eager(model: Any) -> None:
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "_attn_implementation"):
+        try:
+            cfg._attn_implementation = "eager"
+        except Exception:  # pragma: no cover
+            pass
+
+
+def _check_space(folder: Path, model: Any) -> None:
+    """Refuse early when the disk cannot hold the fp32 graph plus the output."""
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    free = shutil.disk_usage(folder).free
+    if free < 2.2 * n_bytes + (64 << 20):
+        raise ExportError(
+            f"disk full: {folder} has {free / 1e9:.1f} GB free, the export needs about {2.2 * n_bytes / 1e9:.1f} GB"
+        )
+
+
+def _replace_dir(work: Path, output: Path) -> None:
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+        os.replace(work, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(work, output)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("encapure", "torch", "transformers", "onnx", "onnxruntime", "tokenizers"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    out["export_version"] = EXPORT_VERSION
+    return out
+
+
+def _build(
+    model: Any,
+    info: SourceInfo,
+    work: Path,
+    rust_tok: Any,
+    pad_id: int,
+    *,
+    precision: str,
+    optimize: str,
+    check_parity: bool,
+    prog: Progress,
+) -> tuple[Manifest, dict[str, Any]]:
+    from encapure.export import optimize as opt
+    from encapure.export import quantize as qz
+    from encapure.export.onnx_export import encoder_inputs, export_onnx
+
+    input_names = encoder_inputs(model, info.config)
+    output_kind = "logits" if info.task in ("rerank", "classify") else "token_embeddings"
+    output_name = "logits" if output_kind == "logits" else "token_embeddings"
+    items, groups = par.sample_inputs(info.task)
+    batches = par.encode(rust_tok, items, min(info.max_length, 512), pad_id)
+    final = work / "model.onnx"
+    fp32_path = final if precision == "fp32" else work / "fp32.onnx"
+    with prog.step("Exporting to ONNX (fp32)"):
+        export_onnx(model, fp32_path, input_names=input_names, output_name=output_name,
+                    output_kind=output_kind, sample=batches[0])
+
+    fusions: dict[str, int] = {}
+    want_fusion = opt.should_fuse(info.model_type, precision, optimize)
+    if want_fusion:
+        with prog.step("Optimizing graph (fusion)"):
+            fusions = opt.fuse(fp32_path, fp32_path, info.config, info.model_type)
+
+    quant: dict[str, Any] = {}
+    if precision == "int8":
+        with prog.step("Quantizing (int8)"):
+            quant = qz.quantize_int8(fp32_path, final, qz.int8_recipe(info.task, info.model_type))
+    elif precision == "int4":
+        with prog.step("Quantizing (int4)"):
+            quant = qz.quantize_int4(fp32_path, final)
+    elif precision == "fp16":
+        with prog.step("Converting (fp16)"):
+            quant = qz.convert_fp16(fp32_path, final)
+
+    report: dict[str, Any] = {"precision": precision, "task": info.task, "fusions": fusions, "quantization": quant}
+    if check_parity:
+        with prog.step("Verifying against PyTorch"):
+            report.update(_parity(model, final, info, input_names, batches, groups, precision))
+        prog.info(par.summary_line(precision, report))
+        if precision == "fp32" and report["max_abs_diff"] > par.FP32_ABS_TOL:
+            raise ParityError(
+                f"fp32 export does not match PyTorch: max |Δ| {report['max_abs_diff']:.2e} > {par.FP32_ABS_TOL:g}"
+            )
+    if fp32_path != final:
+        for p in (fp32_path, fp32_path.with_name(fp32_path.name + ".data")):
+            if p.exists():
+                p.unlink()
+
+    hidden = info.config.get("hidden_size") or info.config.get("dim") or info.config.get("d_model")
+    manifest = Manifest(
+        task=info.task,  # type: ignore[arg-type]
+        precision=precision,
+        max_length=info.max_length,
+        input_names=input_names,
+        output_name=output_name,
+        output_kind=output_kind,  # type: ignore[arg-type]
+        pooling=info.pooling,  # type: ignore[arg-type]
+        normalize=info.normalize,
+        labels=info.labels,
+        score_activation=info.score_activation,  # type: ignore[arg-type]
+        query_prefix=info.query_prefix,
+        document_prefix=info.document_prefix,
+        pad_token_id=pad_id,
+        embedding_dim=int(hidden) if info.task == "embed" and hidden else None,
+        architecture=info.architecture,
+        model_type=info.model_type,
+        fusions=fusions,
+        quantization=quant,
+    )
+    return manifest, report
+
+
+def _parity(
+    model: Any,
+    onnx_path: Path,
+    info: SourceInfo,
+    input_names: list[str],
+    batches: list[dict[str, np.ndarray]],
+    groups: list[int],
+    precision: str,
+) -> dict[str, Any]:
+    import onnxruntime as ort
+    import torch
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ExportError(f"the exported model does not load in ONNX Runtime: {str(e).strip().splitlines()[0]}") from e
+    refs, gots, masks = [], [], []
+    for b in batches:
+        feed = {n: b[n] for n in input_names}
+        with torch.no_grad():
+            out = model(**{k: torch.from_numpy(v) for k, v in feed.items()}, return_dict=True)
+        ref = (out.logits if info.task != "embed" else out.last_hidden_state).float().numpy()
+        got = sess.run(None, feed)[0]
+        refs.append(ref)
+        gots.append(got.astype(np.float32))
+        masks.append(b["attention_mask"])
+    try:
+        return par.compare(info.task, refs, gots, masks, groups, pooling=info.pooling, normalize=info.normalize)
+    except EncapureError:
+        raise

@@ -1,0 +1,66 @@
+"""Turn whatever tokenizer a model ships into one ``tokenizer.json`` the engine can trust.
+
+Tokenizer files carry their own padding and truncation (all-MiniLM-L6-v2's pads and cuts at 128
+while sentence-transformers uses 256). The manifest's ``max_length`` is the one truth, so the file
+we write has both disabled and the engine applies the manifest's limit itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from encapure.errors import ExportError
+
+
+def load_hf_tokenizer(folder: Path) -> Any:
+    """Load with transformers (applies tokenizer_config: lower-casing, added tokens, post-processor)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # transformers raises many types here
+        raise ExportError(f"cannot load the tokenizer from {folder}: {_first_line(e)}") from e
+
+
+def backend_tokenizer(tok: Any) -> Any:
+    """The Rust ``tokenizers.Tokenizer`` behind a transformers tokenizer (converting slow ones)."""
+    from tokenizers import Tokenizer
+
+    if isinstance(tok, Tokenizer):
+        return Tokenizer.from_str(tok.to_str())
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        try:
+            from transformers.convert_slow_tokenizer import convert_slow_tokenizer
+
+            backend = convert_slow_tokenizer(tok)
+        except Exception as e:
+            raise ExportError(
+                f"the tokenizer {type(tok).__name__} has no fast (tokenizers) version and cannot be "
+                f"converted: {_first_line(e)}"
+            ) from e
+    # A private copy: we change padding/truncation and must not touch the caller's object.
+    return Tokenizer.from_str(backend.to_str())
+
+
+def write_tokenizer(tok: Any, output: Path) -> Any:
+    """Write tokenizer.json with padding and truncation disabled; return the Tokenizer written."""
+    rust = backend_tokenizer(tok)
+    rust.no_padding()
+    rust.no_truncation()
+    rust.save(str(output / "tokenizer.json"))
+    return rust
+
+
+def pad_token_id(tok: Any, config: dict[str, Any]) -> int:
+    value = getattr(tok, "pad_token_id", None)
+    if isinstance(value, int):
+        return value
+    value = config.get("pad_token_id")
+    return value if isinstance(value, int) else 0
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
