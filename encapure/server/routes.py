@@ -1,0 +1,604 @@
+"""The routes. Handlers validate, pick the model, hand tokenization and inference to the
+scheduler and shape the answer; they never block the event loop and never map errors themselves
+(they raise ``EncapureError`` and ``encapure.server.errors`` renders it)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from encapure import __version__
+from encapure.engine.types import (
+    ClassifyOutput,
+    EmbedOutput,
+    InferenceModel,
+    ModelOutput,
+    Prepared,
+    RerankOutput,
+)
+from encapure.errors import (
+    InvalidInputError,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+    UnavailableError,
+    WrongTaskError,
+)
+from encapure.server.errors import error_response
+from encapure.server.schemas import (
+    CohereV1RerankRequest,
+    CohereV2RerankRequest,
+    Document,
+    OpenAIEmbeddingsRequest,
+    RerankRequest,
+    TEIEmbedRequest,
+    TEIPredictRequest,
+    TEITokenizeRequest,
+)
+from encapure.server.state import ServerState
+
+router = APIRouter()
+
+_JSON = "application/json"
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.encapure  # type: ignore[no-any-return]
+
+
+def _json(obj: Any, headers: dict[str, str] | None = None, status: int = 200) -> Response:
+    return Response(
+        orjson.dumps(obj, option=_NUMPY, default=str), status_code=status, media_type=_JSON, headers=headers
+    )
+
+
+# --- model choice -----------------------------------------------------------------------------
+_TASK_WORDS = {"rerank": "reranking", "embed": "embedding", "classify": "classification"}
+
+
+def pick_model(
+    state: ServerState, name: str | None, tasks: tuple[str, ...], route: str
+) -> tuple[str, InferenceModel]:
+    wanted = " or ".join(_TASK_WORDS[t] for t in tasks)
+    loaded = ", ".join(f"{n} ({m.task})" for n, m in state.models.items()) or "none yet"
+    if name:
+        model = state.models.get(name)
+        if model is None:
+            if state.phase == "starting":
+                state.require_scheduler()  # 503 not ready: the model may be on its way
+            raise ModelNotFoundError(f"model {name!r} is not served here; loaded: {loaded}")
+        if model.task not in tasks:
+            raise WrongTaskError(
+                f"model {name!r} is a {_TASK_WORDS[model.task]} model; {route} needs a {wanted} model "
+                f"(loaded: {loaded})"
+            )
+        return name, model
+    for n, m in state.models.items():
+        if m.task in tasks:
+            return n, m
+    if state.phase == "starting":
+        state.require_scheduler()
+    raise WrongTaskError(f"no {wanted} model is loaded, so {route} cannot answer; loaded: {loaded}")
+
+
+# --- the inference path --------------------------------------------------------------------------
+class DisconnectWatcher:
+    """Notices a client that went away, cheaply: one task parked on ``receive()`` (which, once the
+    body is read, only ever returns ``http.disconnect``), and a plain flag the scheduler can poll."""
+
+    __slots__ = ("_task", "disconnected")
+
+    def __init__(self, receive: Callable[[], Any]) -> None:
+        self.disconnected = False
+        self._task = asyncio.get_running_loop().create_task(self._watch(receive))
+
+    async def _watch(self, receive: Callable[[], Any]) -> None:
+        try:
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    self.disconnected = True
+                    return
+        except Exception:  # a broken transport is a disconnect too
+            self.disconnected = True
+
+    def is_cancelled(self) -> bool:
+        return self.disconnected
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f}"
+
+
+async def run_inference(
+    request: Request, name: str, model: InferenceModel, fn: Callable[..., Prepared], *args: Any, **kw: Any
+) -> tuple[ModelOutput, dict[str, str]]:
+    """Tokenize (off the loop), queue for a shared batch, finish. Returns the output and headers."""
+    state = _state(request)
+    sched = state.require_scheduler()
+    info: dict[str, Any] = request.scope["state"]["info"]
+    state.enter()
+    try:
+        t0 = time.perf_counter()
+        prepared: Prepared = await sched.prepare(fn, *args, **kw)
+        t1 = time.perf_counter()
+        if state.fault_injection:
+            fault = request.headers.get("x-encapure-fault")
+            if fault:
+                prepared.options["fault"] = fault
+        watcher = DisconnectWatcher(request.receive)
+        timings: dict[str, float] = {}
+        try:
+            rows = await sched.submit(
+                name,
+                prepared,
+                deadline=request.scope["state"]["deadline"],
+                is_cancelled=watcher.is_cancelled,
+                timings=timings,
+            )
+        finally:
+            watcher.stop()
+            if watcher.disconnected:
+                info["disconnected"] = True
+        t2 = time.perf_counter()
+        out = model.finish(prepared, rows)
+    finally:
+        state.leave()
+    queue_s = timings.get("queue_s", t2 - t1)
+    infer_s = timings.get("inference_s", 0.0)
+    tokens = prepared.total_tokens
+    info.update(
+        model=name,
+        items=prepared.n_inputs,
+        tokens=tokens,
+        tokenize_ms=round((t1 - t0) * 1000, 2),
+        queue_ms=round(queue_s * 1000, 2),
+        inference_ms=round(infer_s * 1000, 2),
+    )
+    headers = {
+        "x-tokenization-time": _ms(t1 - t0),
+        "x-queue-time": _ms(queue_s),
+        "x-inference-time": _ms(infer_s),
+        "x-total-tokens": str(tokens),
+        "x-items": str(prepared.n_inputs),
+    }
+    if any(prepared.truncated):
+        headers["x-truncated-inputs"] = str(sum(prepared.truncated))
+    state.http_metrics.tokens.labels(request.scope["path"]).inc(tokens)
+    return out, headers
+
+
+def _check_batch(state: ServerState, n: int, what: str) -> None:
+    limit = state.settings.max_client_batch_size
+    if n > limit:
+        raise PayloadTooLargeError(
+            f"{n} {what} in one request; this server accepts at most {limit} (--max-client-batch-size)"
+        )
+
+
+def _doc_text(d: Document) -> str:
+    return d if isinstance(d, str) else d.text
+
+
+# --- rerank ----------------------------------------------------------------------------------------
+async def _rerank(
+    request: Request,
+    model_name: str | None,
+    query: str,
+    documents: list[Document],
+    *,
+    raw: bool = False,
+    truncate: bool = True,
+    route: str,
+) -> tuple[str, RerankOutput | None, dict[str, str]]:
+    state = _state(request)
+    name, model = pick_model(state, model_name, ("rerank",), route)
+    _check_batch(state, len(documents), "documents")
+    request.scope["state"]["info"]["items"] = len(documents)
+    state.http_metrics.items.labels(route).inc(len(documents))
+    if not documents:
+        return name, None, {"x-total-tokens": "0"}
+    texts = [_doc_text(d) for d in documents]
+    out, headers = await run_inference(
+        request, name, model, model.prepare_pairs, query, texts, truncate=truncate, raw_scores=raw
+    )
+    assert isinstance(out, RerankOutput)
+    return name, out, headers
+
+
+def _order(out: RerankOutput | None, top_n: int | None) -> tuple[list[int], list[float]]:
+    if out is None:
+        return [], []
+    scores = out.scores.astype(np.float64).tolist()
+    order = np.argsort(-out.scores, kind="stable")
+    if top_n is not None:
+        order = order[:top_n]
+    return order.tolist(), scores
+
+
+def _tokens(out: ModelOutput | None) -> int:
+    return int(sum(out.tokens)) if out is not None else 0
+
+
+def _as_object(d: Document) -> dict[str, Any]:
+    return {"text": d} if isinstance(d, str) else d.model_dump()
+
+
+@router.post("/rerank", summary="Rerank documents for a query (native shape)")
+async def rerank(body: RerankRequest, request: Request) -> Response:
+    name, out, headers = await _rerank(
+        request,
+        body.model,
+        body.query,
+        body.documents,
+        raw=body.raw_scores,
+        truncate=body.truncate,
+        route="/rerank",
+    )
+    order, scores = _order(out, body.top_n)
+    if body.return_documents:
+        docs = body.documents
+        results = [
+            {"index": i, "score": scores[i], "document": d if isinstance(d, str) else d.model_dump()}
+            for i in order
+            for d in (docs[i],)
+        ]
+    else:
+        results = [{"index": i, "score": scores[i]} for i in order]
+    return _json(
+        {"model": name, "results": results, "scores": scores, "usage": {"total_tokens": _tokens(out)}},
+        headers,
+    )
+
+
+def _cohere_results(
+    order: list[int], scores: list[float], docs: list[Document], with_docs: bool
+) -> list[dict]:
+    if with_docs:
+        return [{"index": i, "relevance_score": scores[i], "document": _as_object(docs[i])} for i in order]
+    return [{"index": i, "relevance_score": scores[i]} for i in order]
+
+
+@router.post("/v1/rerank", summary="Rerank (Cohere v1 and Jina shapes)")
+async def rerank_v1(body: CohereV1RerankRequest, request: Request) -> Response:
+    name, out, headers = await _rerank(request, body.model, body.query, body.documents, route="/v1/rerank")
+    order, scores = _order(out, body.top_n)
+    tokens = _tokens(out)
+    return _json(
+        {
+            "id": request.scope["state"]["request_id"],
+            "model": name,
+            "results": _cohere_results(order, scores, body.documents, body.return_documents),
+            "meta": {"api_version": {"version": "1"}, "billed_units": {"search_units": 1}},
+            "usage": {"total_tokens": tokens, "prompt_tokens": tokens},
+        },
+        headers,
+    )
+
+
+@router.post("/v2/rerank", summary="Rerank (Cohere v2 shape)")
+async def rerank_v2(body: CohereV2RerankRequest, request: Request) -> Response:
+    name, out, headers = await _rerank(request, body.model, body.query, body.documents, route="/v2/rerank")
+    order, scores = _order(out, body.top_n)
+    tokens = _tokens(out)
+    return _json(
+        {
+            "id": request.scope["state"]["request_id"],
+            "model": name,
+            "results": _cohere_results(order, scores, body.documents, body.return_documents),
+            "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
+            "usage": {"total_tokens": tokens, "prompt_tokens": tokens},
+        },
+        headers,
+    )
+
+
+# --- embeddings ---------------------------------------------------------------------------------
+def _tokenizer(model: InferenceModel) -> Any:
+    """The model's ``tokenizers.Tokenizer`` (public attribute if the engine has one, else its file)."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None and hasattr(tok, "encode_batch"):
+        return tok
+    cached = _TOKENIZERS.get(id(model))
+    if cached is None:
+        from tokenizers import Tokenizer
+
+        text = getattr(model, "_tokenizer_json", None)
+        if text is not None:
+            cached = Tokenizer.from_str(text)
+        else:
+            folder = getattr(model, "folder", None)
+            if folder is None:
+                raise InvalidInputError(f"model {model.name!r} does not expose its tokenizer")
+            cached = Tokenizer.from_file(str(folder / model.manifest.tokenizer_file))
+        cached.no_truncation()
+        cached.no_padding()
+        _TOKENIZERS[id(model)] = cached
+    return cached
+
+
+_TOKENIZERS: dict[int, Any] = {}
+
+
+def _decode_ids(model: InferenceModel, batches: list[list[int]]) -> list[str]:
+    """Token-id input is in the model's own vocabulary; we decode it and tokenize again, which gives
+    the same ids back for ids the tokenizer itself produced."""
+    tok = _tokenizer(model)
+    vocab = tok.get_vocab_size() if hasattr(tok, "get_vocab_size") else None
+    for ids in batches:
+        if not ids:
+            raise InvalidInputError("input: an empty list of token ids")
+        if vocab is not None and (min(ids) < 0 or max(ids) >= vocab):
+            raise InvalidInputError(f"input: token ids must lie in [0, {vocab}) for model {model.name!r}")
+    return [tok.decode(ids, skip_special_tokens=True) for ids in batches]
+
+
+async def _embed(
+    request: Request,
+    model_name: str | None,
+    inputs: Any,
+    *,
+    route: str,
+    dimensions: int | None = None,
+    normalize: bool | None = None,
+    truncate: bool = True,
+    kind: Any = None,
+) -> tuple[str, EmbedOutput | None, dict[str, str]]:
+    state = _state(request)
+    name, model = pick_model(state, model_name, ("embed",), route)
+    if isinstance(inputs, str):
+        texts: list[str] = [inputs]
+    elif inputs and isinstance(inputs[0], int):
+        texts = await asyncio.to_thread(_decode_ids, model, [inputs])
+    elif inputs and isinstance(inputs[0], list):
+        _check_batch(state, len(inputs), "inputs")
+        texts = await asyncio.to_thread(_decode_ids, model, inputs)
+    else:
+        texts = list(inputs)
+    _check_batch(state, len(texts), "inputs")
+    request.scope["state"]["info"]["items"] = len(texts)
+    state.http_metrics.items.labels(route).inc(len(texts))
+    if not texts:
+        raise InvalidInputError("input: give at least one text")
+    out, headers = await run_inference(
+        request,
+        name,
+        model,
+        model.prepare_texts,
+        texts,
+        truncate=truncate,
+        kind=kind,
+        dimensions=dimensions,
+        normalize=normalize,
+    )
+    assert isinstance(out, EmbedOutput)
+    return name, out, headers
+
+
+@router.post("/v1/embeddings", summary="Embeddings (OpenAI shape; float or base64)")
+async def embeddings(body: OpenAIEmbeddingsRequest, request: Request) -> Response:
+    name, out, headers = await _embed(
+        request, body.model, body.input, route="/v1/embeddings", dimensions=body.dimensions
+    )
+    assert out is not None
+    emb = np.ascontiguousarray(out.embeddings, dtype=np.float32)
+    if body.encoding_format == "base64":
+        le = emb.astype("<f4", copy=False)
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": base64.b64encode(le[i].tobytes()).decode("ascii"),
+            }
+            for i in range(le.shape[0])
+        ]
+    else:
+        data = [{"object": "embedding", "index": i, "embedding": emb[i]} for i in range(emb.shape[0])]
+    tokens = _tokens(out)
+    return _json(
+        {
+            "object": "list",
+            "data": data,
+            "model": name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        },
+        headers,
+    )
+
+
+@router.get("/v1/models", summary="Served models (OpenAI shape)")
+async def list_models(request: Request) -> Response:
+    state = _state(request)
+    created = int(state.started_at)
+    return _json(
+        {
+            "object": "list",
+            "data": [
+                {"id": n, "object": "model", "created": created, "owned_by": "encapure", "task": m.task}
+                for n, m in state.models.items()
+            ],
+        }
+    )
+
+
+@router.post("/embed", summary="Embeddings (TEI shape)")
+async def tei_embed(body: TEIEmbedRequest, request: Request) -> Response:
+    kind = body.prompt_name if body.prompt_name in ("query", "document") else None
+    _, out, headers = await _embed(
+        request,
+        body.model,
+        body.inputs,
+        route="/embed",
+        dimensions=body.dimensions,
+        normalize=body.normalize,
+        truncate=body.truncate,
+        kind=kind,
+    )
+    assert out is not None
+    return _json(np.ascontiguousarray(out.embeddings, dtype=np.float32), headers)
+
+
+@router.post("/predict", summary="Classification scores (TEI shape)")
+async def tei_predict(body: TEIPredictRequest, request: Request) -> Response:
+    state = _state(request)
+    name, model = pick_model(state, body.model, ("classify", "rerank"), "/predict")
+    inputs = body.inputs
+    single = isinstance(inputs, str) or (bool(inputs) and isinstance(inputs[0], str))
+    batch: list[list[str]] = [[inputs]] if isinstance(inputs, str) else [inputs] if single else inputs  # type: ignore[list-item]
+    _check_batch(state, len(batch), "inputs")
+    request.scope["state"]["info"]["items"] = len(batch)
+    if not batch:
+        return _json([])
+    for item in batch:
+        if len(item) not in (1, 2):
+            raise InvalidInputError("inputs: each item is a text or a [text, text_pair]")
+    if model.task == "rerank" and any(len(item) != 2 for item in batch):
+        raise WrongTaskError(f"model {name!r} is a reranker: /predict needs [text, text_pair] inputs for it")
+    if all(len(item) == 1 for item in batch):
+        out, headers = await run_inference(
+            request,
+            name,
+            model,
+            model.prepare_texts,
+            [item[0] for item in batch],
+            truncate=body.truncate,
+            raw_scores=body.raw_scores,
+        )
+    elif all(len(item) == 2 for item in batch):
+        out, headers = await run_inference(
+            request,
+            name,
+            model,
+            model.prepare_pair_list,
+            [(a, b) for a, b in batch],
+            truncate=body.truncate,
+            raw_scores=body.raw_scores,
+        )
+    else:
+        raise InvalidInputError("inputs: mix of single texts and pairs in one batch; send them separately")
+    if isinstance(out, ClassifyOutput):
+        preds = [[{"label": lab, "score": s} for lab, s in row] for row in out.top()]
+    elif isinstance(out, RerankOutput):
+        label = (model.manifest.labels or ["LABEL_0"])[0]
+        preds = [[{"label": label, "score": s}] for s in out.scores.astype(np.float64).tolist()]
+    else:  # pragma: no cover
+        raise InvalidInputError(f"model {name!r} cannot predict")
+    return _json(preds[0] if single else preds, headers)
+
+
+@router.post("/tokenize", summary="Tokenize (TEI shape)")
+async def tei_tokenize(body: TEITokenizeRequest, request: Request) -> Response:
+    state = _state(request)
+    _, model = pick_model(state, body.model, ("rerank", "embed", "classify"), "/tokenize")
+    texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+    _check_batch(state, len(texts), "inputs")
+    tok = _tokenizer(model)
+
+    def work() -> list[list[dict[str, Any]]]:
+        encs = tok.encode_batch(texts, add_special_tokens=body.add_special_tokens)
+        out = []
+        for text, enc in zip(texts, encs, strict=True):
+            toks = []
+            for tid, piece, (start, stop), special in zip(
+                enc.ids, enc.tokens, enc.offsets, enc.special_tokens_mask, strict=True
+            ):
+                toks.append(
+                    {
+                        "id": tid,
+                        "text": piece if special else text[start:stop],
+                        "special": bool(special),
+                        "start": None if special else start,
+                        "stop": None if special else stop,
+                    }
+                )
+            out.append(toks)
+        return out
+
+    result = await asyncio.to_thread(work)
+    return _json(result)
+
+
+# --- operations -----------------------------------------------------------------------------------
+@router.get("/health", summary="Liveness: the inference workers are alive")
+async def health(request: Request) -> Response:
+    state = _state(request)
+    if state.phase == "failed":
+        return error_response(UnavailableError("model loading failed; see the server log", retry_after=None))
+    sched = state.scheduler
+    if sched is not None and not sched.is_healthy():
+        return error_response(
+            UnavailableError("an inference worker died; restart the server", retry_after=None)
+        )
+    return _json({"status": "ok" if sched is not None else "starting", "phase": state.phase})
+
+
+@router.get("/ready", summary="Readiness: models loaded and warmed, not draining")
+async def ready(request: Request) -> Response:
+    state = _state(request)
+    sched = state.require_scheduler()
+    if not sched.is_accepting() or not sched.is_healthy():
+        raise UnavailableError("the scheduler is not accepting work", retry_after=1.0)
+    return _json({"status": "ready", "models": list(state.models)})
+
+
+@router.get("/info", summary="Models, limits and version")
+async def info(request: Request) -> Response:
+    state = _state(request)
+    s = state.settings
+    models = []
+    for n, m in state.models.items():
+        man = m.manifest
+        models.append(
+            {
+                "name": n,
+                "task": m.task,
+                "precision": man.precision,
+                "max_length": m.max_length,
+                "source": state.specs[n].source if n in state.specs else man.source,
+                "architecture": man.architecture,
+                "embedding_dim": man.embedding_dim,
+                "labels": man.labels,
+                "load_seconds": round(state.load_seconds.get(n, 0.0), 3),
+            }
+        )
+    return _json(
+        {
+            "version": __version__,
+            "phase": state.phase,
+            "model_id": next(iter(state.models), None),
+            "models": models,
+            "startup_seconds": state.ready_after_s,
+            "limits": {
+                "max_batch_tokens": s.max_batch_tokens,
+                "max_batch_size": s.max_batch_size,
+                "max_wait_ms": s.max_wait_ms,
+                "workers": s.workers,
+                "threads_per_worker": s.resolved_threads(),
+                "max_concurrent_requests": s.max_concurrent_requests,
+                "max_queued_items": s.max_queued_items,
+                "admission_timeout_s": s.admission_timeout_s,
+                "request_timeout_s": s.request_timeout_s,
+                "max_request_bytes": s.max_request_bytes,
+                "max_client_batch_size": s.max_client_batch_size,
+                "shutdown_timeout_s": s.shutdown_timeout_s,
+            },
+            "scheduler": state.scheduler.stats() if state.scheduler is not None else None,
+        }
+    )
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(_state(request).registry), media_type=CONTENT_TYPE_LATEST)

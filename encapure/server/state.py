@@ -1,0 +1,149 @@
+"""The service's lifecycle state: loaded models, the scheduler, phase and in-flight work.
+
+Phases: ``starting`` (loading and warming; /ready 503, work 503) -> ``ready`` -> ``draining``
+(after SIGTERM: /ready 503, new work 503, in-flight work finishes) -> ``stopped``; ``failed`` when
+loading failed (the process then exits non-zero).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+from prometheus_client import CollectorRegistry
+
+from encapure.engine.types import InferenceModel
+from encapure.errors import NotReadyError, ShuttingDownError
+from encapure.scheduler.metrics import SchedulerMetrics
+from encapure.server.loading import ModelSpec, load_spec, parse_specs
+from encapure.server.metrics import HttpMetrics
+from encapure.settings import Settings
+
+log = logging.getLogger("encapure.server")
+
+Phase = Literal["starting", "ready", "draining", "stopped", "failed"]
+
+
+class ServerState:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        self.http_metrics = HttpMetrics(self.registry)
+        self.sched_metrics = SchedulerMetrics(self.registry)
+        self.phase: Phase = "starting"
+        self.models: dict[str, InferenceModel] = {}
+        self.specs: dict[str, ModelSpec] = {}
+        self.load_seconds: dict[str, float] = {}
+        self.scheduler: Any = None
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._load_task: asyncio.Task[None] | None = None
+        self.on_fatal: Callable[[], None] | None = None
+        self.started_at = time.time()
+        self.ready_after_s: float | None = None
+        self.fault_injection = bool(getattr(settings, "fault_injection", False))
+
+    # --- admission of inference work --------------------------------------------------------
+    def require_scheduler(self) -> Any:
+        if self.phase == "ready" and self.scheduler is not None:
+            return self.scheduler
+        if self.phase == "starting":
+            raise NotReadyError("the server is still loading its models; retry shortly", retry_after=2.0)
+        if self.phase == "failed":
+            raise NotReadyError("the server failed to load its models", retry_after=5.0)
+        raise ShuttingDownError("the server is shutting down; retry on another instance", retry_after=1.0)
+
+    def enter(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight <= 0:
+            self.inflight = 0
+            self._idle.set()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def start_loading(self) -> None:
+        self._load_task = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        from encapure.scheduler import Scheduler
+
+        t0 = time.perf_counter()
+        try:
+            for spec in parse_specs(self.settings):
+                spec, model, seconds = await asyncio.to_thread(load_spec, spec, self.settings)
+                self.models[spec.name] = model
+                self.specs[spec.name] = spec
+                self.load_seconds[spec.name] = seconds
+            self.scheduler = Scheduler(self.models, self.settings, self.sched_metrics)
+            await self.scheduler.start()
+            for name, model in self.models.items():
+                w0 = time.perf_counter()
+                await self._warm_up(name, model)
+                self.load_seconds[name] += time.perf_counter() - w0
+                self.sched_metrics.model_load_seconds.labels(model=name).set(self.load_seconds[name])
+                log.info(
+                    "model ready",
+                    extra={
+                        "model": name,
+                        "task": model.task,
+                        "precision": model.manifest.precision,
+                        "source": self.specs[name].source,
+                        "load_s": round(self.load_seconds[name], 3),
+                    },
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.phase = "failed"
+            log.error("failed to load models: %s: %s", type(e).__name__, e, exc_info=e)
+            if self.on_fatal is not None:
+                self.on_fatal()
+            return
+        if self.phase == "starting":
+            self.phase = "ready"
+            self.http_metrics.ready.set(1)
+            self.ready_after_s = time.perf_counter() - t0
+            log.info(
+                "ready", extra={"models": ",".join(self.models), "startup_s": round(self.ready_after_s, 3)}
+            )
+
+    async def _warm_up(self, name: str, model: InferenceModel) -> None:
+        """One real request through the whole pipeline, so the first client does not pay for it."""
+        sched = self.scheduler
+        if model.task == "rerank":
+            prepared = await sched.prepare(model.prepare_pairs, "warm up query", ["a warm up document"] * 4)
+        else:
+            prepared = await sched.prepare(model.prepare_texts, ["warm up text"] * 4)
+        rows = await sched.submit(name, prepared, deadline=time.monotonic() + 300.0)
+        model.finish(prepared, rows)
+
+    def begin_drain(self) -> None:
+        if self.phase in ("draining", "stopped"):
+            return
+        self.phase = "draining"
+        self.http_metrics.ready.set(0)
+        log.info(
+            "draining: refusing new work, finishing in-flight requests", extra={"in_flight": self.inflight}
+        )
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def close(self) -> None:
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        if self.scheduler is not None:
+            await self.scheduler.shutdown(self.settings.shutdown_timeout_s)
+        self.phase = "stopped"
+        self.http_metrics.ready.set(0)
