@@ -263,10 +263,8 @@ def _load_model(model_dir: Path, info: SourceInfo) -> Any:
 def _set_eager(model: Any) -> None:
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "_attn_implementation"):
-        try:
+        with contextlib.suppress(Exception):
             cfg._attn_implementation = "eager"
-        except Exception:  # pragma: no cover
-            pass
 
 
 def _check_space(folder: Path, model: Any) -> None:
