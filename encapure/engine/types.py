@@ -10,8 +10,10 @@ The pipeline is pre-process -> run -> post-process, split so that a scheduler ca
 3. ``model.forward(units)`` runs one batch and returns one raw row per unit
    (rerank/classify: logits ``[B, n_labels]``; embed: pooled, *unnormalized* ``[B, D]``).
    Thread-safe: several threads may call it at once.
-4. ``model.finish(prepared, rows, options)`` folds rows back per input (max over windows),
-   applies activation / normalization / dimensions and returns the request's result.
+4. ``model.finish(prepared, rows)`` folds rows back per input (max over windows), applies
+   activation / normalization / dimensions (request options travel in ``Prepared.options``, set
+   at prepare time, so the scheduler never needs them) and returns the request's result:
+   ``RerankOutput`` / ``EmbedOutput`` / ``ClassifyOutput``.
 """
 
 from __future__ import annotations
@@ -55,6 +57,78 @@ class Prepared:
         return int(sum(self.tokens))
 
 
+@dataclass(slots=True)
+class RerankResult:
+    """One ranked document: ``index`` is its position in the caller's list."""
+
+    index: int
+    score: float
+    document: str | None = None
+    tokens: int = 0
+    truncated: bool = False
+
+
+@dataclass
+class RerankOutput:
+    """Scores of every (query, document) pair in input order.
+
+    ``scores`` are sigmoid probabilities unless the request asked for ``raw_scores`` (then logits);
+    ``tokens`` and ``truncated`` report what the model actually saw per input.
+    """
+
+    scores: npt.NDArray[np.float32]  # [n]
+    tokens: list[int]
+    truncated: list[bool]
+    raw: bool = False
+
+    def ranked(self, top_n: int | None = None, documents: list[str] | None = None) -> list[RerankResult]:
+        """Results sorted by score (ties keep input order), cut to ``top_n``."""
+        order = np.argsort(-self.scores, kind="stable")
+        if top_n is not None:
+            order = order[: max(0, top_n)]
+        return [
+            RerankResult(
+                index=int(i),
+                score=float(self.scores[i]),
+                document=documents[i] if documents is not None else None,
+                tokens=self.tokens[i],
+                truncated=self.truncated[i],
+            )
+            for i in order
+        ]
+
+
+@dataclass
+class EmbedOutput:
+    """One float32 vector per input text, in input order (``[n, D]``; D after ``dimensions``)."""
+
+    embeddings: npt.NDArray[np.float32]
+    tokens: list[int]
+    truncated: list[bool]
+
+
+@dataclass
+class ClassifyOutput:
+    """Per-input scores over ``labels`` (softmax probabilities unless raw)."""
+
+    scores: npt.NDArray[np.float32]  # [n, n_labels]
+    labels: list[str]
+    tokens: list[int]
+    truncated: list[bool]
+    raw: bool = False
+
+    def top(self) -> list[list[tuple[str, float]]]:
+        """Per input, (label, score) sorted best first."""
+        out = []
+        for row in self.scores:
+            order = np.argsort(-row, kind="stable")
+            out.append([(self.labels[j], float(row[j])) for j in order])
+        return out
+
+
+ModelOutput = RerankOutput | EmbedOutput | ClassifyOutput
+
+
 @runtime_checkable
 class InferenceModel(Protocol):
     """A loaded model. Implemented by ``encapure.engine.model.OnnxModel``."""
@@ -75,6 +149,16 @@ class InferenceModel(Protocol):
         *,
         truncate: bool = True,
         long_documents: LongDocuments = "truncate",
+        raw_scores: bool = False,
+    ) -> Prepared: ...
+
+    def prepare_pair_list(
+        self,
+        pairs: list[tuple[str, str]],
+        *,
+        truncate: bool = True,
+        long_documents: LongDocuments = "truncate",
+        raw_scores: bool = False,
     ) -> Prepared: ...
 
     def prepare_texts(
@@ -83,8 +167,11 @@ class InferenceModel(Protocol):
         *,
         truncate: bool = True,
         kind: Literal["query", "document"] | None = None,
+        dimensions: int | None = None,
+        normalize: bool | None = None,
+        raw_scores: bool = False,
     ) -> Prepared: ...
 
     def forward(self, units: list[Unit]) -> npt.NDArray[np.float32]: ...
 
-    def finish(self, prepared: Prepared, rows: npt.NDArray[np.float32]) -> Any: ...
+    def finish(self, prepared: Prepared, rows: npt.NDArray[np.float32]) -> ModelOutput: ...

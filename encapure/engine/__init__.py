@@ -1,0 +1,34 @@
+"""The inference engine: tokenize -> batched ONNX Runtime run -> post-process."""
+
+from __future__ import annotations
+
+from encapure.engine.api import Classifier, Embedder, Reranker
+from encapure.engine.batching import plan_batches
+from encapure.engine.loading import cached_export, load_model
+from encapure.engine.model import OnnxModel
+from encapure.engine.types import (
+    ClassifyOutput,
+    EmbedOutput,
+    InferenceModel,
+    Prepared,
+    RerankOutput,
+    RerankResult,
+    Unit,
+)
+
+__all__ = [
+    "Classifier",
+    "ClassifyOutput",
+    "EmbedOutput",
+    "Embedder",
+    "InferenceModel",
+    "OnnxModel",
+    "Prepared",
+    "RerankOutput",
+    "RerankResult",
+    "Reranker",
+    "Unit",
+    "cached_export",
+    "load_model",
+    "plan_batches",
+]
