@@ -696,6 +696,8 @@ class Scheduler:
                 current = batch
                 self._run_batch(batch)
                 current = None
+        except _WorkerKilled:
+            pass  # the simulated crash ends the thread like a real one, without a traceback
         finally:
             if not clean:
                 log.error("inference worker %d died", wid)
