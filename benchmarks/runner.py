@@ -1,0 +1,560 @@
+"""The benchmark run: prepare models and peers, measure every system side by side, save results.json.
+
+Order of work: rerank servers (all started once, then every cell runs each system in ABBA order
+to cancel drift), in-process baselines, embedding servers, the headline model, and a py-spy
+profile of the Encapure server under load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import loadgen
+from benchmarks.envs import PEERS, ensure_env
+from benchmarks.models import (
+    RERANKER_FIXTURE,
+    ROOT,
+    WIKIQA_TEST,
+    WORK,
+    embedder_source,
+    ensure_export,
+    export_seconds,
+)
+from benchmarks.systems import (
+    THREADS,
+    ServerProcess,
+    ServerSpec,
+    base_env,
+    encapure_spec,
+    infinity_model_dir,
+    infinity_spec,
+    mosec_spec,
+    naive_spec,
+    st_spec,
+)
+from benchmarks.workloads import (
+    TextMaker,
+    Workload,
+    answerable,
+    embedding_workload,
+    load_wikiqa,
+    mean_average_precision,
+    synthetic,
+)
+
+REQUEST_TIMEOUT_S = 30.0  # Encapure's default --request-timeout; the client waits longer to see it
+
+
+@dataclass
+class Plan:
+    quick: bool
+    cell_s: float  # per system and cell, split over two rounds (ABBA)
+    concurrencies: list[int]
+    synth_concurrency: int
+    synth: list[str]
+    open_loop_s: float
+    map_questions: int | None  # None: all
+    inproc_s: float
+    inproc_workloads: list[str]
+    emb_concurrencies: list[int]
+    headline: bool
+    headline_c1_s: float
+    headline_c8_s: float
+    profile_s: float
+    precisions: list[str]
+    peers: list[str]
+    only: list[str] = field(default_factory=list)  # restrict phases (debugging)
+
+    @classmethod
+    def make(cls, quick: bool) -> Plan:
+        if quick:
+            return cls(quick=True, cell_s=1.6, concurrencies=[1, 8, 100], synth_concurrency=8, synth=["mix"],
+                       open_loop_s=3.0, map_questions=60, inproc_s=3.0, inproc_workloads=["wikiqa"],
+                       emb_concurrencies=[16], headline=False, headline_c1_s=8.0, headline_c8_s=10.0,
+                       profile_s=4.0, precisions=["int8"], peers=["infinity-torch", "mosec"])
+        return cls(quick=False, cell_s=5.0, concurrencies=[1, 8, 32, 100], synth_concurrency=32,
+                   synth=["short", "long", "mix"], open_loop_s=8.0, map_questions=None, inproc_s=6.0,
+                   inproc_workloads=["wikiqa", "short", "long", "mix"], emb_concurrencies=[1, 16],
+                   headline=True, headline_c1_s=12.0, headline_c8_s=20.0, profile_s=8.0,
+                   precisions=["int8", "fp32", "int4"],
+                   peers=["infinity-torch", "infinity-optimum", "mosec"])
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "unknown":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gb = int(line.split()[1]) / 1024 / 1024
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "mem_gb": mem_gb,
+        "isa": sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "amx_int8"}),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def main_versions() -> dict[str, str]:
+    import importlib.metadata as m
+
+    out = {}
+    for n in ("encapure", "onnxruntime", "tokenizers", "numpy", "torch", "transformers", "sentence-transformers",
+              "fastapi", "uvicorn", "aiohttp", "py-spy"):
+        try:
+            out[n] = m.version(n)
+        except m.PackageNotFoundError:
+            out[n] = "absent"
+    return out
+
+
+class Bench:
+    def __init__(self, plan: Plan, out_dir: Path) -> None:
+        self.plan = plan
+        self.out = out_dir
+        self.tmp = Path(tempfile.mkdtemp(prefix="encapure-bench-"))
+        self.r: dict[str, Any] = {
+            "meta": {"machine": machine_info(), "versions": {"main": main_versions()}, "plan": asdict(plan),
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                     "command": " ".join([Path(sys.executable).name, "-m", "benchmarks", *sys.argv[1:]]),
+                     "threads": THREADS},
+            "exports": {}, "servers": {}, "cells": [], "quality": {}, "inproc": [], "embed_quality": {},
+            "headline": {}, "profile": {}, "problems": [],
+        }
+        self.wikiqa = load_wikiqa(WIKIQA_TEST)
+
+    # --- helpers -----------------------------------------------------------------------------
+    def problem(self, what: str, err: BaseException | str) -> None:
+        msg = str(err).strip().splitlines()
+        short = " | ".join(msg[-6:])[-900:] if msg else repr(err)
+        log(f"PROBLEM {what}: {short}")
+        self.r["problems"].append({"what": what, "error": short})
+
+    def export(self, name: str, precision: str) -> Path | None:
+        key = f"{name}-{precision}"
+        try:
+            t0 = time.perf_counter()
+            d = ensure_export(name, precision)
+            info: dict[str, Any] = {"dir": str(d.relative_to(ROOT)), "export_s": export_seconds(d),
+                                    "cached": time.perf_counter() - t0 < 1.0}
+            info["size_mb"] = sum(f.stat().st_size for f in d.iterdir() if f.is_file()) / 1e6
+            with contextlib.suppress(OSError, ValueError):
+                info["parity"] = json.loads((d / "parity.json").read_text())
+            try:
+                man = json.loads((d / "encapure.json").read_text())
+                info["quantization"] = man.get("quantization")
+                info["fusions"] = man.get("fusions")
+            except (OSError, ValueError):
+                pass
+            self.r["exports"][key] = info
+            return d
+        except Exception as e:
+            self.problem(f"export {key}", e)
+            return None
+
+    def peer(self, name: str) -> Path | None:
+        try:
+            versions = ensure_env(name)
+            self.r["meta"]["versions"][name] = versions
+            return PEERS[name].python
+        except Exception as e:
+            self.problem(f"venv {name}", e)
+            return None
+
+    def start(self, spec: ServerSpec, phase: str) -> ServerProcess | None:
+        s = ServerProcess(spec)
+        info: dict[str, Any] = {"label": spec.label, "config": spec.config, "family": spec.family,
+                                "phase": phase, "task": spec.task,
+                                "command": " ".join(spec.cmd).replace(str(ROOT) + "/", "")}
+        self.r["servers"][spec.name] = info
+        try:
+            log(f"starting {spec.name}")
+            info["startup_s"] = s.start()
+            info["rss_ready_mb"] = s.rss_ready_mb
+            log(f"  ready in {info['startup_s']:.1f} s, RSS {info['rss_ready_mb']:.0f} MB")
+            return s
+        except Exception as e:
+            info["error"] = str(e)[-600:]
+            self.problem(f"start {spec.name}", e)
+            s.stop()
+            return None
+
+    def idle_cpu(self, servers: list[ServerProcess], seconds: float = 2.0) -> None:
+        before = {s.spec.name: s.cpu_s() for s in servers}
+        time.sleep(seconds)
+        for s in servers:
+            self.r["servers"][s.spec.name]["idle_cpu_pct"] = 100.0 * (s.cpu_s() - before[s.spec.name]) / seconds
+
+    def cells(self, phase: str, servers: list[ServerProcess], cells: list[tuple[Workload, int]],
+              first: int = 0) -> None:
+        """Each cell: every system twice, forward then reverse order (alternating per cell)."""
+        for ci, (wl, c) in enumerate(cells):
+            log(f"{phase}: {wl.name} concurrency {c}")
+            per: dict[str, list[loadgen.RunResult]] = {s.spec.name: [] for s in servers}
+            cpu: dict[str, float] = {s.spec.name: 0.0 for s in servers}
+            for rnd in range(2):
+                order = servers if (first + ci + rnd) % 2 == 0 else list(reversed(servers))
+                for s in order:
+                    if not s.alive():
+                        continue
+                    reqs = [s.spec.http_request(r) for r in wl.requests]
+                    c0 = s.cpu_s()
+                    res = loadgen.run_closed(s.url, reqs, concurrency=c, max_requests=1_000_000,
+                                             duration_s=self.plan.cell_s / 2, timeout_s=REQUEST_TIMEOUT_S + 30,
+                                             warmup_requests=min(c, 8) if rnd == 0 else 0)
+                    cpu[s.spec.name] += s.cpu_s() - c0
+                    per[s.spec.name].append(res)
+            for s in servers:
+                if not per[s.spec.name]:
+                    continue
+                m = loadgen.merge(per[s.spec.name])
+                row = {"phase": phase, "workload": wl.name, "system": s.spec.name, **m.summary()}
+                row["server_cpu_util"] = cpu[s.spec.name] / max(m.wall_s, 1e-9)
+                self.r["cells"].append(row)
+                log(f"  {s.spec.name:28s} {row['items_per_s']:8.1f} items/s  p50 {row['p50_ms'] or 0:8.1f} ms"
+                    f"  p99 {row['p99_ms'] or 0:8.1f} ms  errors {row['errors']}")
+
+    def quality_pass(self, servers: list[ServerProcess]) -> None:
+        n = self.plan.map_questions or len(self.wikiqa.requests)
+        wl = Workload("wikiqa", "rerank", self.wikiqa.requests[:n])
+        for s in servers:
+            if not s.alive():
+                continue
+            reqs = [s.spec.http_request(r) for r in wl.requests]
+            res = loadgen.run_closed(s.url, reqs, concurrency=8, max_requests=len(reqs), duration_s=240,
+                                     timeout_s=120, keep_bodies=True)
+            scores = loadgen.bodies_by_key(res, s.spec.parse)
+            mp, scored = mean_average_precision(wl, scores)
+            sm = res.summary()
+            self.r["quality"][s.spec.name] = {"map": mp, "scored": scored, "answerable": answerable(wl),
+                                              "questions": n, "items_per_s": sm["items_per_s"]}
+            log(f"  MAP {s.spec.name:28s} {mp:.4f} ({scored}/{answerable(wl)} questions)")
+
+    def open_loop(self, phase: str, servers: list[ServerProcess], wl: Workload) -> None:
+        for s in servers:
+            if not s.alive():
+                continue
+            caps = [c["req_per_s"] for c in self.r["cells"]
+                    if c["system"] == s.spec.name and c["workload"] == wl.name and c["mode"] == "closed"]
+            if not caps or max(caps) <= 0:
+                continue
+            rate = 0.8 * max(caps)
+            reqs = [s.spec.http_request(r) for r in wl.requests]
+            res = loadgen.run_open(s.url, reqs, rate=rate, max_requests=100_000, duration_s=self.plan.open_loop_s,
+                                   timeout_s=REQUEST_TIMEOUT_S + 30)
+            row = {"phase": phase, "workload": wl.name, "system": s.spec.name, **res.summary(),
+                   "capacity_req_per_s": max(caps)}
+            self.r["cells"].append(row)
+            log(f"  open loop {s.spec.name:24s} {rate:6.1f} req/s -> p50 {row['p50_ms'] or 0:.0f} ms "
+                f"p99 {row['p99_ms'] or 0:.0f} ms errors {row['errors']}")
+
+    # --- phases -----------------------------------------------------------------------------
+    def synth_workloads(self, tokenizer: Path) -> dict[str, Workload]:
+        maker = TextMaker(tokenizer, self.wikiqa, seed=1)
+        n = 48
+        return {
+            "short": synthetic("short", maker, n_requests=n, docs=8, lengths=[32]),
+            "long": synthetic("long", maker, n_requests=n, docs=8, lengths=[256]),
+            "mix": synthetic("mix", maker, n_requests=n, docs=8, length_range=(8, 400)),
+        }
+
+    def rerank_phase(self, dirs: dict[str, Path]) -> None:
+        p = self.plan
+        specs: list[ServerSpec] = []
+        for prec in p.precisions:
+            if prec in dirs:
+                specs.append(encapure_spec(dirs[prec], name=f"encapure-{prec}", label=f"Encapure server {prec}"))
+        int8 = dirs.get("int8")
+        if int8 is not None:
+            specs.append(naive_spec(int8))
+        specs.append(st_spec(RERANKER_FIXTURE))
+        if any(x.startswith("infinity") for x in p.peers) and (py := self.peer("infinity")):
+            if "infinity-torch" in p.peers:
+                specs.append(infinity_spec(RERANKER_FIXTURE, py, engine="torch"))
+            if "infinity-optimum" in p.peers and int8 is not None:
+                specs.append(infinity_spec(infinity_model_dir(RERANKER_FIXTURE, int8 / "model.onnx", "reranker-int8"),
+                                           py, engine="optimum"))
+        if "mosec" in p.peers and int8 is not None and (py := self.peer("mosec")):
+            specs.append(mosec_spec(int8, py))
+        servers = [s for s in (self.start(sp, "rerank") for sp in specs) if s is not None]
+        try:
+            self.idle_cpu(servers)
+            synth = self.synth_workloads(int8 / "tokenizer.json" if int8 else RERANKER_FIXTURE / "tokenizer.json")
+            self.r["meta"]["workloads"] = {"wikiqa": self.wikiqa.description,
+                                           **{k: v.description for k, v in synth.items()}}
+            cells = [(self.wikiqa, c) for c in p.concurrencies]
+            cells += [(synth[k], p.synth_concurrency) for k in p.synth]
+            self.cells("rerank", servers, cells)
+            log("rerank: MAP passes")
+            self.quality_pass(servers)
+            log("rerank: open loop at 80% of capacity")
+            self.open_loop("rerank", servers, self.wikiqa)
+            enc = next((s for s in servers if s.spec.name == "encapure-int8" and s.alive()), None)
+            if enc is not None and p.profile_s > 0:
+                self.profile(enc)
+            for s in servers:
+                self.r["servers"][s.spec.name]["rss_after_mb"] = s.rss_mb()
+                self.r["servers"][s.spec.name]["alive_after"] = s.alive()
+        finally:
+            for s in servers:
+                s.stop()
+        self._synth = synth
+
+    def profile(self, server: ServerProcess) -> None:
+        """py-spy record (Python frames, GIL-idle threads excluded) while 32 clients load the server."""
+        log("profile: py-spy on encapure-int8 under concurrency 32")
+        pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        out = self.tmp / "profile.txt"
+        assert server.proc is not None
+        cmd = [pyspy, "record", "--pid", str(server.proc.pid), "--duration", str(int(self.plan.profile_s)),
+               "--rate", "200", "--format", "raw", "--output", str(out), "--nonblocking"]
+        prof = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        time.sleep(0.5)
+        reqs = [server.spec.http_request(r) for r in self.wikiqa.requests]
+        res = loadgen.run_closed(server.url, reqs, concurrency=32, max_requests=1_000_000,
+                                 duration_s=self.plan.profile_s, timeout_s=90)
+        try:
+            pout, _ = prof.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            prof.kill()
+            pout = b""
+        if not out.exists():
+            self.problem("py-spy", pout.decode(errors="replace")[-800:])
+            return
+        self.r["profile"] = summarize_profile(out.read_text())
+        self.r["profile"]["load"] = res.summary()
+        self.r["profile"]["command"] = " ".join([*cmd[:1], "record", "--pid", "PID", *cmd[4:]]).replace(
+            str(self.tmp), "<tmp>")
+        (self.out / "profile-encapure-int8.collapsed.txt").write_text(out.read_text())
+
+    def inproc_phase(self, dirs: dict[str, Path]) -> None:
+        p = self.plan
+        wls: dict[str, Workload] = {"wikiqa": self.wikiqa, **getattr(self, "_synth", {})}
+        systems: list[tuple[str, str, str]] = [(f"engine-{prec}", "engine", str(dirs[prec]))
+                                                for prec in p.precisions if prec in dirs]
+        systems.append(("st-inproc", "st", str(RERANKER_FIXTURE)))
+        for wi, wname in enumerate(p.inproc_workloads):
+            if wname not in wls:
+                continue
+            wl = wls[wname]
+            wf = self.tmp / f"wl-{wname}.json"
+            wf.write_text(json.dumps([{"query": r.query, "texts": r.texts, "key": str(r.key)} for r in wl.requests]))
+            order = systems if wi % 2 == 0 else list(reversed(systems))
+            for name, kind, model in order:
+                log(f"inproc: {name} on {wname}")
+                res = self.run_inproc(kind, "rerank", model, wf, max_length=256 if kind == "st" else None)
+                if res is None:
+                    continue
+                row = {"system": name, "workload": wname, **{k: v for k, v in res.items() if k != "scores_by_key"}}
+                if wname == "wikiqa":
+                    mp, scored = mean_average_precision(wl, res["scores_by_key"])
+                    row["map"], row["scored"] = mp, scored
+                self.r["inproc"].append(row)
+                log(f"  {name:12s} bulk {res['bulk_items_per_s']:8.1f} items/s  sequential p50 "
+                    f"{res['seq_p50_ms'] or 0:.1f} ms" + (f"  MAP {row['map']:.4f}" if "map" in row else ""))
+
+    def run_inproc(self, kind: str, task: str, model: str, wf: Path, max_length: int | None = None) -> dict[str, Any] | None:
+        out = self.tmp / "inproc.json"
+        out.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "benchmarks.inproc", "--system", kind, "--task", task, "--model", model,
+               "--workload", str(wf), "--duration", str(self.plan.inproc_s), "--threads", str(THREADS),
+               "--out", str(out)]
+        if max_length:
+            cmd += ["--max-length", str(max_length)]
+        try:
+            r = subprocess.run(cmd, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=600, check=False)
+        except subprocess.TimeoutExpired as e:
+            self.problem(f"inproc {kind} {wf.name}", e)
+            return None
+        if r.returncode != 0 or not out.exists():
+            self.problem(f"inproc {kind} {wf.name}", r.stderr[-1500:])
+            return None
+        return dict(json.loads(out.read_text()))
+
+    def embed_phase(self) -> None:
+        p = self.plan
+        emb_src = embedder_source()
+        int8 = self.export("embedder", "int8")
+        wl = embedding_workload(self.wikiqa, per_request=8, n_requests=200)
+        self.r["meta"]["workloads"]["embed"] = wl.description
+        specs: list[ServerSpec] = []
+        if int8 is not None:
+            specs.append(encapure_spec(int8, name="encapure-embed-int8", label="Encapure server int8", task="embed"))
+            specs.append(naive_spec(int8, task="embed"))
+        specs.append(st_spec(emb_src, task="embed"))
+        if any(x.startswith("infinity") for x in p.peers) and (py := self.peer("infinity")):
+            if "infinity-torch" in p.peers:
+                specs.append(infinity_spec(emb_src, py, engine="torch", task="embed", pooling="mean"))
+            if "infinity-optimum" in p.peers and int8 is not None:
+                specs.append(infinity_spec(infinity_model_dir(emb_src, int8 / "model.onnx", "embedder-int8"), py,
+                                           engine="optimum", task="embed", pooling="mean"))
+        if "mosec" in p.peers and int8 is not None and (py := self.peer("mosec")):
+            specs.append(mosec_spec(int8, py, task="embed"))
+        # Reference: sentence-transformers in-process (fp32), first 64 texts.
+        wf = self.tmp / "wl-embed.json"
+        wf.write_text(json.dumps([{"query": None, "texts": r.texts, "key": str(r.key)} for r in wl.requests]))
+        ref_rows = []
+        for name, kind, model in [("engine-embed-int8", "engine", str(int8) if int8 else None),
+                                  ("st-embed-inproc", "st", str(emb_src))]:
+            if model is None:
+                continue
+            log(f"inproc embed: {name}")
+            res = self.run_inproc(kind, "embed", model, wf)
+            if res:
+                ref_rows.append((name, res))
+                self.r["inproc"].append({"system": name, "workload": wl.name,
+                                         **{k: v for k, v in res.items() if k not in ("scores_by_key", "embeddings_head")}})
+        ref = next((np.array(r["embeddings_head"]) for n, r in ref_rows if n == "st-embed-inproc"), None)
+        servers = [s for s in (self.start(sp, "embed") for sp in specs) if s is not None]
+        try:
+            self.idle_cpu(servers)
+            self.cells("embed", servers, [(wl, c) for c in p.emb_concurrencies])
+            if ref is not None:
+                head = Workload("embed-head", "embed", wl.requests[:8])
+                for s in servers:
+                    reqs = [s.spec.http_request(r) for r in head.requests]
+                    qres = loadgen.run_closed(s.url, reqs, concurrency=1, max_requests=len(reqs), duration_s=60,
+                                              keep_bodies=True)
+                    got = loadgen.bodies_by_key(qres, s.spec.parse)
+                    vecs = [v for r in head.requests for v in got.get(r.key, [])]
+                    if len(vecs) != len(ref):
+                        continue
+                    a = np.array(vecs, dtype=np.float64)
+                    b = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+                    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1)
+                    self.r["embed_quality"][s.spec.name] = {"min_cos": float(cos.min()), "mean_cos": float(cos.mean())}
+                    log(f"  cosine vs sentence-transformers {s.spec.name:28s} min {cos.min():.4f} mean {cos.mean():.4f}")
+            for s in servers:
+                self.r["servers"][s.spec.name]["rss_after_mb"] = s.rss_mb()
+        finally:
+            for s in servers:
+                s.stop()
+
+    def headline_phase(self) -> None:
+        p = self.plan
+        for prec in ("int8", "int4"):
+            d = self.export("bge-m3", prec)
+            if d is None:
+                continue
+            maker = TextMaker(d / "tokenizer.json", self.wikiqa, seed=2)
+            wl = synthetic("bge-8x64", maker, n_requests=16, docs=8, lengths=[64])
+            spec = encapure_spec(d, name=f"bge-m3-{prec}", label=f"Encapure server bge-reranker-v2-m3 {prec}")
+            spec.ready_timeout_s = 600
+            s = self.start(spec, "headline")
+            if s is None:
+                continue
+            row: dict[str, Any] = {"startup_s": s.startup_s, "rss_ready_mb": s.rss_ready_mb,
+                                   "size_mb": self.r["exports"].get(f"bge-m3-{prec}", {}).get("size_mb"),
+                                   "export_s": self.r["exports"].get(f"bge-m3-{prec}", {}).get("export_s")}
+            try:
+                reqs = [spec.http_request(r) for r in wl.requests]
+                c1 = loadgen.run_closed(s.url, reqs, concurrency=1, max_requests=200, duration_s=p.headline_c1_s,
+                                        timeout_s=120, warmup_requests=2)
+                row["c1"] = c1.summary()
+                c8 = loadgen.run_closed(s.url, reqs, concurrency=8, max_requests=400, duration_s=p.headline_c8_s,
+                                        timeout_s=120)
+                row["c8"] = c8.summary()
+                row["rss_after_mb"] = s.rss_mb()
+                log(f"  bge-m3 {prec}: startup {s.startup_s:.1f} s, RSS {s.rss_ready_mb:.0f}->{row['rss_after_mb']:.0f} MB,"
+                    f" c1 p50 {row['c1']['p50_ms'] or 0:.0f} ms, c8 {row['c8']['items_per_s']:.1f} pairs/s")
+            finally:
+                s.stop()
+            self.r["headline"][prec] = row
+
+    # --- driver -----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        p = self.plan
+        t0 = time.perf_counter()
+        dirs = {prec: d for prec in p.precisions if (d := self.export("reranker", prec)) is not None}
+        phases = p.only or ["rerank", "inproc", "embed", "headline"]
+        for ph in phases:
+            t_ph = time.perf_counter()
+            try:
+                if ph == "rerank":
+                    self.rerank_phase(dirs)
+                elif ph == "inproc":
+                    self.inproc_phase(dirs)
+                elif ph == "embed":
+                    self.embed_phase()
+                elif ph == "headline" and (p.headline or _cached_headline()):
+                    self.headline_phase()
+            except Exception as e:
+                self.problem(f"phase {ph}", traceback.format_exc())
+                del e
+            self.r["meta"].setdefault("phase_s", {})[ph] = time.perf_counter() - t_ph
+        self.r["meta"]["total_s"] = time.perf_counter() - t0
+        self.r["meta"]["loadavg_end"] = os.getloadavg()
+        self.r["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return self.r
+
+
+def _cached_headline() -> bool:
+    return all((WORK / "models" / f"bge-m3-{p}" / ".complete").exists() for p in ("int8", "int4"))
+
+
+def summarize_profile(raw: str, top: int = 15) -> dict[str, Any]:
+    """Collapsed stacks -> share of samples inside ORT's run vs elsewhere, and top self frames outside ORT."""
+    total = 0
+    in_ort = 0
+    self_frames: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    for line in raw.splitlines():
+        if not line.strip():
+            continue
+        stack, _, count_s = line.rpartition(" ")
+        try:
+            count = int(count_s)
+        except ValueError:
+            continue
+        frames = stack.split(";")
+        total += count
+        if any("onnxruntime_inference_collection.py" in f for f in frames):
+            in_ort += count
+            continue
+        leaf = frames[-1]
+        self_frames[leaf] = self_frames.get(leaf, 0) + count
+        for f in set(frames[1:]):
+            incl[f] = incl.get(f, 0) + count
+    outside = total - in_ort
+    return {
+        "samples": total,
+        "in_ort_share": in_ort / total if total else None,
+        "outside_share": outside / total if total else None,
+        "top_self_outside": sorted(((f, n / total) for f, n in self_frames.items()), key=lambda x: -x[1])[:top]
+        if total else [],
+        "top_inclusive_outside": sorted(((f, n / total) for f, n in incl.items()), key=lambda x: -x[1])[:top]
+        if total else [],
+    }
