@@ -1,0 +1,313 @@
+"""asyncio API: ``AsyncReranker``, ``AsyncEmbedder``, ``AsyncClassifier``.
+
+The same calls as the synchronous engine classes, but every call goes through a ``Scheduler``:
+concurrent calls from many coroutines are pooled into shared, length-sorted batches exactly as
+the HTTP server does, without HTTP. Tokenization runs off the event loop; inference runs on the
+scheduler's worker threads, so the loop never blocks on the model.
+
+Usage::
+
+    async with AsyncReranker.from_pretrained("path/or/hub-id") as rr:
+        results = await rr.rerank("query", ["doc a", "doc b"], top_n=1)
+
+Several async models can share one scheduler (one set of workers, one queue) with
+``AsyncReranker(model, scheduler=sched)``; the scheduler's owner then starts and stops it.
+Without ``async with``, the first call starts the scheduler in the running loop and
+``await aclose()`` stops it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from encapure.engine.api import Classifier, Embedder, Reranker, _Base
+from encapure.engine.types import (
+    ClassifyOutput,
+    EmbedOutput,
+    InferenceModel,
+    LongDocuments,
+    ModelOutput,
+    Prepared,
+    RerankOutput,
+    RerankResult,
+)
+from encapure.errors import InvalidInputError, ShuttingDownError
+from encapure.manifest import Task
+from encapure.scheduler.core import Scheduler
+from encapure.scheduler.metrics import SchedulerMetrics
+from encapure.settings import Precision, Settings
+
+
+class _AsyncBase:
+    task: ClassVar[Task]
+    _sync_cls: ClassVar[type[_Base]]
+
+    def __init__(
+        self,
+        model: InferenceModel | _Base,
+        *,
+        settings: Settings | None = None,
+        scheduler: Scheduler | None = None,
+        metrics: SchedulerMetrics | None = None,
+    ) -> None:
+        """Wrap a loaded model (or a sync ``Reranker``/``Embedder``/``Classifier``).
+
+        With ``scheduler`` the model must be registered in it under ``model.name`` and the caller
+        owns its lifecycle; otherwise a private scheduler is built from ``settings``.
+        """
+        inner = model.model if isinstance(model, _Base) else model
+        self.sync: Any = self._sync_cls(inner)  # type: ignore[arg-type]  # checks the task
+        self.model: Any = inner
+        self.name: str = inner.name
+        if scheduler is not None:
+            if self.name not in scheduler.models:
+                raise InvalidInputError(f"model {self.name!r} is not registered in the given scheduler")
+            self.scheduler = scheduler
+            self._owns = False
+        else:
+            self.scheduler = Scheduler({self.name: inner}, settings or Settings(), metrics)
+            self._owns = True
+        self._closed = False
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        id_or_folder: str | Path,
+        *,
+        precision: Precision | None = None,
+        settings: Settings | None = None,
+        name: str | None = None,
+        **overrides: Any,
+    ) -> Any:
+        """Load like the sync class's ``from_pretrained`` (blocking: it may export on first use)."""
+        sync = cls._sync_cls.from_pretrained(
+            id_or_folder, precision=precision, settings=settings, name=name, **overrides
+        )
+        return cls(sync, settings=settings)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._closed:
+            raise ShuttingDownError(f"{type(self).__name__} is closed", retry_after=None)
+        if self._owns:
+            await self.scheduler.start()
+
+    async def aclose(self, timeout: float = 30.0) -> None:
+        """Let calls in progress finish (up to ``timeout`` s) and stop the private scheduler."""
+        self._closed = True
+        if self._owns:
+            await self.scheduler.shutdown(timeout)
+
+    async def __aenter__(self) -> Any:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def max_length(self) -> int:
+        return int(self.model.max_length)
+
+    # --- the one path every call takes --------------------------------------------------------
+    async def _run(self, fn: Any, *args: Any, timeout: float | None = None, **kwargs: Any) -> ModelOutput:
+        if self._closed:
+            raise ShuttingDownError(f"{type(self).__name__} is closed", retry_after=None)
+        if self._owns and not self.scheduler.stats()["started"]:
+            await self.scheduler.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        prepared: Prepared = await self.scheduler.prepare(fn, *args, **kwargs)
+        if not prepared.units:  # nothing to run (empty input): the engine builds the empty result
+            width = int(getattr(self.model, "output_dim", 0))
+            return self.model.finish(prepared, np.zeros((0, width), dtype=np.float32))
+        rows = await self.scheduler.submit(self.name, prepared, deadline=deadline)
+        return self.model.finish(prepared, rows)  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.model!r})"
+
+
+class AsyncReranker(_AsyncBase):
+    task: ClassVar[Task] = "rerank"
+    _sync_cls: ClassVar[type[_Base]] = Reranker
+
+    async def rerank(
+        self,
+        query: str,
+        documents: list[str],
+        top_n: int | None = None,
+        return_documents: bool = False,
+        raw_scores: bool = False,
+        *,
+        truncate: bool = True,
+        long_documents: LongDocuments = "truncate",
+        timeout: float | None = None,
+    ) -> list[RerankResult]:
+        """Documents sorted by relevance to ``query`` (ties keep input order), cut to ``top_n``."""
+        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0):
+            raise InvalidInputError(f"top_n must be a non-negative integer, got {top_n!r}")
+        out = await self.compute(
+            query,
+            documents,
+            raw_scores=raw_scores,
+            truncate=truncate,
+            long_documents=long_documents,
+            timeout=timeout,
+        )
+        return out.ranked(top_n, list(documents) if return_documents else None)
+
+    async def compute(
+        self,
+        query: str,
+        documents: list[str],
+        *,
+        raw_scores: bool = False,
+        truncate: bool = True,
+        long_documents: LongDocuments = "truncate",
+        timeout: float | None = None,
+    ) -> RerankOutput:
+        """Scores in input order, with token counts and truncation flags."""
+        out = await self._run(
+            self.model.prepare_pairs,
+            query,
+            documents,
+            truncate=truncate,
+            long_documents=long_documents,
+            raw_scores=raw_scores,
+            timeout=timeout,
+        )
+        assert isinstance(out, RerankOutput)
+        return out
+
+    async def score(
+        self,
+        pairs: list[tuple[str, str]],
+        *,
+        raw_scores: bool = False,
+        truncate: bool = True,
+        long_documents: LongDocuments = "truncate",
+        timeout: float | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """One score per (query, document) pair, in input order."""
+        out = await self._run(
+            self.model.prepare_pair_list,
+            pairs,
+            truncate=truncate,
+            long_documents=long_documents,
+            raw_scores=raw_scores,
+            timeout=timeout,
+        )
+        assert isinstance(out, RerankOutput)
+        return out.scores
+
+
+class AsyncEmbedder(_AsyncBase):
+    task: ClassVar[Task] = "embed"
+    _sync_cls: ClassVar[type[_Base]] = Embedder
+
+    async def compute(
+        self,
+        texts: list[str],
+        *,
+        kind: Literal["query", "document"] | None = None,
+        dimensions: int | None = None,
+        normalize: bool | None = None,
+        truncate: bool = True,
+        timeout: float | None = None,
+    ) -> EmbedOutput:
+        out = await self._run(
+            self.model.prepare_texts,
+            texts,
+            truncate=truncate,
+            kind=kind,
+            dimensions=dimensions,
+            normalize=normalize,
+            timeout=timeout,
+        )
+        assert isinstance(out, EmbedOutput)
+        return out
+
+    async def embed(
+        self,
+        texts: list[str] | str,
+        *,
+        dimensions: int | None = None,
+        normalize: bool | None = None,
+        truncate: bool = True,
+        timeout: float | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """``[n, D]`` float32 vectors (one text gives ``[D]``); no query/document prefix."""
+        single = isinstance(texts, str)
+        batch: Any = [texts] if single else texts
+        out = await self.compute(
+            batch, dimensions=dimensions, normalize=normalize, truncate=truncate, timeout=timeout
+        )
+        return out.embeddings[0] if single else out.embeddings
+
+    async def embed_query(
+        self, texts: list[str] | str, *, dimensions: int | None = None, timeout: float | None = None
+    ) -> npt.NDArray[np.float32]:
+        """With the model's query prefix (e5 ``query: ``, bge's retrieval instruction)."""
+        single = isinstance(texts, str)
+        batch: Any = [texts] if single else texts
+        out = await self.compute(batch, kind="query", dimensions=dimensions, timeout=timeout)
+        return out.embeddings[0] if single else out.embeddings
+
+    async def embed_documents(
+        self, texts: list[str], *, dimensions: int | None = None, timeout: float | None = None
+    ) -> npt.NDArray[np.float32]:
+        """With the model's document prefix (e5 ``passage: ``)."""
+        out = await self.compute(texts, kind="document", dimensions=dimensions, timeout=timeout)
+        return out.embeddings
+
+    @property
+    def dimension(self) -> int:
+        return int(self.model.output_dim)
+
+
+class AsyncClassifier(_AsyncBase):
+    task: ClassVar[Task] = "classify"
+    _sync_cls: ClassVar[type[_Base]] = Classifier
+
+    async def compute(
+        self,
+        inputs: list[str] | list[tuple[str, str]],
+        *,
+        raw_scores: bool = False,
+        truncate: bool = True,
+        timeout: float | None = None,
+    ) -> ClassifyOutput:
+        items = list(inputs)
+        if items and all(isinstance(x, (tuple, list)) for x in items):
+            fn = self.model.prepare_pair_list
+        else:
+            fn = self.model.prepare_texts
+        out = await self._run(fn, items, truncate=truncate, raw_scores=raw_scores, timeout=timeout)
+        assert isinstance(out, ClassifyOutput)
+        return out
+
+    async def predict(
+        self,
+        inputs: list[str] | list[tuple[str, str]],
+        *,
+        raw_scores: bool = False,
+        timeout: float | None = None,
+    ) -> list[dict[str, float]]:
+        """Per input, ``{label: score}`` (softmax probabilities unless ``raw_scores``), best first."""
+        out = await self.compute(inputs, raw_scores=raw_scores, timeout=timeout)
+        return [dict(row) for row in out.top()]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.model.labels)

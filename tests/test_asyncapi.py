@@ -1,0 +1,158 @@
+"""The asyncio API on real exported models: same answers as the sync engine classes, with
+concurrent calls pooled into shared batches."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from encapure.engine import Classifier, Embedder, Reranker, load_model
+from encapure.errors import InvalidInputError, ShuttingDownError, WrongTaskError
+from encapure.scheduler import AsyncClassifier, AsyncEmbedder, AsyncReranker, Scheduler
+from encapure.settings import Settings
+
+pytestmark = pytest.mark.timeout(180)
+
+TEXTS = [
+    "How are glacier caves formed?",
+    "A partly submerged glacier cave on Perito Moreno Glacier.",
+    "The ice facade is approximately 60 m high.",
+    "Ice formations in the Titlis glacier cave.",
+    "A glacier cave is a cave formed within the ice of a glacier.",
+    "Glacier caves are often called ice caves, but this term is properly used to describe bedrock caves "
+    "that contain year-round ice.",
+    "What is the capital of France?",
+    "Paris is the capital and most populous city of France, with an estimated population of two million.",
+    "python asyncio event loop",
+    "x",
+]
+
+
+def _requests(n: int, seed: int = 0) -> list[tuple[str, list[str]]]:
+    rng = random.Random(seed)
+    return [(rng.choice(TEXTS), rng.sample(TEXTS, rng.randint(1, 6))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def rr_model(reranker_fp32_dir: Path) -> Any:
+    return load_model(reranker_fp32_dir, settings=Settings(threads_per_worker=1), name="rr")
+
+
+@pytest.fixture(scope="module")
+def emb_model(embedder_fp32_dir: Path) -> Any:
+    return load_model(embedder_fp32_dir, settings=Settings(threads_per_worker=1), name="emb")
+
+
+def test_async_reranker_matches_sync_and_batches_across_calls(rr_model: Any) -> None:
+    sync = Reranker(rr_model)
+    reqs = _requests(40)
+    expected = [sync.rerank(q, d, top_n=3, return_documents=True) for q, d in reqs]
+    pairs = [(q, d) for q, docs in reqs[:5] for d in docs]
+
+    async def main() -> tuple[list[Any], np.ndarray, dict[str, Any]]:
+        async with AsyncReranker(rr_model, settings=Settings(workers=1)) as rr:
+            got = await asyncio.gather(*(rr.rerank(q, d, top_n=3, return_documents=True) for q, d in reqs))
+            scores = await rr.score(pairs)
+            assert await rr.rerank("q", []) == []
+            with pytest.raises(InvalidInputError):
+                await rr.rerank("q", ["a"], top_n=-1)
+            with pytest.raises(InvalidInputError):
+                await rr.rerank("", ["a"])
+            return got, scores, rr.scheduler.stats()
+
+    got, scores, stats = asyncio.run(main())
+    for g, e in zip(got, expected, strict=True):
+        assert [r.index for r in g] == [r.index for r in e]
+        assert [r.document for r in g] == [r.document for r in e]
+        np.testing.assert_allclose([r.score for r in g], [r.score for r in e], atol=2e-5)
+    np.testing.assert_allclose(scores, sync.score(pairs), atol=2e-5)
+    assert stats["cross_request_batches"] >= 1
+    assert stats["batches"] < 40
+
+
+def test_async_embedder_matches_sync(emb_model: Any) -> None:
+    sync = Embedder(emb_model)
+
+    async def main() -> None:
+        async with AsyncEmbedder(emb_model) as emb:
+            assert emb.dimension == sync.dimension
+            many = await asyncio.gather(*(emb.embed(TEXTS[i : i + 3]) for i in range(0, len(TEXTS), 3)))
+            np.testing.assert_allclose(np.concatenate(many), sync.embed(TEXTS), atol=1e-5)
+            one = await emb.embed(TEXTS[0])
+            assert one.shape == (sync.dimension,)
+            np.testing.assert_allclose(
+                await emb.embed_query(TEXTS[:2]), sync.embed_query(TEXTS[:2]), atol=1e-5
+            )
+            np.testing.assert_allclose(
+                await emb.embed_documents(TEXTS[2:5]), sync.embed_documents(TEXTS[2:5]), atol=1e-5
+            )
+            small = await emb.embed(TEXTS[:4], dimensions=64)
+            assert small.shape == (4, 64)
+            np.testing.assert_allclose(np.linalg.norm(small, axis=1), 1.0, atol=1e-5)
+            assert (await emb.embed([])).shape[0] == 0
+
+    asyncio.run(main())
+
+
+def test_async_classifier_matches_sync(reranker_fp32_dir: Path) -> None:
+    model = load_model(
+        reranker_fp32_dir, settings=Settings(threads_per_worker=1), name="cls", task="classify"
+    )
+    sync = Classifier(model)
+    pairs = [(TEXTS[0], t) for t in TEXTS[1:6]]
+
+    async def main() -> list[dict[str, float]]:
+        async with AsyncClassifier(model) as clf:
+            return await clf.predict(pairs, raw_scores=True)
+
+    got = asyncio.run(main())
+    want = sync.predict(pairs, raw_scores=True)
+    assert [list(g) for g in got] == [list(w) for w in want]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(list(g.values()), list(w.values()), atol=2e-5)
+
+
+def test_shared_scheduler_serves_reranker_and_embedder(rr_model: Any, emb_model: Any) -> None:
+    async def main() -> None:
+        sched = Scheduler({"rr": rr_model, "emb": emb_model}, Settings(workers=2))
+        await sched.start()
+        rr = AsyncReranker(rr_model, scheduler=sched)
+        emb = AsyncEmbedder(emb_model, scheduler=sched)
+        ranked, vecs = await asyncio.gather(rr.rerank(TEXTS[0], TEXTS[1:5]), emb.embed(TEXTS[:5]))
+        assert len(ranked) == 4 and vecs.shape == (5, emb.dimension)
+        await rr.aclose()  # not the owner: the shared scheduler keeps running
+        assert sched.is_accepting()
+        assert (await emb.embed("still up")).shape == (emb.dimension,)
+        await sched.shutdown(5)
+
+    asyncio.run(main())
+
+
+def test_wrong_task_closed_and_lazy_start(rr_model: Any, emb_model: Any) -> None:
+    with pytest.raises(WrongTaskError):
+        AsyncReranker(emb_model)
+    with pytest.raises(WrongTaskError):
+        AsyncEmbedder(rr_model)
+
+    async def main() -> None:
+        rr = AsyncReranker(rr_model)
+        assert len(await rr.rerank(TEXTS[0], TEXTS[1:3])) == 2  # started on first use
+        await rr.aclose()
+        with pytest.raises(ShuttingDownError):
+            await rr.rerank(TEXTS[0], TEXTS[1:3])
+
+    asyncio.run(main())
+
+
+def test_from_pretrained_loads_an_exported_folder(reranker_fp32_dir: Path) -> None:
+    async def main() -> None:
+        async with AsyncReranker.from_pretrained(reranker_fp32_dir) as rr:
+            out = await rr.rerank(TEXTS[0], TEXTS[1:6], top_n=2)
+            assert len(out) == 2 and out[0].score >= out[1].score
+
+    asyncio.run(main())
