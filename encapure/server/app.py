@@ -46,6 +46,9 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     st = state or ServerState(settings)
     holder["state"] = st
     app.state.encapure = st
-    paths = frozenset(getattr(r, "path", "") for r in app.routes)
+    paths = frozenset(
+        [getattr(r, "path", "") for r in [*app.routes, *router.routes]]
+        + ["/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"]
+    )
     app.add_middleware(ServiceMiddleware, state=st, routes=paths)
     return app

@@ -55,8 +55,13 @@ class ServiceMiddleware:
         rid: str | None = None
         auth: bytes | None = None
         clen: bytes | None = None
-        for k, v in scope["headers"]:
-            if k == b"x-request-id":
+        ctype_at = -1
+        headers = scope["headers"]
+        for n, (k, v) in enumerate(headers):
+            if k == b"content-type":
+                if b"json" not in v:
+                    ctype_at = n
+            elif k == b"x-request-id":
                 rid = _valid_request_id(v)
             elif k == b"authorization":
                 auth = v
@@ -64,6 +69,11 @@ class ServiceMiddleware:
                 clen = v
         if rid is None:
             rid = uuid.uuid4().hex
+        if ctype_at >= 0:
+            # We only speak JSON: `curl -d` (form content type) or a missing type still means JSON.
+            headers = list(headers)
+            headers[ctype_at] = (b"content-type", b"application/json")
+            scope["headers"] = headers
         token = request_id_var.set(rid)
         path: str = scope["path"]
         route = path if path in self.routes else "unmatched"

@@ -78,7 +78,7 @@ def pick_model(
             raise ModelNotFoundError(f"model {name!r} is not served here; loaded: {loaded}")
         if model.task not in tasks:
             raise WrongTaskError(
-                f"model {name!r} is a {_TASK_WORDS[model.task]} model; {route} needs a {wanted} model "
+                f"model {name!r} does {_TASK_WORDS[model.task]}; {route} needs a {wanted} model "
                 f"(loaded: {loaded})"
             )
         return name, model
@@ -456,7 +456,13 @@ async def tei_predict(body: TEIPredictRequest, request: Request) -> Response:
     name, model = pick_model(state, body.model, ("classify", "rerank"), "/predict")
     inputs = body.inputs
     single = isinstance(inputs, str) or (bool(inputs) and isinstance(inputs[0], str))
-    batch: list[list[str]] = [[inputs]] if isinstance(inputs, str) else [inputs] if single else inputs  # type: ignore[list-item]
+    batch: list[list[str]]
+    if isinstance(inputs, str):
+        batch = [[inputs]]
+    elif single:
+        batch = [[str(x) for x in inputs]]
+    else:
+        batch = [list(x) for x in inputs]
     _check_batch(state, len(batch), "inputs")
     request.scope["state"]["info"]["items"] = len(batch)
     if not batch:
