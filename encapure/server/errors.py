@@ -79,9 +79,9 @@ def error_response(exc: BaseException, request_id: str | None = None) -> Respons
     """Render any exception as our JSON error response (status, body and Retry-After)."""
     err = to_encapure(exc)
     rid = request_id if request_id is not None else request_id_var.get()
-    if err.status >= 500 and not isinstance(exc, EncapureError):
+    if isinstance(err, InternalError) and not isinstance(exc, EncapureError):
         log.error("unhandled error", exc_info=exc)
-    elif err.status >= 500:
+    elif err.status >= 500 and err.status != 503:  # 503s are the server's state, not failures
         log.error("%s: %s", err.kind, err.message)
     headers = {}
     if err.retry_after is not None:

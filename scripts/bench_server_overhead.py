@@ -1,0 +1,102 @@
+"""How much throughput the HTTP layer costs: the same WikiQA rerank requests, at saturation,
+(a) in-process through the scheduler (the engine's own batching, no HTTP) and (b) through a real
+`encapure serve` process with an aiohttp client, alternated in one run.
+
+    python scripts/bench_server_overhead.py [MODEL_DIR] [--questions 120] [--concurrency 32] [--rounds 2]
+
+The client shares the machine with the server, so (b) also pays for the client's CPU: the ratio is
+a lower bound of the server's own efficiency. Prints pairs/s of each run and the ratio b / a.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import glob
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKIQA = ROOT.parent / "shared" / "data" / "wikiqa" / "WikiQA-test-gold.tsv"
+
+
+def load_requests(n: int) -> list[tuple[str, list[str]]]:
+    groups: dict[str, tuple[str, list[str]]] = {}
+    docs: dict[str, list[str]] = defaultdict(list)
+    with open(WIKIQA, encoding="utf-8") as f:
+        for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            groups.setdefault(row["QuestionID"], (row["Question"], docs[row["QuestionID"]]))
+            docs[row["QuestionID"]].append(row["Sentence"])
+    return list(groups.values())[:n]
+
+
+async def in_process(model_dir: str, reqs: list[tuple[str, list[str]]], conc: int) -> float:
+    from encapure.engine import load_model
+    from encapure.scheduler import Scheduler
+    from encapure.settings import Settings
+
+    settings = Settings()
+    model = load_model(model_dir, settings=settings, name="rr")
+    sched = Scheduler({"rr": model}, settings)
+    await sched.start()
+    sem = asyncio.Semaphore(conc)
+
+    async def one(q: str, docs: list[str]) -> None:
+        async with sem:
+            p = await sched.prepare(model.prepare_pairs, q, docs)
+            rows = await sched.submit("rr", p)
+            model.finish(p, rows)
+
+    await asyncio.gather(*(one(q, d) for q, d in reqs[:8]))  # warm
+    t = time.perf_counter()
+    await asyncio.gather(*(one(q, d) for q, d in reqs))
+    dt = time.perf_counter() - t
+    await sched.shutdown(5)
+    return sum(len(d) for _, d in reqs) / dt
+
+
+async def over_http(url: str, reqs: list[tuple[str, list[str]]], conc: int) -> float:
+    import aiohttp
+
+    sem = asyncio.Semaphore(conc)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc)) as s:
+
+        async def one(q: str, docs: list[str]) -> None:
+            async with sem, s.post(url + "/rerank", json={"query": q, "documents": docs}) as r:
+                assert r.status == 200, await r.text()
+                await r.read()
+
+        await asyncio.gather(*(one(q, d) for q, d in reqs[:8]))
+        t = time.perf_counter()
+        await asyncio.gather(*(one(q, d) for q, d in reqs))
+        dt = time.perf_counter() - t
+    return sum(len(d) for _, d in reqs) / dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", nargs="?", default=None)
+    ap.add_argument("--questions", type=int, default=120)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
+    a = ap.parse_args()
+    model_dir = a.model or sorted(glob.glob(str(ROOT / ".work" / "test-models" / "reranker-int8-*")))[0]
+    reqs = load_requests(a.questions)
+    print(f"model {model_dir}\n{len(reqs)} requests, {sum(len(d) for _, d in reqs)} pairs, concurrency {a.concurrency}")
+
+    from encapure.server.testing import ServerProcess
+
+    results: dict[str, list[float]] = {"in-process scheduler": [], "HTTP server": []}
+    with ServerProcess(["--model", f"rr={model_dir}", "--log-level", "warning"]) as srv:
+        for _ in range(a.rounds):
+            results["in-process scheduler"].append(asyncio.run(in_process(model_dir, reqs, a.concurrency)))
+            results["HTTP server"].append(asyncio.run(over_http(srv.url, reqs, a.concurrency)))
+    for k, v in results.items():
+        print(f"{k:22s} " + "  ".join(f"{x:8.1f}" for x in v) + f"   best {max(v):8.1f} pairs/s")
+    print(f"ratio HTTP / in-process (best of each): {max(results['HTTP server']) / max(results['in-process scheduler']):.3f}")
+
+
+if __name__ == "__main__":
+    main()
