@@ -442,6 +442,34 @@ def test_shutdown_drains_admitted_work_and_refuses_new(model: Any) -> None:
     run(main)
 
 
+def test_shutdown_carries_requests_being_prepared_or_waiting_for_admission(model: Any) -> None:
+    """SIGTERM must not lose a request the server already took: one still tokenizing and one
+    waiting for capacity when the drain starts both finish normally."""
+    s = settings(max_concurrent_requests=1, admission_timeout_s=5.0)
+
+    def slow_prepare() -> Prepared:
+        time.sleep(0.3)
+        return prep(model, 2, seed=3)
+
+    async def main() -> None:
+        sched = await started(model, s)
+        holder = asyncio.create_task(sched.submit("rr", prep(model, 1, fault="slow:300")))
+        waiter = asyncio.create_task(sched.submit("rr", prep(model, 2, seed=1)))  # no room yet
+
+        async def preparing() -> np.ndarray:
+            p = await sched.prepare(slow_prepare)
+            return await sched.submit("rr", p)
+
+        tokenizing = asyncio.create_task(preparing())
+        await asyncio.sleep(0.05)
+        await sched.shutdown(10)
+        assert (await holder).shape == (1, 1)
+        assert (await waiter).shape == (2, 1)
+        assert (await tokenizing).shape == (2, 1)
+
+    run(main)
+
+
 def test_shutdown_timeout_fails_the_rest(model: Any) -> None:
     metrics = SchedulerMetrics()
 

@@ -34,6 +34,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -172,7 +173,9 @@ class Scheduler:
         self._items_in_system = 0
         self._waiters: list[tuple[int, asyncio.Future[bool]]] = []
         self._reserved = 0  # room granted to requests that have not registered yet
-        self._drained: asyncio.Event | None = None
+        # Prepared objects whose tokenization began before shutdown: still admitted while draining
+        # (keyed by id: Prepared is an unhashable dataclass; an entry dies with its object)
+        self._grace: weakref.WeakValueDictionary[int, Prepared] = weakref.WeakValueDictionary()
         # pacing
         self._preparing = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -195,8 +198,6 @@ class Scheduler:
         if self._started:
             return
         self._loop = asyncio.get_running_loop()
-        self._drained = asyncio.Event()
-        self._drained.set()
         n_prep = max(2, min(4, os.cpu_count() or 2))
         self._prep_pool = concurrent.futures.ThreadPoolExecutor(n_prep, thread_name_prefix="encapure-prepare")
         for wid in range(self.settings.workers):
@@ -212,21 +213,24 @@ class Scheduler:
         self._accepting = True
 
     async def shutdown(self, timeout: float) -> None:
-        """Stop admitting, let admitted work finish for up to ``timeout`` s, fail the rest, stop workers.
+        """Stop admitting, let work already in progress finish for up to ``timeout`` s, fail the rest.
 
-        New ``submit``/``prepare`` calls and requests waiting for admission get ``ShuttingDownError``
-        at once; requests already admitted keep being batched and computed until the timeout.
+        Draining: ``is_accepting()`` turns False and new ``prepare``/``submit`` calls get
+        ``ShuttingDownError`` at once, but everything already in progress is carried to the end:
+        admitted requests, requests waiting for admission (within their admission timeout), and
+        requests whose ``prepare`` began before the shutdown (their ``submit`` is still admitted).
+        At the timeout whatever is left gets ``ShuttingDownError``; then the workers stop.
         """
         if not self._started or self._stopped:
             self._accepting = False
             return
         self._accepting = False
         end = time.monotonic() + max(0.0, timeout)
+        while time.monotonic() < end and (
+            self._requests or self._waiters or self._reserved or self._preparing or len(self._grace)
+        ):
+            await asyncio.sleep(0.005)
         self._fail_waiters(lambda: ShuttingDownError("the server is shutting down", retry_after=None))
-        assert self._drained is not None
-        if self._requests:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._drained.wait(), timeout=max(0.0, end - time.monotonic()))
         for req in list(self._requests):
             self._finish(
                 req,
@@ -306,9 +310,14 @@ class Scheduler:
         assert self._loop is not None and self._prep_pool is not None
         self._preparing += 1
         try:
-            return await self._loop.run_in_executor(self._prep_pool, functools.partial(fn, *args, **kwargs))
+            result = await self._loop.run_in_executor(self._prep_pool, functools.partial(fn, *args, **kwargs))
         finally:
             self._preparing -= 1
+        if not self._accepting and not self._stopped:
+            # began before the shutdown: this request is already in progress, let it finish
+            with contextlib.suppress(TypeError):  # not weak-referenceable: no grace
+                self._grace[id(result)] = result  # type: ignore[assignment]
+        return result
 
     async def submit(
         self,
@@ -335,7 +344,7 @@ class Scheduler:
         t0 = time.monotonic()
         if not self._started:
             raise NotReadyError("the scheduler is not started")
-        if not self._accepting or self._stopped:
+        if self._stopped or not (self._accepting or self._take_grace(prepared)):
             self.metrics.rejected_requests.labels(reason="shutting_down").inc()
             raise ShuttingDownError("the server is shutting down", retry_after=None)
         if model not in self.models:
@@ -376,14 +385,12 @@ class Scheduler:
             timings=timings,
         )
         self._reserved -= 1
-        if not self._accepting or self._alive == 0:  # changed while we waited for admission
+        if self._stopped or self._alive == 0:  # changed while we waited for admission
             self._release(req)
             if self._alive == 0:
                 raise WorkerDiedError("every inference worker has died; the server must be restarted")
             raise ShuttingDownError("the server is shutting down", retry_after=None)
         self._requests.add(req)
-        if self._drained is not None:
-            self._drained.clear()
         self.metrics.requests_in_scheduler.set(len(self._requests))
         req.timer = loop.call_later(max(0.0, deadline - now), self._expire, req)
         pend = self._pending[model]
@@ -399,6 +406,12 @@ class Scheduler:
             # the awaiting task was cancelled (client went away): drop what is not computed yet
             self._finish(req, error=None, reason="cancelled")
             raise
+
+    def _take_grace(self, prepared: Prepared) -> bool:
+        if self._grace.get(id(prepared)) is prepared:
+            del self._grace[id(prepared)]
+            return True
+        return False
 
     # ------------------------------------------------------------------ admission
     # Capacity is taken when it is granted (``_items_in_system`` and ``_reserved``), before the
@@ -533,8 +546,6 @@ class Scheduler:
         self._requests.discard(req)
         self.metrics.requests_in_scheduler.set(len(self._requests))
         self._release(req)
-        if not self._requests and self._drained is not None:
-            self._drained.set()
         fut = req.future
         if not fut.done():
             if error is not None:

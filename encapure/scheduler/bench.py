@@ -1,0 +1,177 @@
+"""Scheduler measurements (not a test): ``python -m encapure.scheduler.bench [--model FOLDER]``.
+
+1. Latency at concurrency 1: the engine called directly vs the scheduler at several
+   ``max_wait_ms`` — shows that the batching window adds no latency to a lone request.
+2. Throughput with many concurrent clients: requests run one by one through the engine (what a
+   server without cross-request batching does) vs the scheduler, for worker/thread layouts.
+
+Variants are interleaved round by round in one process so that load from other processes on a
+shared machine hits them alike; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import random
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from encapure.engine import load_model
+from encapure.scheduler.core import Scheduler
+from encapure.settings import Settings
+
+_WORD_TEXT = (
+    "the of and to in is was for on that with as by it at from his an were are which this be or has "
+    "had first one their its new after who they have her she two been other when there all during "
+    "into school time may years more most only over city some world would where later up such used"
+)
+_WORDS = _WORD_TEXT.split()
+
+
+def _text(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def _requests(
+    n: int, seed: int, docs: tuple[int, int], words: tuple[int, int]
+) -> list[tuple[str, list[str]]]:
+    rng = random.Random(seed)
+    return [(_text(rng, 3, 10), [_text(rng, *words) for _ in range(rng.randint(*docs))]) for _ in range(n)]
+
+
+def _default_model() -> str:
+    found = sorted(glob.glob(".work/test-models/reranker-int8-*[0-9a-f]"))
+    if not found:
+        raise SystemExit("no --model given and no .work/test-models/reranker-int8-* (run the tests once)")
+    return found[-1]
+
+
+async def _with_scheduler(model: Any, settings: Settings, body: Callable[[Scheduler], Any]) -> Any:
+    sched = Scheduler({"m": model}, settings)
+    await sched.start()
+    try:
+        return await body(sched)
+    finally:
+        await sched.shutdown(10)
+
+
+def latency(model_dir: str, rounds: int, threads: int) -> None:
+    model = load_model(model_dir, settings=Settings(threads_per_worker=threads), name="m")
+    reqs = _requests(rounds, 1, (8, 8), (10, 40))
+    preps = [model.prepare_pairs(q, d) for q, d in reqs]
+    variants = [0.0, 2.0, 50.0]
+    times: dict[str, list[float]] = {"engine": [], **{f"sched max_wait={w:g}ms": [] for w in variants}}
+
+    async def run() -> None:
+        scheds = []
+        for w in variants:
+            s = Scheduler({"m": model}, Settings(workers=1, threads_per_worker=threads, max_wait_ms=w))
+            await s.start()
+            scheds.append(s)
+        for s in scheds:  # warm
+            await s.submit("m", preps[0])
+        for p in preps:
+            t = time.perf_counter()
+            model.finish(p, model.run_prepared(p))
+            times["engine"].append(time.perf_counter() - t)
+            for w, s in zip(variants, scheds, strict=True):
+                t = time.perf_counter()
+                p2 = await s.prepare(lambda p=p: p)
+                model.finish(p2, await s.submit("m", p2))
+                times[f"sched max_wait={w:g}ms"].append(time.perf_counter() - t)
+        for s in scheds:
+            await s.shutdown(5)
+
+    asyncio.run(run())
+    print(
+        f"\n## latency at concurrency 1 (8 pairs x ~20-55 tokens, {threads} intra-op thread(s), {rounds} rounds)"
+    )
+    base = statistics.median(times["engine"])
+    for k, v in times.items():
+        v.sort()
+        med = statistics.median(v)
+        p90 = v[int(0.9 * (len(v) - 1))]
+        print(
+            f"  {k:28s} median {med * 1e3:7.2f} ms   p90 {p90 * 1e3:7.2f} ms   x{med / base:5.2f} of engine"
+        )
+
+
+def throughput(model_dir: str, n_requests: int, concurrency: int, repeats: int) -> None:
+    layouts = [(1, 2), (2, 1)]  # (workers, threads per worker)
+    models = {
+        lay: load_model(model_dir, settings=Settings(workers=lay[0], threads_per_worker=lay[1]), name="m")
+        for lay in layouts
+    }
+    reqs = _requests(n_requests, 2, (1, 8), (5, 60))
+    n_pairs = sum(len(d) for _, d in reqs)
+    results: dict[str, list[float]] = {}
+    batch_info: dict[str, list[float]] = {}
+
+    def one_by_one(lay: tuple[int, int]) -> float:
+        m = models[lay]
+        t = time.perf_counter()
+        for q, d in reqs:
+            m(m.prepare_pairs(q, d))
+        return time.perf_counter() - t
+
+    def scheduled(lay: tuple[int, int]) -> float:
+        m = models[lay]
+        s = Settings(workers=lay[0], threads_per_worker=lay[1])
+
+        async def body(sched: Scheduler) -> float:
+            sem = asyncio.Semaphore(concurrency)
+
+            async def client(q: str, d: list[str]) -> None:
+                async with sem:
+                    p = await sched.prepare(m.prepare_pairs, q, d)
+                    m.finish(p, await sched.submit("m", p))
+
+            t = time.perf_counter()
+            await asyncio.gather(*(client(q, d) for q, d in reqs))
+            el = time.perf_counter() - t
+            st = sched.stats()
+            batch_info.setdefault(f"sched {lay[0]}x{lay[1]}", []).append(st["units_computed"] / st["batches"])
+            return el
+
+        return float(asyncio.run(_with_scheduler(m, s, body)))
+
+    for _ in range(repeats):
+        for lay in layouts:
+            results.setdefault(f"one-by-one {lay[0]}x{lay[1]}", []).append(one_by_one(lay))
+            results.setdefault(f"sched {lay[0]}x{lay[1]}", []).append(scheduled(lay))
+    print(
+        f"\n## throughput: {n_requests} requests ({n_pairs} pairs, 1-8 docs of 5-60 words), "
+        f"{concurrency} concurrent clients, median of {repeats}"
+    )
+    base = n_pairs / statistics.median(results["one-by-one 1x2"])
+    for k, v in results.items():
+        pps = n_pairs / statistics.median(v)
+        extra = ""
+        if k in batch_info:
+            extra = f"   mean batch {statistics.mean(batch_info[k]):5.1f} units"
+        print(f"  {k:22s} {pps:8.1f} pairs/s   x{pps / base:5.2f}{extra}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="exported reranker folder (default: the int8 test model)")
+    ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", choices=["latency", "throughput"], default=None)
+    args = ap.parse_args()
+    model_dir = args.model or _default_model()
+    print(f"model: {model_dir}")
+    if args.only in (None, "latency"):
+        latency(model_dir, args.rounds, threads=1)
+    if args.only in (None, "throughput"):
+        throughput(model_dir, args.requests, args.concurrency, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
