@@ -117,3 +117,22 @@ def test_cli_flags_build_settings(flag: str) -> None:
     s = settings_from_args(args)
     assert getattr(s, flag[2:].replace("-", "_")) == 123
     assert s.model == ["a=x", "y"] and s.admission_timeout_s == 0.1
+
+
+def test_dead_worker_turns_health_503(reranker_int8_dir: Path) -> None:
+    with ServerProcess(
+        ["--model", f"rr={reranker_int8_dir}", "--workers", "1"], env={"ENCAPURE_FAULT_INJECTION": "1"}
+    ) as srv:
+        assert httpx.get(srv.url + "/health").status_code == 200
+        r = httpx.post(
+            srv.url + "/rerank",
+            json={"query": "q", "documents": ["d"]},
+            headers={"X-Encapure-Fault": "kill_worker"},
+            timeout=30,
+        )
+        assert r.status_code == 500 and r.json()["error"]["type"] == "worker_died", r.text
+        health = httpx.get(srv.url + "/health")
+        assert health.status_code == 503 and "worker" in health.json()["error"]["message"]
+        assert httpx.get(srv.url + "/ready").status_code == 503
+        after = httpx.post(srv.url + "/rerank", json={"query": "q", "documents": ["d"]}, timeout=30)
+        assert after.status_code >= 500 and "error" in after.json()  # answered at once, never hangs

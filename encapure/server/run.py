@@ -79,6 +79,7 @@ class DrainingServer(uvicorn.Server):
             log.info("drained: no request in flight")
         else:
             log.warning("shutdown timeout: %d request(s) still in flight are cut off", self.state.inflight)
+            self.config.timeout_graceful_shutdown = 1  # the budget is spent: do not wait for them again
         self.should_exit = True
 
     def fatal(self) -> None:

@@ -45,6 +45,7 @@ class ServerState:
         self.on_fatal: Callable[[], None] | None = None
         self.started_at = time.time()
         self.ready_after_s: float | None = None
+        self.drain_deadline: float | None = None  # monotonic; the shutdown budget is shared by every step
         self.fault_injection = bool(getattr(settings, "fault_injection", False))
 
     # --- admission of inference work --------------------------------------------------------
@@ -128,6 +129,7 @@ class ServerState:
         if self.phase in ("draining", "stopped"):
             return
         self.phase = "draining"
+        self.drain_deadline = time.monotonic() + self.settings.shutdown_timeout_s
         self.http_metrics.ready.set(0)
         log.info(
             "draining: refusing new work, finishing in-flight requests", extra={"in_flight": self.inflight}
@@ -144,6 +146,9 @@ class ServerState:
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
         if self.scheduler is not None:
-            await self.scheduler.shutdown(self.settings.shutdown_timeout_s)
+            budget = self.settings.shutdown_timeout_s
+            if self.drain_deadline is not None:
+                budget = max(0.5, self.drain_deadline - time.monotonic())
+            await self.scheduler.shutdown(budget)
         self.phase = "stopped"
         self.http_metrics.ready.set(0)
