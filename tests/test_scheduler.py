@@ -185,6 +185,24 @@ def test_lone_request_is_not_delayed_by_max_wait(model: Any) -> None:
     assert run(main) < 1.0  # would be >= 3 s if the window were waited out
 
 
+def test_lone_request_is_shared_by_idle_workers(model: Any) -> None:
+    """Nothing else to do: a lone request's batch is cut into parts for the idle workers."""
+    metrics = SchedulerMetrics()
+    p = prep(model, 16, seed=4)
+    expected = model(p).scores
+
+    async def main() -> np.ndarray:
+        sched = await started(model, settings(workers=2), metrics)
+        rows = await sched.submit("rr", p)
+        await sched.shutdown(5)
+        return rows
+
+    rows = run(main)
+    np.testing.assert_allclose(model.finish(p, rows).scores, expected, atol=2e-5)
+    assert metric(metrics, "encapure_batch_size_count", model="rr") == 2
+    assert metric(metrics, "encapure_batch_size_sum", model="rr") == 16
+
+
 @pytest.mark.parametrize("max_wait_ms", [0.0, 2000.0])
 def test_partial_batch_waits_for_requests_being_prepared(model: Any, max_wait_ms: float) -> None:
     """A partial batch waits (up to max_wait) for a request still being tokenized, so both share

@@ -59,45 +59,54 @@ async def _with_scheduler(model: Any, settings: Settings, body: Callable[[Schedu
         await sched.shutdown(10)
 
 
-def latency(model_dir: str, rounds: int, threads: int) -> None:
-    model = load_model(model_dir, settings=Settings(threads_per_worker=threads), name="m")
-    reqs = _requests(rounds, 1, (8, 8), (10, 40))
-    preps = [model.prepare_pairs(q, d) for q, d in reqs]
-    variants = [0.0, 2.0, 50.0]
-    times: dict[str, list[float]] = {"engine": [], **{f"sched max_wait={w:g}ms": [] for w in variants}}
+def latency(model_dir: str, rounds: int) -> None:
+    """Lone requests: does the batching window add latency, and do idle workers share a request?"""
+    m1 = load_model(model_dir, settings=Settings(threads_per_worker=1), name="m")
+    m2 = load_model(model_dir, settings=Settings(threads_per_worker=2), name="m")
+    reqs = _requests(rounds, 1, (16, 16), (10, 40))
+    preps = [m1.prepare_pairs(q, d) for q, d in reqs]
+    # label -> (model, settings or None for the engine called directly, split_idle)
+    variants: dict[str, tuple[Any, Settings | None, bool]] = {
+        "engine 1 thread": (m1, None, False),
+        "engine 2 threads": (m2, None, False),
+        "sched 1x2 max_wait=0ms": (m2, Settings(workers=1, max_wait_ms=0), True),
+        "sched 1x2 max_wait=2ms": (m2, Settings(workers=1, max_wait_ms=2), True),
+        "sched 1x2 max_wait=50ms": (m2, Settings(workers=1, max_wait_ms=50), True),
+        "sched 2x1 no split": (m1, Settings(workers=2, max_wait_ms=2), False),
+        "sched 2x1 split idle": (m1, Settings(workers=2, max_wait_ms=2), True),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
 
     async def run() -> None:
-        scheds = []
-        for w in variants:
-            s = Scheduler({"m": model}, Settings(workers=1, threads_per_worker=threads, max_wait_ms=w))
-            await s.start()
-            scheds.append(s)
-        for s in scheds:  # warm
-            await s.submit("m", preps[0])
+        scheds: dict[str, Scheduler] = {}
+        for label, (model, st, split) in variants.items():
+            if st is not None:
+                new = Scheduler({"m": model}, st)
+                new.split_idle = split
+                await new.start()
+                await new.submit("m", preps[0])  # warm
+                scheds[label] = new
         for p in preps:
-            t = time.perf_counter()
-            model.finish(p, model.run_prepared(p))
-            times["engine"].append(time.perf_counter() - t)
-            for w, s in zip(variants, scheds, strict=True):
+            for label, (model, _, _) in variants.items():
                 t = time.perf_counter()
-                p2 = await s.prepare(lambda p=p: p)
-                model.finish(p2, await s.submit("m", p2))
-                times[f"sched max_wait={w:g}ms"].append(time.perf_counter() - t)
-        for s in scheds:
-            await s.shutdown(5)
+                sch = scheds.get(label)
+                if sch is None:
+                    model.finish(p, model.run_prepared(p))
+                else:
+                    p2 = await sch.prepare(lambda p=p: p)
+                    model.finish(p2, await sch.submit("m", p2))
+                times[label].append(time.perf_counter() - t)
+        for done in scheds.values():
+            await done.shutdown(5)
 
     asyncio.run(run())
-    print(
-        f"\n## latency at concurrency 1 (8 pairs x ~20-55 tokens, {threads} intra-op thread(s), {rounds} rounds)"
-    )
-    base = statistics.median(times["engine"])
+    print(f"\n## latency at concurrency 1 (16 pairs x ~20-55 tokens, {rounds} rounds, interleaved)")
+    base = statistics.median(times["engine 2 threads"])
     for k, v in times.items():
         v.sort()
         med = statistics.median(v)
         p90 = v[int(0.9 * (len(v) - 1))]
-        print(
-            f"  {k:28s} median {med * 1e3:7.2f} ms   p90 {p90 * 1e3:7.2f} ms   x{med / base:5.2f} of engine"
-        )
+        print(f"  {k:26s} median {med * 1e3:7.2f} ms   p90 {p90 * 1e3:7.2f} ms   x{med / base:5.2f}")
 
 
 def throughput(model_dir: str, n_requests: int, concurrency: int, repeats: int) -> None:
@@ -168,7 +177,7 @@ def main() -> None:
     model_dir = args.model or _default_model()
     print(f"model: {model_dir}")
     if args.only in (None, "latency"):
-        latency(model_dir, args.rounds, threads=1)
+        latency(model_dir, args.rounds)
     if args.only in (None, "throughput"):
         throughput(model_dir, args.requests, args.concurrency, args.repeats)
 

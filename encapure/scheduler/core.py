@@ -71,6 +71,8 @@ T = TypeVar("T")
 _CANCEL_SWEEP_S = 0.05
 # How many queued units (oldest first) one batch decision looks at: enough to sort by length.
 _WINDOW_BATCHES = 8
+# A last partial batch is shared among idle workers only if each part keeps at least this many units.
+_MIN_SPLIT_UNITS = 4
 
 
 def _plan_batches(lengths: list[int], max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
@@ -176,6 +178,8 @@ class Scheduler:
         # Prepared objects whose tokenization began before shutdown: still admitted while draining
         # (keyed by id: Prepared is an unhashable dataclass; an entry dies with its object)
         self._grace: weakref.WeakValueDictionary[int, Prepared] = weakref.WeakValueDictionary()
+        # When nothing else is coming, cut the last batch into parts for the idle workers.
+        self.split_idle = True
         # pacing
         self._preparing = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -605,6 +609,19 @@ class Scheduler:
                 chosen = next(b for b in plan if 0 in b)
             else:
                 chosen = max(plan, key=len)
+            parts = 1
+            if not full and self._preparing == 0 and self.split_idle:
+                # nothing else is coming and several workers idle: share the work for latency
+                parts = max(1, min(self._idle, len(chosen) // _MIN_SPLIT_UNITS))
+            if parts > 1:
+                # plans list the longest units first: cut where this part holds ~1/parts of the tokens
+                lens = [window[i].length for i in chosen]
+                target = sum(lens) / parts
+                acc, k = 0, 0
+                while k < len(lens) - 1 and acc + lens[k] <= target:
+                    acc += lens[k]
+                    k += 1
+                chosen = chosen[: max(1, k)]
             picked = {id(window[i]) for i in chosen}
             items = [window[i] for i in chosen]
             self._pending[model] = [it for it in pend if id(it) not in picked]
