@@ -507,6 +507,51 @@ def test_shutdown_timeout_fails_the_rest(model: Any) -> None:
     assert metric(metrics, "encapure_dropped_items_total", reason="shutdown") == 3
 
 
+def test_internal_error_in_the_batcher_fails_requests_instead_of_hanging(
+    model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import encapure.scheduler.core as core
+
+    real = core._plan_batches
+    calls = {"n": 0}
+
+    def broken(*a: Any) -> list[list[int]]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("planner bug")
+        return real(*a)
+
+    monkeypatch.setattr(core, "_plan_batches", broken)
+
+    async def main() -> None:
+        sched = await started(model, settings())
+        with pytest.raises(ModelError, match="internal scheduler error"):
+            await asyncio.wait_for(sched.submit("rr", prep(model, 2)), 10)
+        assert (await sched.submit("rr", prep(model, 2))).shape == (2, 1)  # and it lives on
+        assert_settled(sched)
+        await sched.shutdown(5)
+
+    run(main)
+
+
+def test_event_loop_ending_without_shutdown_leaves_workers_quiet(model: Any) -> None:
+    """asyncio.run() returning with work in flight: the request is cancelled, the worker's late
+    report to the closed loop is dropped silently, no thread raises."""
+    sched_box: list[Scheduler] = []
+
+    async def main() -> None:
+        sched = await started(model, settings())
+        sched_box.append(sched)
+        task = asyncio.create_task(sched.submit("rr", prep(model, 1, fault="slow:300")))
+        await asyncio.sleep(0.05)
+        assert not task.done()
+
+    run(main)
+    time.sleep(0.5)  # the worker finishes and reports to a closed loop
+    assert sched_box[0].stats()["workers_alive"] == 1
+    assert all(t.is_alive() for t in sched_box[0]._threads)
+
+
 # ------------------------------------------------------------------------------------ small contracts
 def test_contract_errors_and_empty_requests(model: Any) -> None:
     async def main() -> None:
