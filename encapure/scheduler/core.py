@@ -191,7 +191,6 @@ class Scheduler:
         self._n_units = 0
         self._n_cross_batches = 0
         self._rate = 0.0  # EWMA of computed units per second, for Retry-After
-        self._rate_t = 0.0
         self.metrics.workers_alive.set(0)
         for name in self.models:
             self.metrics.queue_depth.labels(model=name).set(0)
@@ -820,7 +819,7 @@ class Scheduler:
             return
         if rows is None:
             return
-        self._observe_rate(len(ran))
+        self._observe_rate(len(ran), batch.elapsed)
         for k, it in enumerate(ran):
             req = it.req
             if req.done:
@@ -838,14 +837,11 @@ class Scheduler:
                 assert req.rows is not None
                 self._finish(req, error=None, reason="ok", result=req.rows)
 
-    def _observe_rate(self, n: int) -> None:
-        now = time.monotonic()
+    def _observe_rate(self, n: int, elapsed: float) -> None:
+        """Units per second the workers sustain while busy (idle gaps must not lower it)."""
         self._n_units += n
-        if self._rate_t:
-            dt = max(1e-3, now - self._rate_t)
-            inst = n / dt
-            self._rate = inst if self._rate == 0 else 0.8 * self._rate + 0.2 * inst
-        self._rate_t = now
+        inst = n / max(elapsed, 1e-4) * max(1, self._alive)
+        self._rate = inst if self._rate == 0 else 0.8 * self._rate + 0.2 * inst
 
     def _on_worker_exit(self, wid: int, batch: _Batch | None, clean: bool) -> None:
         self._alive -= 1
