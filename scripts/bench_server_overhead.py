@@ -1,11 +1,12 @@
 """How much throughput the HTTP layer costs: the same WikiQA rerank requests, at saturation,
-(a) in-process through the scheduler (the engine's own batching, no HTTP) and (b) through a real
-`encapure serve` process with an aiohttp client, alternated in one run.
+(a) the engine alone, request after request, (b) in-process through the scheduler (cross-request
+batching, no HTTP) and (c) through a real `encapure serve` process with an aiohttp client,
+alternated in one run.
 
     python scripts/bench_server_overhead.py [MODEL_DIR] [--questions 120] [--concurrency 32] [--rounds 2]
 
-The client shares the machine with the server, so (b) also pays for the client's CPU: the ratio is
-a lower bound of the server's own efficiency. Prints pairs/s of each run and the ratio b / a.
+The client shares the machine with the server, so (c) also pays for the client's CPU: the ratio is
+a lower bound of the server's own efficiency. Prints pairs/s of each run and the ratios.
 """
 
 from __future__ import annotations
@@ -57,6 +58,24 @@ async def in_process(model_dir: str, reqs: list[tuple[str, list[str]]], conc: in
     return sum(len(d) for _, d in reqs) / dt
 
 
+def plain_engine(model_dir: str, reqs: list[tuple[str, list[str]]]) -> float:
+    """The engine alone, one request after another (its own length-sorted batching per request)."""
+    from encapure.engine import load_model
+
+    model = load_model(model_dir, name="rr")
+
+    def one(q: str, docs: list[str]) -> None:
+        p = model.prepare_pairs(q, docs)
+        model.finish(p, model.forward(p.units))
+
+    for q, d in reqs[:8]:
+        one(q, d)
+    t = time.perf_counter()
+    for q, d in reqs:
+        one(q, d)
+    return sum(len(d) for _, d in reqs) / (time.perf_counter() - t)
+
+
 async def over_http(url: str, reqs: list[tuple[str, list[str]]], conc: int) -> float:
     import aiohttp
 
@@ -88,14 +107,17 @@ def main() -> None:
 
     from encapure.server.testing import ServerProcess
 
-    results: dict[str, list[float]] = {"in-process scheduler": [], "HTTP server": []}
+    results: dict[str, list[float]] = {"engine, sequential": [], "in-process scheduler": [], "HTTP server": []}
     with ServerProcess(["--model", f"rr={model_dir}", "--log-level", "warning"]) as srv:
         for _ in range(a.rounds):
+            results["engine, sequential"].append(plain_engine(model_dir, reqs))
             results["in-process scheduler"].append(asyncio.run(in_process(model_dir, reqs, a.concurrency)))
             results["HTTP server"].append(asyncio.run(over_http(srv.url, reqs, a.concurrency)))
     for k, v in results.items():
         print(f"{k:22s} " + "  ".join(f"{x:8.1f}" for x in v) + f"   best {max(v):8.1f} pairs/s")
-    print(f"ratio HTTP / in-process (best of each): {max(results['HTTP server']) / max(results['in-process scheduler']):.3f}")
+    best = {k: max(v) for k, v in results.items()}
+    print(f"ratio HTTP / in-process scheduler (best of each): {best['HTTP server'] / best['in-process scheduler']:.3f}")
+    print(f"ratio HTTP / engine sequential (best of each):    {best['HTTP server'] / best['engine, sequential']:.3f}")
 
 
 if __name__ == "__main__":

@@ -326,3 +326,18 @@ def test_injected_failing_batch_fails_only_its_request(client: httpx.Client, ser
     assert asyncio.run(burst()) == [200] * 20
     assert httpx.get(server.url + "/health").status_code == 200
     assert err["request_id"]
+
+
+def test_long_documents_window_and_error(client: httpx.Client, engine_reranker: Any) -> None:
+    long_doc = " ".join(["filler words about nothing in particular"] * 80) + " Paris is the capital of France."
+    docs = [long_doc, "Berlin is in Germany."]
+    q = "What is the capital of France?"
+    win = client.post("/rerank", json={"query": q, "documents": docs, "long_documents": "window"})
+    assert win.status_code == 200, win.text
+    p = engine_reranker.prepare_pairs(q, docs, long_documents="window")
+    expected = engine_reranker.finish(p, engine_reranker.forward(p.units)).scores
+    np.testing.assert_allclose(win.json()["scores"], expected, atol=2e-5)
+    cut = client.post("/rerank", json={"query": q, "documents": docs}).json()
+    assert win.json()["usage"]["total_tokens"] > cut["usage"]["total_tokens"]  # every window was computed
+    assert cut["usage"]["total_tokens"] <= 2 * engine_reranker.max_length
+    assert_error(client.post("/rerank", json={"query": q, "documents": docs, "long_documents": "error"}), 400)

@@ -201,6 +201,7 @@ async def _rerank(
     *,
     raw: bool = False,
     truncate: bool = True,
+    long_documents: str = "truncate",
     route: str,
 ) -> tuple[str, RerankOutput | None, dict[str, str]]:
     state = _state(request)
@@ -212,7 +213,15 @@ async def _rerank(
         return name, None, {"x-total-tokens": "0"}
     texts = [_doc_text(d) for d in documents]
     out, headers = await run_inference(
-        request, name, model, model.prepare_pairs, query, texts, truncate=truncate, raw_scores=raw
+        request,
+        name,
+        model,
+        model.prepare_pairs,
+        query,
+        texts,
+        truncate=truncate,
+        raw_scores=raw,
+        long_documents=long_documents,
     )
     assert isinstance(out, RerankOutput)
     return name, out, headers
@@ -245,6 +254,7 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
         body.documents,
         raw=body.raw_scores,
         truncate=body.truncate,
+        long_documents=body.long_documents,
         route="/rerank",
     )
     order, scores = _order(out, body.top_n)
@@ -389,8 +399,11 @@ async def _embed(
 
 @router.post("/v1/embeddings", summary="Embeddings (OpenAI shape; float or base64)")
 async def embeddings(body: OpenAIEmbeddingsRequest, request: Request) -> Response:
+    kind = None
+    if body.input_type is not None:
+        kind = "query" if body.input_type in ("query", "search_query") else "document"
     name, out, headers = await _embed(
-        request, body.model, body.input, route="/v1/embeddings", dimensions=body.dimensions
+        request, body.model, body.input, route="/v1/embeddings", dimensions=body.dimensions, kind=kind
     )
     assert out is not None
     emb = np.ascontiguousarray(out.embeddings, dtype=np.float32)

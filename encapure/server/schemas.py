@@ -37,6 +37,9 @@ class RerankRequest(_Req):
     )
     raw_scores: bool = False
     truncate: bool = True
+    # A document longer than the model's window: cut it, score it by its best overlapping window,
+    # or refuse it (400).
+    long_documents: Literal["truncate", "window", "error"] = "truncate"
     model: str | None = None
 
 
@@ -71,6 +74,8 @@ class OpenAIEmbeddingsRequest(_Req):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
+    # Not OpenAI's, but what asymmetric models (e5, bge, nomic) need: which prefix to apply.
+    input_type: Literal["query", "document", "passage", "search_query", "search_document"] | None = None
 
 
 class TEIEmbedRequest(_Req):
