@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                     "no --md, OUT/BENCHMARKS-quick.md so a quick check never overwrites the full report)")
     ap.add_argument("--only", nargs="*", choices=["rerank", "inproc", "embed", "headline"], default=[],
                     help="run only these phases")
+    ap.add_argument("--systems", nargs="*", default=[],
+                    help="run only systems whose name contains one of these strings (e.g. encapure naive)")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -35,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = Plan.make(a.quick)
     plan.only = a.only
+    plan.systems = a.systems
+    # SIGTERM -> SystemExit, so the atexit hook stops every server this run started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = (a.out or (ROOT / "benchmarks" / "results" / ("quick" if a.quick else ""))).resolve()
     out.mkdir(parents=True, exist_ok=True)
     results = Bench(plan, out).run()

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -77,18 +78,22 @@ class Plan:
     profile_s: float
     precisions: list[str]
     peers: list[str]
-    only: list[str] = field(default_factory=list)  # restrict phases (debugging)
+    only: list[str] = field(default_factory=list)  # restrict phases
+    systems: list[str] = field(default_factory=list)  # restrict systems (substrings of their names)
+
+    def wants(self, name: str) -> bool:
+        return not self.systems or any(s in name for s in self.systems)
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
-            return cls(quick=True, cell_s=1.6, concurrencies=[1, 8, 100], synth_concurrency=8, synth=["mix"],
+            return cls(quick=True, cell_s=1.6, concurrencies=[1, 16], synth_concurrency=16, synth=["mix"],
                        open_loop_s=3.0, map_questions=60, inproc_s=3.0, inproc_workloads=["wikiqa"],
                        emb_concurrencies=[16], headline=False, headline_c1_s=8.0, headline_c8_s=10.0,
                        profile_s=4.0, precisions=["int8"], peers=["infinity-torch", "mosec"])
         return cls(quick=False, cell_s=5.0, concurrencies=[1, 8, 32, 100], synth_concurrency=32,
                    synth=["short", "long", "mix"], open_loop_s=8.0, map_questions=None, inproc_s=6.0,
-                   inproc_workloads=["wikiqa", "short", "long", "mix"], emb_concurrencies=[1, 16],
+                   inproc_workloads=["wikiqa", "mix"], emb_concurrencies=[1, 16],
                    headline=True, headline_c1_s=12.0, headline_c8_s=20.0, profile_s=8.0,
                    precisions=["int8", "fp32", "int4"],
                    peers=["infinity-torch", "infinity-optimum", "mosec"])
@@ -308,12 +313,12 @@ class Bench:
                                            py, engine="optimum"))
         if "mosec" in p.peers and int8 is not None and (py := self.peer("mosec")):
             specs.append(mosec_spec(int8, py))
-        servers = [s for s in (self.start(sp, "rerank") for sp in specs) if s is not None]
+        servers = [s for s in (self.start(sp, "rerank") for sp in specs if p.wants(sp.name)) if s is not None]
         try:
             self.idle_cpu(servers)
             synth = self.synth_workloads(int8 / "tokenizer.json" if int8 else RERANKER_FIXTURE / "tokenizer.json")
-            self.r["meta"]["workloads"] = {"wikiqa": self.wikiqa.description,
-                                           **{k: v.description for k, v in synth.items()}}
+            self.r["meta"].setdefault("workloads", {}).update(
+                {"wikiqa": self.wikiqa.description, **{k: v.description for k, v in synth.items()}})
             cells = [(self.wikiqa, c) for c in p.concurrencies]
             cells += [(synth[k], p.synth_concurrency) for k in p.synth]
             self.cells("rerank", servers, cells)
@@ -365,6 +370,7 @@ class Bench:
         systems: list[tuple[str, str, str]] = [(f"engine-{prec}", "engine", str(dirs[prec]))
                                                 for prec in p.precisions if prec in dirs]
         systems.append(("st-inproc", "st", str(RERANKER_FIXTURE)))
+        systems = [x for x in systems if p.wants(x[0])]
         for wi, wname in enumerate(p.inproc_workloads):
             if wname not in wls:
                 continue
@@ -374,18 +380,20 @@ class Bench:
             order = systems if wi % 2 == 0 else list(reversed(systems))
             for name, kind, model in order:
                 log(f"inproc: {name} on {wname}")
-                res = self.run_inproc(kind, "rerank", model, wf, max_length=256 if kind == "st" else None)
+                res = self.run_inproc(kind, "rerank", model, wf, max_length=256 if kind == "st" else None,
+                                      full_pass=wname == "wikiqa" and kind == "engine")
                 if res is None:
                     continue
-                row = {"system": name, "workload": wname, **{k: v for k, v in res.items() if k != "scores_by_key"}}
-                if wname == "wikiqa":
+                row = {**{k: v for k, v in res.items() if k != "scores_by_key"}, "system": name, "workload": wname}
+                if res["scores_by_key"]:
                     mp, scored = mean_average_precision(wl, res["scores_by_key"])
                     row["map"], row["scored"] = mp, scored
                 self.r["inproc"].append(row)
                 log(f"  {name:12s} bulk {res['bulk_items_per_s']:8.1f} items/s  sequential p50 "
                     f"{res['seq_p50_ms'] or 0:.1f} ms" + (f"  MAP {row['map']:.4f}" if "map" in row else ""))
 
-    def run_inproc(self, kind: str, task: str, model: str, wf: Path, max_length: int | None = None) -> dict[str, Any] | None:
+    def run_inproc(self, kind: str, task: str, model: str, wf: Path, max_length: int | None = None,
+                   full_pass: bool = False) -> dict[str, Any] | None:
         out = self.tmp / "inproc.json"
         out.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "benchmarks.inproc", "--system", kind, "--task", task, "--model", model,
@@ -393,6 +401,8 @@ class Bench:
                "--out", str(out)]
         if max_length:
             cmd += ["--max-length", str(max_length)]
+        if full_pass:
+            cmd += ["--full-pass"]
         try:
             r = subprocess.run(cmd, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=600, check=False)
         except subprocess.TimeoutExpired as e:
@@ -408,7 +418,7 @@ class Bench:
         emb_src = embedder_source()
         int8 = self.export("embedder", "int8")
         wl = embedding_workload(self.wikiqa, per_request=8, n_requests=200)
-        self.r["meta"]["workloads"]["embed"] = wl.description
+        self.r["meta"].setdefault("workloads", {})["embed"] = wl.description
         specs: list[ServerSpec] = []
         if int8 is not None:
             specs.append(encapure_spec(int8, name="encapure-embed-int8", label="Encapure server int8", task="embed"))
@@ -431,13 +441,13 @@ class Bench:
             if model is None:
                 continue
             log(f"inproc embed: {name}")
-            res = self.run_inproc(kind, "embed", model, wf)
+            res = self.run_inproc(kind, "embed", model, wf, full_pass=kind == "st")
             if res:
                 ref_rows.append((name, res))
-                self.r["inproc"].append({"system": name, "workload": wl.name,
-                                         **{k: v for k, v in res.items() if k not in ("scores_by_key", "embeddings_head")}})
+                self.r["inproc"].append({**{k: v for k, v in res.items() if k not in ("scores_by_key", "embeddings_head")},
+                                         "system": name, "workload": wl.name})
         ref = next((np.array(r["embeddings_head"]) for n, r in ref_rows if n == "st-embed-inproc"), None)
-        servers = [s for s in (self.start(sp, "embed") for sp in specs) if s is not None]
+        servers = [s for s in (self.start(sp, "embed") for sp in specs if p.wants(sp.name)) if s is not None]
         try:
             self.idle_cpu(servers)
             self.cells("embed", servers, [(wl, c) for c in p.emb_concurrencies])
@@ -525,6 +535,17 @@ def _cached_headline() -> bool:
     return all((WORK / "models" / f"bge-m3-{p}" / ".complete").exists() for p in ("int8", "int4"))
 
 
+def _frame(f: str) -> str:
+    """``func (/long/path/site-packages/pkg/mod.py:123)`` -> ``func (pkg/mod.py)``: group by function."""
+    f = re.sub(r":\d+\)$", ")", f.strip())
+    head, sep, path = f.partition("(")
+    if not sep:
+        return f
+    path = path.replace(str(ROOT) + "/", "")
+    path = re.sub(r"^.*?(site-packages/|lib/python3\.\d+/)", "", path)
+    return f"{head}({path}"
+
+
 def summarize_profile(raw: str, top: int = 15) -> dict[str, Any]:
     """Collapsed stacks -> share of samples inside ORT's run vs elsewhere, and top self frames outside ORT."""
     total = 0
@@ -539,7 +560,7 @@ def summarize_profile(raw: str, top: int = 15) -> dict[str, Any]:
             count = int(count_s)
         except ValueError:
             continue
-        frames = stack.split(";")
+        frames = [_frame(f) for f in stack.split(";")]
         total += count
         if any("onnxruntime_inference_collection.py" in f for f in frames):
             in_ort += count

@@ -147,6 +147,7 @@ class ServerSpec:
     config: str = ""  # how it was configured, for the report
     family: str = ""  # encapure | naive | st | infinity | mosec
     ready_timeout_s: float = 180.0
+    cwd: Path | None = None
 
     def http_request(self, req: Request) -> HttpRequest:
         body: dict[str, Any]
@@ -183,7 +184,7 @@ class ServerProcess:
         env.update(self.spec.env)
         fh = open(self.log, "wb")  # noqa: SIM115 - lives as long as the process
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, cwd=self.spec.cwd or ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         ServerProcess._live.append(self)
         deadline = t0 + self.spec.ready_timeout_s
@@ -299,7 +300,10 @@ def st_spec(model: Path, *, task: str = "rerank", max_length: int | None = 256) 
 def infinity_spec(model_dir: Path, python: Path, *, engine: str, task: str = "rerank",
                   pooling: str | None = None) -> ServerSpec:
     exe = python.parent / "infinity_emb"
-    cmd = [str(exe), "v2", "--model-id", str(model_dir), "--served-model-name", "bench",
+    # infinity 0.0.78 hands optimum the ONNX file's path as found by globbing the model folder, and
+    # optimum 2.x compares it to bare file names: only a model id of "." (run from the folder) matches.
+    model_id = "." if engine == "optimum" else str(model_dir)
+    cmd = [str(exe), "v2", "--model-id", model_id, "--served-model-name", "bench",
            "--engine", engine, "--device", "cpu", "--host", "127.0.0.1", "--port", "{port}",
            "--batch-size", "32", "--no-vector-disk-cache", "--log-level", "warning"]
     if pooling:
@@ -315,9 +319,12 @@ def infinity_spec(model_dir: Path, python: Path, *, engine: str, task: str = "re
         parse=_scores_infinity if task == "rerank" else _embeddings_openai,
         config=f"`infinity_emb v2 --engine {engine} --device cpu --batch-size 32"
         + (f" --pooling-method {pooling}" if pooling else "")
-        + f"`, OMP_NUM_THREADS={THREADS}",
+        + f"`, OMP_NUM_THREADS={THREADS}"
+        + ("; our int8 model.onnx linked as model_quantized.onnx beside the HF files, run from that folder"
+           if engine == "optimum" else "; PyTorch fp32 from the HF folder"),
         family="infinity",
         ready_timeout_s=300.0,
+        cwd=model_dir if engine == "optimum" else None,
     )
 
 
