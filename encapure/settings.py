@@ -6,12 +6,13 @@ The CLI builds ``Settings(**flags_given)`` so unset flags fall through to the en
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_RERANKER = "BAAI/bge-reranker-v2-m3"
 
@@ -31,11 +32,15 @@ class Settings(BaseSettings):
 
     # --- models ---------------------------------------------------------------------------
     # Repeatable on the CLI; in the environment a comma-separated list. "name=ID_OR_PATH" names a model.
-    model: list[str] = Field(default_factory=lambda: [DEFAULT_RERANKER])
+    model: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [DEFAULT_RERANKER])
     precision: Precision = "int8"
-    cache_dir: Path = Field(default_factory=default_cache_dir)
+    # ENCAPURE_CACHE is the documented name; ENCAPURE_CACHE_DIR (the prefixed field name) works too.
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        validation_alias=AliasChoices("cache_dir", "ENCAPURE_CACHE", "ENCAPURE_CACHE_DIR"),
+    )
     max_length: int | None = None  # None: the manifest's
-    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+    providers: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     truncation_side: Literal["left", "right"] = "right"  # which end of a too-long text is cut
     window_overlap: int = 64  # tokens shared by neighbouring windows (long_documents="window")
 
@@ -67,6 +72,17 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = 30.0
     log_format: Literal["text", "json"] = "text"
     log_level: str = "info"
+
+    @field_validator("model", "providers", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        """Environment lists are written as people write them: ``a``, ``a,b`` or a JSON list."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
 
     def resolved_threads(self) -> int:
         if self.threads_per_worker > 0:
