@@ -3,7 +3,7 @@
 batching, no HTTP) and (c) through a real `encapure serve` process with an aiohttp client,
 alternated in one run.
 
-    python scripts/bench_server_overhead.py [MODEL_DIR] [--questions 120] [--concurrency 32] [--rounds 2]
+    python scripts/bench_server_overhead.py [MODEL_DIR] [--questions 120] [--concurrency 32] [--rounds 2] [--docs N]
 
 The client shares the machine with the server, so (c) also pays for the client's CPU: the ratio is
 a lower bound of the server's own efficiency. Prints pairs/s of each run and the ratios.
@@ -100,9 +100,12 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=120)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--docs", type=int, default=0, help="cut each request to this many documents (0: all)")
     a = ap.parse_args()
     model_dir = a.model or sorted(glob.glob(str(ROOT / ".work" / "test-models" / "reranker-int8-*")))[0]
     reqs = load_requests(a.questions)
+    if a.docs:
+        reqs = [(q, d[: a.docs]) for q, d in reqs]
     print(f"model {model_dir}\n{len(reqs)} requests, {sum(len(d) for _, d in reqs)} pairs, concurrency {a.concurrency}")
 
     from encapure.server.testing import ServerProcess
