@@ -23,6 +23,7 @@ from encapure.engine.types import Prepared
 from encapure.errors import (
     CancelledRequestError,
     DeadlineExceededError,
+    InvalidInputError,
     ModelError,
     ModelNotFoundError,
     OverloadedError,
@@ -581,6 +582,12 @@ def test_contract_errors_and_empty_requests(model: Any) -> None:
         await sched.shutdown(5)
 
     run(main)
+
+
+def test_bad_knobs_are_refused_with_a_clear_error(model: Any) -> None:
+    for bad in ({"workers": 0}, {"max_batch_size": 0}, {"max_queued_items": 0}, {"max_wait_ms": -1}):
+        with pytest.raises(InvalidInputError, match=next(iter(bad))):
+            Scheduler({"rr": model}, settings(**bad))
 
 
 def test_fault_option_ignored_unless_enabled(model: Any) -> None:

@@ -47,6 +47,7 @@ from encapure.errors import (
     CancelledRequestError,
     DeadlineExceededError,
     EncapureError,
+    InvalidInputError,
     ModelError,
     ModelNotFoundError,
     NotReadyError,
@@ -151,10 +152,18 @@ class Scheduler:
         settings: Settings,
         metrics: SchedulerMetrics | None = None,
     ) -> None:
-        if settings.workers < 1:
-            raise ValueError("workers must be >= 1")
-        if settings.max_batch_size < 1 or settings.max_batch_tokens < 1:
-            raise ValueError("max_batch_size and max_batch_tokens must be >= 1")
+        for knob in (
+            "workers",
+            "max_batch_size",
+            "max_batch_tokens",
+            "max_concurrent_requests",
+            "max_queued_items",
+        ):
+            if getattr(settings, knob) < 1:
+                raise InvalidInputError(f"{knob} must be at least 1, got {getattr(settings, knob)}")
+        for knob in ("max_wait_ms", "admission_timeout_s", "request_timeout_s"):
+            if getattr(settings, knob) < 0:
+                raise InvalidInputError(f"{knob} must not be negative, got {getattr(settings, knob)}")
         self.models: dict[str, InferenceModel] = dict(models)
         self.settings = settings
         self.metrics = metrics if metrics is not None else SchedulerMetrics()
