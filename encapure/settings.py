@@ -45,7 +45,10 @@ class Settings(BaseSettings):
     window_overlap: int = 64  # tokens shared by neighbouring windows (long_documents="window")
 
     # --- runtime ----------------------------------------------------------------------------
-    workers: int = 1  # inference workers (threads sharing one ORT session)
+    # Inference workers (threads sharing one ORT session). Measured on the 2-core dev machine
+    # (scripts/bench_engine.py --sections threads): 2 single-thread workers beat one 2-thread run
+    # for throughput, both for bulk scoring and for streams of small requests.
+    workers: int = 2
     threads_per_worker: int = 0  # 0: all cores / workers
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     memory_arena: bool = True

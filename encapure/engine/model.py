@@ -411,6 +411,14 @@ class OnnxModel:
         batches = plan_batches([len(u) for u in units], self.settings.max_batch_tokens,
                                self.settings.max_batch_size)
         pool = self._executor()
+        workers = max(1, self.settings.workers)
+        # Fewer batches than workers (a small request): split the largest so no worker idles.
+        while pool is not None and len(batches) < workers:
+            big = max(range(len(batches)), key=lambda j: len(batches[j]))
+            if len(batches[big]) < 2:
+                break
+            b = batches.pop(big)
+            batches += [b[: len(b) // 2], b[len(b) // 2 :]]
         if pool is None or len(batches) == 1:
             results = [self.forward([units[i] for i in b]) for b in batches]
         else:
