@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (not on /health, /ready)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (not on /health, /ready and the docs)")
     p.add_argument(
         "--precision", choices=["fp32", "fp16", "int8", "int4"], help="for models exported on load"
     )

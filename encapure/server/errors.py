@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from encapure.errors import EncapureError, InvalidInputError, NotFoundError, PayloadTooLargeError
-from encapure.server.logs import request_id_var
+from encapure.server.logs import request_id_var, request_info_var
 
 log = logging.getLogger("encapure.server")
 
@@ -79,6 +79,9 @@ def error_response(exc: BaseException, request_id: str | None = None) -> Respons
     """Render any exception as our JSON error response (status, body and Retry-After)."""
     err = to_encapure(exc)
     rid = request_id if request_id is not None else request_id_var.get()
+    info = request_info_var.get()
+    if info is not None:
+        info["error"] = err.kind
     if isinstance(err, InternalError) and not isinstance(exc, EncapureError):
         log.error("unhandled error", exc_info=exc)
     elif err.status >= 500 and err.status != 503:  # 503s are the server's state, not failures

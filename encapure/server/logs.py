@@ -15,6 +15,8 @@ from typing import Any
 import orjson
 
 request_id_var: ContextVar[str | None] = ContextVar("encapure_request_id", default=None)
+# The per-request context dict that the access log line is built from (sizes, timings, error type).
+request_info_var: ContextVar[dict[str, Any] | None] = ContextVar("encapure_request_info", default=None)
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 

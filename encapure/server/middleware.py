@@ -18,13 +18,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from encapure.errors import AuthenticationError, InvalidInputError, PayloadTooLargeError
 from encapure.server.errors import error_response
-from encapure.server.logs import request_id_var
+from encapure.server.logs import request_id_var, request_info_var
 from encapure.server.state import ServerState
 
 log = logging.getLogger("encapure.server.access")
 
-# Probes and scrapers must work without credentials; everything else needs the key when one is set.
-OPEN_PATHS = frozenset({"/health", "/ready"})
+# Probes and the API docs work without credentials; everything else needs the key when one is set.
+OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
@@ -78,6 +78,7 @@ class ServiceMiddleware:
         path: str = scope["path"]
         route = path if path in self.routes else "unmatched"
         info: dict[str, Any] = {}
+        info_token = request_info_var.set(info)
         st = scope.setdefault("state", {})
         st["request_id"] = rid
         st["t0"] = t0
@@ -166,6 +167,7 @@ class ServiceMiddleware:
                     },
                 )
             request_id_var.reset(token)
+            request_info_var.reset(info_token)
 
     def _too_large_message(self) -> str:
         return f"request body is larger than the server's limit of {self.limit} bytes (--max-request-bytes)"

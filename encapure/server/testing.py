@@ -24,7 +24,8 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m encapure serve ARGS`` on 127.0.0.1:<free port>; waits for /ready.
 
-    Its log goes to a temporary file (``log_text()``) so a chatty server never blocks on a pipe.
+    Its log goes to a temporary file (``log_text()``) so a chatty server never blocks on a pipe;
+    the file is removed at ``stop()`` unless ENCAPURE_KEEP_SERVER_LOGS is set.
     """
 
     def __init__(
@@ -98,6 +99,8 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(10)
         self._log.close()
+        if not os.environ.get("ENCAPURE_KEEP_SERVER_LOGS"):
+            self.log_path.unlink(missing_ok=True)
         return self.proc.returncode
 
     def __enter__(self) -> ServerProcess:
