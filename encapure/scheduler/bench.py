@@ -86,8 +86,12 @@ def latency(model_dir: str, rounds: int) -> None:
                 await new.start()
                 await new.submit("m", preps[0])  # warm
                 scheds[label] = new
+        order = list(variants)
+        shuffler = random.Random(0)
         for p in preps:
-            for label, (model, _, _) in variants.items():
+            shuffler.shuffle(order)  # no variant always runs right after a spinning 2-thread one
+            for label in order:
+                model = variants[label][0]
                 t = time.perf_counter()
                 sch = scheds.get(label)
                 if sch is None:
@@ -148,8 +152,8 @@ def throughput(model_dir: str, n_requests: int, concurrency: int, repeats: int) 
 
         return float(asyncio.run(_with_scheduler(m, s, body)))
 
-    for _ in range(repeats):
-        for lay in layouts:
+    for r in range(repeats):
+        for lay in layouts if r % 2 == 0 else layouts[::-1]:
             results.setdefault(f"one-by-one {lay[0]}x{lay[1]}", []).append(one_by_one(lay))
             results.setdefault(f"sched {lay[0]}x{lay[1]}", []).append(scheduled(lay))
     print(
