@@ -21,7 +21,6 @@ def register(subparsers: Any) -> None:
         help="run the HTTP service",
         description="Serve rerank / embedding / classification models over HTTP with cross-request "
         "batching. Unset flags come from ENCAPURE_* environment variables, then defaults.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
     p.add_argument(
@@ -59,7 +58,25 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--log-format", choices=["text", "json"])
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    _annotate_defaults(p)
     p.set_defaults(func=run)
+
+
+def _annotate_defaults(parser: argparse.ArgumentParser) -> None:
+    """Say in --help what an unset flag falls back to: its environment variable, then the default."""
+    fields = Settings.model_fields
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "func"):
+            continue
+        name = _FIELDS.get(action.dest, action.dest)
+        field = fields.get(name)
+        if field is None:
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = ",".join(str(x) for x in default)
+        extra = f"env ENCAPURE_{name.upper()}; default {default}"
+        action.help = f"{action.help} ({extra})" if action.help else extra
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
