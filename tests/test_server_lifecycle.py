@@ -136,3 +136,24 @@ def test_dead_worker_turns_health_503(reranker_int8_dir: Path) -> None:
         assert httpx.get(srv.url + "/ready").status_code == 503
         after = httpx.post(srv.url + "/rerank", json={"query": "q", "documents": ["d"]}, timeout=30)
         assert after.status_code >= 500 and "error" in after.json()  # answered at once, never hangs
+
+
+def test_model_specs_names_and_default(tmp_path: Path) -> None:
+    from encapure.errors import InvalidInputError
+    from encapure.server.loading import find_fixture, parse_specs
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    specs = parse_specs(Settings(model=["BAAI/bge-reranker-v2-m3", f"emb={folder}", str(folder)]))
+    assert [(s.name, s.source, s.is_default) for s in specs] == [
+        ("BAAI/bge-reranker-v2-m3", "BAAI/bge-reranker-v2-m3", False),  # asked for: no silent fallback
+        ("emb", str(folder), False),
+        ("my-model", str(folder), False),
+    ]
+    default = parse_specs(Settings())
+    assert default[0].is_default or "model" in Settings().model_fields_set
+    with pytest.raises(InvalidInputError, match="two models"):
+        parse_specs(Settings(model=[f"a={folder}", f"a={folder}"]))
+    fixture = find_fixture()
+    if fixture is not None:
+        assert (fixture / "config.json").is_file()
