@@ -156,3 +156,38 @@ def test_from_pretrained_loads_an_exported_folder(reranker_fp32_dir: Path) -> No
             assert len(out) == 2 and out[0].score >= out[1].score
 
     asyncio.run(main())
+
+
+def test_lazy_instance_survives_a_second_asyncio_run(rr_model: Any) -> None:
+    """Started lazily in one asyncio.run(), used again in the next: it starts afresh, never hangs."""
+    rr = AsyncReranker(rr_model)
+
+    async def once() -> int:
+        return len(await asyncio.wait_for(rr.rerank(TEXTS[0], TEXTS[1:4]), 30))
+
+    assert asyncio.run(once()) == 3
+    first = rr.scheduler
+    assert asyncio.run(once()) == 3
+    assert rr.scheduler is not first
+    first_threads = first._threads
+    for t in first_threads:
+        t.join(5)
+    assert not any(t.is_alive() for t in first_threads)
+
+    async def close() -> None:
+        await rr.aclose()
+
+    asyncio.run(close())
+
+
+def test_scheduler_refuses_a_foreign_event_loop(rr_model: Any) -> None:
+    sched = Scheduler({"rr": rr_model}, Settings())
+    asyncio.run(sched.start())
+
+    async def use() -> None:
+        p = rr_model.prepare_pairs("q", ["d"])
+        with pytest.raises(RuntimeError, match="another event loop"):
+            await sched.submit("rr", p)
+
+    asyncio.run(use())
+    sched.abandon()

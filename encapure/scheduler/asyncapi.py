@@ -96,13 +96,24 @@ class _AsyncBase:
         if self._closed:
             raise ShuttingDownError(f"{type(self).__name__} is closed", retry_after=None)
         if self._owns:
-            await self.scheduler.start()
+            await self._ensure_started()
+
+    async def _ensure_started(self) -> None:
+        sched = self.scheduler
+        if sched.stats()["started"] and not sched.bound_to_running_loop():
+            # started lazily in an earlier event loop (asyncio.run called again): start afresh here
+            sched.abandon()
+            self.scheduler = Scheduler(sched.models, sched.settings, sched.metrics)
+        await self.scheduler.start()
 
     async def aclose(self, timeout: float = 30.0) -> None:
         """Let calls in progress finish (up to ``timeout`` s) and stop the private scheduler."""
         self._closed = True
         if self._owns:
-            await self.scheduler.shutdown(timeout)
+            if self.scheduler.stats()["started"] and not self.scheduler.bound_to_running_loop():
+                self.scheduler.abandon()  # its loop is gone, and with it anything in progress
+            else:
+                await self.scheduler.shutdown(timeout)
 
     async def __aenter__(self) -> Any:
         await self.start()
@@ -124,8 +135,8 @@ class _AsyncBase:
     async def _run(self, fn: Any, *args: Any, timeout: float | None = None, **kwargs: Any) -> ModelOutput:
         if self._closed:
             raise ShuttingDownError(f"{type(self).__name__} is closed", retry_after=None)
-        if self._owns and not self.scheduler.stats()["started"]:
-            await self.scheduler.start()
+        if self._owns:
+            await self._ensure_started()
         deadline = None if timeout is None else time.monotonic() + timeout
         prepared: Prepared = await self.scheduler.prepare(fn, *args, **kwargs)
         if not prepared.units:  # nothing to run (empty input): the engine builds the empty result

@@ -264,6 +264,28 @@ class Scheduler:
         if self._prep_pool is not None:
             self._prep_pool.shutdown(wait=False, cancel_futures=True)
 
+    def bound_to_running_loop(self) -> bool:
+        """Whether the scheduler was started in the event loop that is running now."""
+        try:
+            return self._loop is asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+
+    def abandon(self) -> None:
+        """Stop the workers without a drain, from any thread; for a scheduler whose loop is gone."""
+        self._accepting = False
+        self._stopped = True
+        for _ in self._threads:
+            self._jobs.put(None)
+        if self._prep_pool is not None:
+            self._prep_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _check_loop(self) -> None:
+        if not self.bound_to_running_loop():
+            raise RuntimeError(
+                "this Scheduler was started in another event loop; create and start one per loop"
+            )
+
     def is_healthy(self) -> bool:
         """Liveness: started, not stopped, and every inference worker thread alive."""
         return (
@@ -317,6 +339,7 @@ class Scheduler:
         """
         if not self._started:
             raise NotReadyError("the scheduler is not started")
+        self._check_loop()
         if not self._accepting:
             raise ShuttingDownError("the server is shutting down", retry_after=None)
         assert self._loop is not None and self._prep_pool is not None
@@ -356,6 +379,7 @@ class Scheduler:
         t0 = time.monotonic()
         if not self._started:
             raise NotReadyError("the scheduler is not started")
+        self._check_loop()
         if self._stopped or not (self._accepting or self._take_grace(prepared)):
             self.metrics.rejected_requests.labels(reason="shutting_down").inc()
             raise ShuttingDownError("the server is shutting down", retry_after=None)
