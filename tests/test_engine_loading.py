@@ -153,3 +153,21 @@ def test_registry() -> None:
         assert expected in names
     for m in MODELS:
         assert (m.task == "embed") == (m.pooling is not None)
+
+
+def test_session_options_and_provider_fallback(caplog: pytest.LogCaptureFixture) -> None:
+    import onnxruntime as ort
+
+    from encapure.engine.runtime import resolve_providers, session_options
+
+    so = session_options(Settings(graph_optimization="basic", memory_arena=False, workers=1, threads_per_worker=3))
+    assert so.intra_op_num_threads == 3 and so.inter_op_num_threads == 1
+    assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert so.enable_cpu_mem_arena is False
+    assert session_options(Settings(workers=2, threads_per_worker=0)).intra_op_num_threads >= 1
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA; the fallback path cannot be shown")
+    with caplog.at_level("WARNING"):
+        assert resolve_providers(["cuda", "tensorrt", "openvino"]) == ["CPUExecutionProvider"]
+    assert "not available" in caplog.text
+    assert resolve_providers(["cpu"]) == ["CPUExecutionProvider"]
