@@ -67,7 +67,7 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
         for name, style in (("engine-int8", "--"), ("st-inproc", ":")):
             ip = _inproc(r, name, "wikiqa")
             if ip:
-                ax.axhline(ip["bulk_items_per_s"], linestyle=style, color="grey",
+                ax.axhline(ip.get("full_items_per_s") or ip["bulk_items_per_s"], linestyle=style, color="grey",
                            label=f"{name} in-process (bulk)")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -106,7 +106,8 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
             mpts.append((_label(r, name), q["map"], sat, "server"))
     for ip in r["inproc"]:
         if ip["workload"] == "wikiqa" and ip.get("map") is not None:
-            mpts.append((ip["system"] + " (in-process)", ip["map"], ip["bulk_items_per_s"], "inproc"))
+            mpts.append((ip["system"] + " (in-process)", ip["map"], ip.get("full_items_per_s") or ip["bulk_items_per_s"],
+                         "inproc"))
     if mpts:
         fig, ax = plt.subplots(figsize=(8, 5))
         for lab, m, s, kind in mpts:
@@ -137,9 +138,10 @@ def goals(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     sat = _sat(r, enc)
     eng = _inproc(r, "engine-int8", "wikiqa")
     if sat and eng:
-        ratio = sat / eng["bulk_items_per_s"]
+        eng_rate = eng.get("full_items_per_s") or eng["bulk_items_per_s"]
+        ratio = sat / eng_rate
         out.append(("Server throughput at saturation ≥ 90% of the in-process engine",
-                    f"{ratio:.0%} ({sat:.0f} vs {eng['bulk_items_per_s']:.0f} pairs/s, WikiQA int8); "
+                    f"{ratio:.0%} ({sat:.0f} vs {eng_rate:.0f} pairs/s, WikiQA int8, engine given all pairs in one call); "
                     f"server overhead {1 - ratio:.0%}", _goal(ratio >= 0.9)))
     st_sat = _sat(r, "st-rerank")
     st_in = _inproc(r, "st-inproc", "wikiqa")
@@ -272,10 +274,12 @@ def render(r: dict[str, Any], plot_files: list[str], plot_dir: Path, md_dir: Pat
         L.append("")
         L.append("In-process (child process, no HTTP): *bulk* = the whole workload in one call (the library's own "
                  "batching), *sequential* = one call per request.\n")
-        L.append("| system | workload | bulk pairs/s | sequential pairs/s | sequential p50 / p99 ms | MAP |")
-        L.append("|---|---|---|---|---|---|")
+        L.append("| system | workload | bulk pairs/s (first ~800 items) | whole workload pairs/s | sequential pairs/s "
+                 "| sequential p50 / p99 ms | MAP |")
+        L.append("|---|---|---|---|---|---|---|")
         for ip in r["inproc"]:
-            L.append(f"| {ip['system']} | {ip['workload']} | {_f(ip['bulk_items_per_s'])} | {_f(ip.get('seq_items_per_s'))} "
+            L.append(f"| {ip['system']} | {ip['workload']} | {_f(ip['bulk_items_per_s'])} | {_f(ip.get('full_items_per_s'))} "
+                     f"| {_f(ip.get('seq_items_per_s'))} "
                      f"| {_f(ip.get('seq_p50_ms'), 1)} / {_f(ip.get('seq_p99_ms'), 1)} | {_f(ip.get('map'), 4)} |")
         L.append("")
     erows = [c for c in r["cells"] if c["phase"] == "embed"]

@@ -428,7 +428,10 @@ class Bench:
             if "infinity-torch" in p.peers:
                 specs.append(infinity_spec(emb_src, py, engine="torch", task="embed", pooling="mean"))
             if "infinity-optimum" in p.peers and int8 is not None:
-                specs.append(infinity_spec(infinity_model_dir(emb_src, int8 / "model.onnx", "embedder-int8"), py,
+                out_name = json.loads((int8 / "encapure.json").read_text())["output_name"]
+                inf_dir = infinity_model_dir(emb_src, int8 / "model.onnx", "embedder-int8",
+                                             rename_output=(out_name, "last_hidden_state"))
+                specs.append(infinity_spec(inf_dir, py,
                                            engine="optimum", task="embed", pooling="mean"))
         if "mosec" in p.peers and int8 is not None and (py := self.peer("mosec")):
             specs.append(mosec_spec(int8, py, task="embed"))
@@ -441,7 +444,7 @@ class Bench:
             if model is None:
                 continue
             log(f"inproc embed: {name}")
-            res = self.run_inproc(kind, "embed", model, wf, full_pass=kind == "st")
+            res = self.run_inproc(kind, "embed", model, wf)
             if res:
                 ref_rows.append((name, res))
                 self.r["inproc"].append({**{k: v for k, v in res.items() if k not in ("scores_by_key", "embeddings_head")},

@@ -346,10 +346,13 @@ def mosec_spec(model_dir: Path, python: Path, *, task: str = "rerank", max_batch
     )
 
 
-def infinity_model_dir(hf_dir: Path, onnx_file: Path | None, name: str) -> Path:
+def infinity_model_dir(hf_dir: Path, onnx_file: Path | None, name: str,
+                       rename_output: tuple[str, str] | None = None) -> Path:
     """A folder infinity's optimum engine can load: the HF files plus our ONNX file (symlinks).
 
     Named ``model_quantized.onnx`` so infinity (which prefers "quantize" files on CPU) picks it.
+    ``rename_output=(ours, theirs)`` writes a copy whose graph output is renamed (optimum's
+    feature-extraction class insists on ``last_hidden_state``); weights and ops are untouched.
     """
     out = WORK / "infinity-models" / name
     out.mkdir(parents=True, exist_ok=True)
@@ -361,7 +364,21 @@ def infinity_model_dir(hf_dir: Path, onnx_file: Path | None, name: str) -> Path:
             link.symlink_to(f.resolve())
     if onnx_file is not None:
         link = out / "model_quantized.onnx"
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(onnx_file.resolve())
+        if rename_output is None:
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(onnx_file.resolve())
+        elif not link.exists() or link.is_symlink() or link.stat().st_mtime < onnx_file.stat().st_mtime:
+            import onnx
+
+            m = onnx.load(str(onnx_file))
+            old, new = rename_output
+            for node in m.graph.node:
+                node.output[:] = [new if o == old else o for o in node.output]
+            for o in m.graph.output:
+                if o.name == old:
+                    o.name = new
+            if link.is_symlink():
+                link.unlink()
+            onnx.save(m, str(link))
     return out
