@@ -279,7 +279,7 @@ def section_bge(args: argparse.Namespace, results: dict) -> None:
     from encapure.engine import Reranker
     from encapure.settings import Settings
 
-    folder = bge_export()
+    folder = args.bge_model or bge_export()
     t0 = time.perf_counter()
     r = Reranker.from_pretrained(folder, settings=Settings(threads_per_worker=args.threads))
     load_s = time.perf_counter() - t0
@@ -317,6 +317,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--sections", default="wikiqa,spread,threads,bge")
+    ap.add_argument("--bge-model", type=Path, default=None,
+                    help="an existing int8 export of the bge-reranker-v2-m3 architecture (skips the export, "
+                         "which needs ~11 GB of RAM)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
     results: dict = {"threads": args.threads, "cpu_count": os.cpu_count(),
