@@ -89,6 +89,7 @@ def assert_error(r: httpx.Response, status: int, kind: str | None = None) -> dic
 
 
 # --- concurrency and correctness ----------------------------------------------------------------
+@pytest.mark.slow
 def test_100_concurrent_reranks_equal_engine_alone(server: ServerProcess, engine_reranker: Any) -> None:
     rng = random.Random(7)
     requests = []
