@@ -511,18 +511,16 @@ def test_shutdown_timeout_fails_the_rest(model: Any) -> None:
 def test_internal_error_in_the_batcher_fails_requests_instead_of_hanging(
     model: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import encapure.scheduler.core as core
-
-    real = core._plan_batches
+    real = Scheduler._live_items
     calls = {"n": 0}
 
-    def broken(*a: Any) -> list[list[int]]:
+    def broken(self: Scheduler, *a: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 1:
-            raise RuntimeError("planner bug")
-        return real(*a)
+            raise RuntimeError("batcher bug")
+        return real(self, *a)
 
-    monkeypatch.setattr(core, "_plan_batches", broken)
+    monkeypatch.setattr(Scheduler, "_live_items", broken)
 
     async def main() -> None:
         sched = await started(model, settings())

@@ -113,13 +113,15 @@ def latency(model_dir: str, rounds: int) -> None:
         print(f"  {k:26s} median {med * 1e3:7.2f} ms   p90 {p90 * 1e3:7.2f} ms   x{med / base:5.2f}")
 
 
-def throughput(model_dir: str, n_requests: int, concurrency: int, repeats: int) -> None:
+def throughput(
+    model_dir: str, n_requests: int, concurrency: int, repeats: int, docs: tuple[int, int] = (1, 8)
+) -> None:
     layouts = [(1, 2), (2, 1)]  # (workers, threads per worker)
     models = {
         lay: load_model(model_dir, settings=Settings(workers=lay[0], threads_per_worker=lay[1]), name="m")
         for lay in layouts
     }
-    reqs = _requests(n_requests, 2, (1, 8), (5, 60))
+    reqs = _requests(n_requests, 2, docs, (5, 60))
     n_pairs = sum(len(d) for _, d in reqs)
     results: dict[str, list[float]] = {}
     batch_info: dict[str, list[float]] = {}
@@ -157,7 +159,7 @@ def throughput(model_dir: str, n_requests: int, concurrency: int, repeats: int) 
             results.setdefault(f"one-by-one {lay[0]}x{lay[1]}", []).append(one_by_one(lay))
             results.setdefault(f"sched {lay[0]}x{lay[1]}", []).append(scheduled(lay))
     print(
-        f"\n## throughput: {n_requests} requests ({n_pairs} pairs, 1-8 docs of 5-60 words), "
+        f"\n## throughput: {n_requests} requests ({n_pairs} pairs, {docs[0]}-{docs[1]} docs of 5-60 words), "
         f"{concurrency} concurrent clients, median of {repeats}"
     )
     base = n_pairs / statistics.median(results["one-by-one 1x2"])
@@ -176,6 +178,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--docs", default="1-8", help="documents per request, MIN-MAX (default 1-8)")
     ap.add_argument("--only", choices=["latency", "throughput"], default=None)
     args = ap.parse_args()
     model_dir = args.model or _default_model()
@@ -183,7 +186,8 @@ def main() -> None:
     if args.only in (None, "latency"):
         latency(model_dir, args.rounds)
     if args.only in (None, "throughput"):
-        throughput(model_dir, args.requests, args.concurrency, args.repeats)
+        lo, hi = (int(x) for x in args.docs.split("-"))
+        throughput(model_dir, args.requests, args.concurrency, args.repeats, (lo, hi))
 
 
 if __name__ == "__main__":

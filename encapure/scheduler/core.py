@@ -71,7 +71,7 @@ T = TypeVar("T")
 # How often queued requests are asked whether their client is still there.
 _CANCEL_SWEEP_S = 0.05
 # How many queued units (oldest first) one batch decision looks at: enough to sort by length.
-_WINDOW_BATCHES = 8
+_WINDOW_BATCHES = 4
 # A last partial batch is shared among idle workers only if each part keeps at least this many units.
 _MIN_SPLIT_UNITS = 4
 
@@ -613,9 +613,10 @@ class Scheduler:
         try:
             self._pump_inner()
         except Exception:
-            log.exception("scheduler error; failing the queued requests")
-            for req in [r for r in list(self._requests) if r.queued]:
-                self._finish(req, error=ModelError("internal scheduler error"), reason="error")
+            # A bug here may have taken units off the queue without dispatching them; which ones is
+            # unknowable, so every request in progress is failed rather than any left pending.
+            log.exception("scheduler error; failing every request in progress")
+            self._fail_all(lambda: ModelError("internal scheduler error"), "error")
 
     def _pump_inner(self) -> None:
         now = time.monotonic()
@@ -631,7 +632,11 @@ class Scheduler:
             )
             pend = self._pending[model]
             window = pend[: s.max_batch_size * _WINDOW_BATCHES]
-            plan = _plan_batches([it.length for it in window], s.max_batch_tokens, s.max_batch_size)
+            lens = [it.length for it in window]
+            if len(lens) <= s.max_batch_size and len(lens) * max(lens) <= s.max_batch_tokens:
+                plan = [list(range(len(lens)))]  # it all fits one batch: nothing to plan
+            else:
+                plan = _plan_batches(lens, s.max_batch_tokens, s.max_batch_size)
             oldest_age = now - window[0].req.admitted
             full = len(plan) > 1 or len(window) < len(pend)
             if not full and oldest_age < max_wait and self._preparing > 0:
@@ -646,17 +651,21 @@ class Scheduler:
                 # nothing else is coming and several workers idle: share the work for latency
                 parts = max(1, min(self._idle, len(chosen) // _MIN_SPLIT_UNITS))
             if parts > 1:
-                # plans list the longest units first: cut where this part holds ~1/parts of the tokens
-                lens = [window[i].length for i in chosen]
-                target = sum(lens) / parts
+                # longest units first; cut where this part holds about 1/parts of the tokens
+                part_lens = sorted((window[i].length for i in chosen), reverse=True)
+                chosen = sorted(chosen, key=lambda i: -window[i].length)
+                target = sum(part_lens) / parts
                 acc, k = 0, 0
-                while k < len(lens) - 1 and acc + lens[k] <= target:
-                    acc += lens[k]
+                while k < len(part_lens) - 1 and acc + part_lens[k] <= target:
+                    acc += part_lens[k]
                     k += 1
                 chosen = chosen[: max(1, k)]
-            picked = {id(window[i]) for i in chosen}
+            picked = set(chosen)
             items = [window[i] for i in chosen]
-            self._pending[model] = [it for it in pend if id(it) not in picked]
+            rest = [it for i, it in enumerate(window) if i not in picked]
+            if len(window) < len(pend):
+                rest.extend(pend[len(window) :])
+            self._pending[model] = rest
             self._queued_items -= len(items)
             for it in items:
                 it.req.queued -= 1
