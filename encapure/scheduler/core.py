@@ -566,6 +566,16 @@ class Scheduler:
             return
         req.done = True
         req.drop_reason = reason
+        # answer first: whatever the bookkeeping below does, the caller is never left waiting
+        # (the awaiting coroutine resumes only after this callback returns, timings included)
+        fut = req.future
+        if not fut.done():
+            if error is not None:
+                fut.set_exception(error)
+            elif result is not None:
+                fut.set_result(result)
+            else:
+                fut.cancel()
         if req.timer is not None:
             req.timer.cancel()
             req.timer = None
@@ -582,14 +592,6 @@ class Scheduler:
         self._requests.discard(req)
         self.metrics.requests_in_scheduler.set(len(self._requests))
         self._release(req)
-        fut = req.future
-        if not fut.done():
-            if error is not None:
-                fut.set_exception(error)
-            elif result is not None:
-                fut.set_result(result)
-            else:
-                fut.cancel()
         if result is not None and req.timings is not None:
             done = time.monotonic()
             req.timings["queue_s"] = max(0.0, req.last_start - req.admitted)
