@@ -104,8 +104,10 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
         sat = _sat(r, name)
         if sat and q.get("map") == q.get("map"):
             mpts.append((_label(r, name), q["map"], sat, "server"))
+    n_server = {q["scored"] for q in r["quality"].values()}
     for ip in r["inproc"]:
-        if ip["workload"] == "wikiqa" and ip.get("map") is not None:
+        # Only where the in-process MAP covers the same questions as the servers' pass.
+        if ip["workload"] == "wikiqa" and ip.get("map") is not None and (not n_server or ip.get("scored") in n_server):
             mpts.append((ip["system"] + " (in-process)", ip["map"], ip.get("full_items_per_s") or ip["bulk_items_per_s"],
                          "inproc"))
     if mpts:
@@ -201,6 +203,12 @@ def render(r: dict[str, Any], plot_files: list[str], plot_dir: Path, md_dir: Pat
     L.append("Re-run: `make bench` or `.venv/bin/python -m benchmarks [--quick] [--out DIR]` from the repo root "
              "(peers' venvs and exported models are created under `benchmarks/.work/` on first run).\n")
     la0, la1 = mach["loadavg_start"], m.get("loadavg_end", [None])
+    if max(la0[0], (la1[0] if la1 and la1[0] is not None else 0)) > 3:
+        L.append(f"> **Measured on a busy machine** (1-min load average {la0[0]:.1f} at start, "
+                 f"{la1[0] if la1 and la1[0] is not None else 0:.1f} at end, on {mach['cores']} cores): other jobs "
+                 "took most of the CPU, so absolute throughput and latency here are far below what this machine "
+                 "does when quiet, and ratios are noisy. Re-run `python -m benchmarks` on an idle machine before "
+                 "quoting any number.\n")
     L.append("## Machine and conditions\n")
     L.append(f"- CPU: {mach['cpu']} — {mach['cores']} cores visible, ISA {', '.join(mach['isa']) or '?'}; "
              f"RAM {_f(mach['mem_gb'], 1)} GiB; Linux {mach['kernel']}; Python {mach['python']}.")

@@ -386,7 +386,10 @@ class Bench:
                     continue
                 row = {**{k: v for k, v in res.items() if k != "scores_by_key"}, "system": name, "workload": wname}
                 if res["scores_by_key"]:
-                    mp, scored = mean_average_precision(wl, res["scores_by_key"])
+                    # Same questions as the servers' MAP pass, so the numbers compare.
+                    n_q = p.map_questions or len(wl.requests)
+                    mp, scored = mean_average_precision(Workload(wl.name, wl.task, wl.requests[:n_q]),
+                                                        res["scores_by_key"])
                     row["map"], row["scored"] = mp, scored
                 self.r["inproc"].append(row)
                 log(f"  {name:12s} bulk {res['bulk_items_per_s']:8.1f} items/s  sequential p50 "
