@@ -1,5 +1,6 @@
 """Scheduler measurements (not a test): ``python -m encapure.scheduler.bench [--model FOLDER]``.
 
+0. The scheduler's own cost with a fixed-cost stand-in model (no ONNX Runtime noise).
 1. Latency at concurrency 1: the engine called directly vs the scheduler at several
    ``max_wait_ms`` — shows that the batching window adds no latency to a lone request.
 2. Throughput with many concurrent clients: requests run one by one through the engine (what a
@@ -171,6 +172,90 @@ def throughput(
         print(f"  {k:22s} {pps:8.1f} pairs/s   x{pps / base:5.2f}{extra}")
 
 
+class _FixedCostModel:
+    """Stands in for a model whose forward costs a fixed time and releases the GIL (as ORT does),
+    so the scheduler's own cost is measured without ONNX Runtime's noise on a shared machine."""
+
+    name = "fixed"
+    manifest = None
+    task = "rerank"
+    max_length = 512
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def forward(self, units: list[Any]) -> Any:
+        import numpy as np
+
+        if self.seconds:
+            time.sleep(self.seconds)
+        return np.zeros((len(units), 1), dtype=np.float32)
+
+
+def overhead(rounds: int) -> None:
+    """The scheduler's own cost: latency added at concurrency 1 and bookkeeping per unit."""
+    import numpy as np
+
+    from encapure.engine.types import Prepared, Unit
+
+    def prep(n: int) -> Prepared:
+        units = [Unit(np.arange(40, dtype=np.int64)) for _ in range(n)]
+        return Prepared(units, np.arange(n), n, [40] * n, [False] * n, {})
+
+    async def lone() -> dict[str, list[float]]:
+        model = _FixedCostModel(0.005)
+        scheds = {}
+        for w in (0.0, 2.0, 50.0):
+            sch = Scheduler({"m": model}, Settings(workers=1, max_wait_ms=w))  # type: ignore[dict-item]
+            await sch.start()
+            scheds[f"sched max_wait={w:g}ms"] = sch
+        times: dict[str, list[float]] = {"direct forward": [], **{k: [] for k in scheds}}
+        p = prep(8)
+        for _ in range(rounds):
+            t = time.perf_counter()
+            model.forward(p.units)
+            times["direct forward"].append(time.perf_counter() - t)
+            for k, sch in scheds.items():
+                t = time.perf_counter()
+                p2 = await sch.prepare(lambda: p)
+                await sch.submit("m", p2)
+                times[k].append(time.perf_counter() - t)
+        for sch in scheds.values():
+            await sch.shutdown(5)
+        return times
+
+    times = asyncio.run(lone())
+    print(f"\n## scheduler overhead, fixed-cost model (forward = 5 ms sleep), concurrency 1, {rounds} rounds")
+    base = statistics.median(times["direct forward"])
+    for k, v in times.items():
+        med = statistics.median(v)
+        print(f"  {k:24s} median {med * 1e3:7.3f} ms   (+{(med - base) * 1e3:6.3f} ms)")
+
+    async def flood(conc: int, n_req: int, units: int) -> float:
+        sch = Scheduler({"m": _FixedCostModel(0.0)}, Settings(workers=1, max_wait_ms=0))  # type: ignore[dict-item]
+        await sch.start()
+        preps = [prep(units) for _ in range(n_req)]
+        sem = asyncio.Semaphore(conc)
+
+        async def one(p: Prepared) -> None:
+            async with sem:
+                await sch.submit("m", p)
+
+        t = time.perf_counter()
+        await asyncio.gather(*(one(p) for p in preps))
+        el = time.perf_counter() - t
+        await sch.shutdown(5)
+        return el
+
+    print("  bookkeeping with a zero-cost model (everything but the forward pass):")
+    for conc, n_req, units in ((32, 3000, 2), (32, 400, 50)):
+        el = asyncio.run(flood(conc, n_req, units))
+        print(
+            f"    {conc} concurrent, {units} units/request: {el / n_req * 1e6:7.1f} us/request, "
+            f"{el / (n_req * units) * 1e6:6.1f} us/unit"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="exported reranker folder (default: the int8 test model)")
@@ -179,10 +264,12 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--docs", default="1-8", help="documents per request, MIN-MAX (default 1-8)")
-    ap.add_argument("--only", choices=["latency", "throughput"], default=None)
+    ap.add_argument("--only", choices=["overhead", "latency", "throughput"], default=None)
     args = ap.parse_args()
     model_dir = args.model or _default_model()
     print(f"model: {model_dir}")
+    if args.only in (None, "overhead"):
+        overhead(max(args.rounds, 100))
     if args.only in (None, "latency"):
         latency(model_dir, args.rounds)
     if args.only in (None, "throughput"):
