@@ -285,11 +285,17 @@ def section_bge(args: argparse.Namespace, results: dict) -> None:
     load_s = time.perf_counter() - t0
     tok = r.model._tokenizer("raw")
     query = "what is the population of berlin"
-    q_len = len(tok.encode(query, add_special_tokens=False).ids)
-    specials = tok.num_special_tokens_to_add(True)
     lat = {}
     for total in (32, 64, 128):
-        doc = " ".join(["hello"] * (total - q_len - specials))
+        # Grow a document word by word until the pair is exactly ``total`` tokens long.
+        words = ["the", "city", "has", "many", "people", "and", "a", "long", "history", "of", "trade", "and", "art"]
+        doc, k = "", 0
+        while True:
+            cand = (doc + " " + words[k % len(words)]).strip()
+            n = len(tok.encode(query, cand).ids)
+            if n > total:
+                break
+            doc, k = cand, k + 1
         p = r.model.prepare_pairs(query, [doc] * 8)
         assert all(len(u) == total for u in p.units), [len(u) for u in p.units]
         times = []
