@@ -35,7 +35,7 @@ from encapure.export.progress import Progress
 from encapure.manifest import MANIFEST_NAME, Manifest
 
 # Bump when the exporter's output changes (the test fixture cache keys on it).
-EXPORT_VERSION = "1"
+EXPORT_VERSION = "3"
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 
 
@@ -171,6 +171,7 @@ def _export(
         config = read_json(model_dir / "config.json")
         tok_dir = Path(tokenizer) if isinstance(tokenizer, (str, Path)) else (
             model_dir if has_tokenizer(model_dir) else root)
+        detect(config, task=task)  # architecture problems first: they are the more fundamental error
         if tokenizer is None and not has_tokenizer(tok_dir):
             raise ExportError(f"no tokenizer in {root}: expected tokenizer.json (or vocab/sentencepiece files)")
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):

@@ -22,7 +22,7 @@ TASKS = ("auto", "rerank", "embed", "classify")
 _PADDING_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl", "longformer", "mpnet"}
 
 # Architectures whose graphs cannot serve as encoders here (generation heads, vision, audio).
-_UNEXPORTABLE_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration", "ForImageClassification",
+_UNEXPORTABLE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForImageClassification",
                           "ForAudioClassification", "ForCTC", "ForSpeechSeq2Seq", "ForVision2Seq")
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "sentencepiece.bpe.model", "spiece.model",

@@ -45,5 +45,10 @@ def fuse(src: Path, dst: Path, config: dict[str, Any], model_type: str) -> dict[
         stats = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
     except Exception as e:
         raise ExportError(f"graph optimization failed: {str(e).strip().splitlines()[0]}") from e
-    save_model(optimized.model, dst)
+    model = optimized.model
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        from onnx import helper
+
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    save_model(model, dst)
     return stats
