@@ -205,7 +205,7 @@ def test_bge_tokenizer_matches_golden_ids(tiny_xlmr_reranker_dir: Path) -> None:
     assert not bad and len(golden) == 46
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "fp16"])
 def test_tiny_xlmr_quantized_exports(tmp_path: Path, precision: str) -> None:
     from encapure.export import export_model
 
@@ -299,3 +299,8 @@ def test_cli_export_end_to_end(tmp_path: Path) -> None:
     m = json.loads((out / "encapure.json").read_text())
     assert m["max_length"] == 128 and m["precision"] == "fp32"
     assert sorted(p.name for p in out.iterdir()) == ["encapure.json", "model.onnx", "parity.json", "tokenizer.json"]
+
+
+def test_cli_hub_id_offline_gives_clear_error(tmp_path: Path) -> None:
+    # HF_HUB_OFFLINE=1 (set by _cli): the download path runs and fails with one clear line.
+    _assert_clean_error(_cli("BAAI/bge-reranker-v2-m3", "-o", str(tmp_path / "out")), "hub is unreachable")
