@@ -59,7 +59,10 @@ def fixture_export(precision: str) -> Path:
         log(f"exporting the reranker fixture at {precision} ...")
         export_model(FIXTURE, out, precision=precision)
 
-    return export_cached(f"minilm-wikiqa-{precision}", build)
+    from encapure.export import EXPORT_VERSION
+
+    # The exporter's version is in the name so a new quantization recipe is re-exported, not reused.
+    return export_cached(f"minilm-wikiqa-{precision}-v{EXPORT_VERSION}", build)
 
 
 # --- systems ----------------------------------------------------------------------------------
@@ -272,7 +275,9 @@ def bge_export() -> Path:
         export_model(model, out, precision="int8", tokenizer=AutoTokenizer.from_pretrained(str(BGE_ARCH)),
                      max_length=512)
 
-    return export_cached("bge-reranker-v2-m3-arch-int8", build)
+    from encapure.export import EXPORT_VERSION
+
+    return export_cached(f"bge-reranker-v2-m3-arch-int8-v{EXPORT_VERSION}", build)
 
 
 def section_bge(args: argparse.Namespace, results: dict) -> None:
