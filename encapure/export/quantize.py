@@ -85,7 +85,8 @@ def quantize_int8(src: Path, dst: Path, recipe: dict[str, Any]) -> dict[str, Any
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = onnx.load(str(src))
+    # Graph only (no weights): for bge-reranker-v2-m3 this avoids holding another 2.2 GB copy.
+    model = onnx.load(str(src), load_external_data=False)
     nodes = [n for n, _ in _matmul_weight_nodes(model)]
     exclude = resolve_exclusions(model, recipe.get("exclude", []))
     u8 = [n for n in resolve_exclusions(model, recipe.get("u8_nodes", [])) if n not in exclude]
