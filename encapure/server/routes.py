@@ -281,9 +281,12 @@ def _cohere_results(
     return [{"index": i, "relevance_score": scores[i]} for i in order]
 
 
-@router.post("/v1/rerank", summary="Rerank (Cohere v1 and Jina shapes)")
-async def rerank_v1(body: CohereV1RerankRequest, request: Request) -> Response:
-    name, out, headers = await _rerank(request, body.model, body.query, body.documents, route="/v1/rerank")
+async def _cohere_rerank(
+    request: Request, body: CohereV1RerankRequest | CohereV2RerankRequest, version: str
+) -> Response:
+    """Cohere v1 (also Jina) and v2 differ on the wire only in the reported API version."""
+    route = f"/v{version}/rerank"
+    name, out, headers = await _rerank(request, body.model, body.query, body.documents, route=route)
     order, scores = _order(out, body.top_n)
     tokens = _tokens(out)
     return _json(
@@ -291,28 +294,21 @@ async def rerank_v1(body: CohereV1RerankRequest, request: Request) -> Response:
             "id": request.scope["state"]["request_id"],
             "model": name,
             "results": _cohere_results(order, scores, body.documents, body.return_documents),
-            "meta": {"api_version": {"version": "1"}, "billed_units": {"search_units": 1}},
+            "meta": {"api_version": {"version": version}, "billed_units": {"search_units": 1}},
             "usage": {"total_tokens": tokens, "prompt_tokens": tokens},
         },
         headers,
     )
+
+
+@router.post("/v1/rerank", summary="Rerank (Cohere v1 and Jina shapes)")
+async def rerank_v1(body: CohereV1RerankRequest, request: Request) -> Response:
+    return await _cohere_rerank(request, body, "1")
 
 
 @router.post("/v2/rerank", summary="Rerank (Cohere v2 shape)")
 async def rerank_v2(body: CohereV2RerankRequest, request: Request) -> Response:
-    name, out, headers = await _rerank(request, body.model, body.query, body.documents, route="/v2/rerank")
-    order, scores = _order(out, body.top_n)
-    tokens = _tokens(out)
-    return _json(
-        {
-            "id": request.scope["state"]["request_id"],
-            "model": name,
-            "results": _cohere_results(order, scores, body.documents, body.return_documents),
-            "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
-            "usage": {"total_tokens": tokens, "prompt_tokens": tokens},
-        },
-        headers,
-    )
+    return await _cohere_rerank(request, body, "2")
 
 
 # --- embeddings ---------------------------------------------------------------------------------
