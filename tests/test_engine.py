@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +117,7 @@ def test_truncation_reported_and_optional(fp32: Reranker) -> None:
         fp32.compute(q, [long_doc], long_documents="error")
     # The query is kept whole while the document gives way.
     p = fp32.model.prepare_pairs(q, [long_doc])
-    q_ids = fp32.model._tokenizer("raw").encode(q, add_special_tokens=False).ids
+    q_ids = fp32.model.encode_batch([q], "raw", add_special_tokens=False)[0].ids
     assert p.units[0].ids[1 : 1 + len(q_ids)].tolist() == q_ids
     # A query longer than the limit alone: both are cut, nothing fails.
     huge_q = "question " * 300
@@ -133,7 +134,7 @@ def test_long_documents_windows(fp32: Reranker) -> None:
     assert p.n_inputs == 2 and len(p.units) > 2
     assert p.truncated == [False, False]
     assert p.owners.tolist().count(0) == len(p.units) - 1
-    q_ids = m._tokenizer("raw").encode(q, add_special_tokens=False).ids
+    q_ids = m.encode_batch([q], "raw", add_special_tokens=False)[0].ids
     for u in p.units:
         assert len(u) <= m.max_length
         assert u.ids[1 : 1 + len(q_ids)].tolist() == q_ids  # every window carries the whole query
@@ -152,11 +153,29 @@ def test_truncation_side_left(reranker_fp32_dir: Path) -> None:
     left = load_model(reranker_fp32_dir, truncation_side="left", warmup=False)
     text = "start " + "middle " * 300 + "finale"
     p = left.prepare_pairs("q", [text])
-    tok = left._tokenizer("raw")
-    end_ids = tok.encode("finale", add_special_tokens=False).ids
+    end_ids = left.encode_batch(["finale"], "raw", add_special_tokens=False)[0].ids
     ids = p.units[0].ids.tolist()
     assert ids[-1 - len(end_ids) : -1] == end_ids  # the end survived, the start was cut
     assert p.truncated == [True]
+
+
+def test_tokenizer_modes_race_free(fp32: Reranker) -> None:
+    """One shared tokenizer, reconfigured per truncation mode: threads mixing modes must each get
+    exactly what they get alone (no cross-talk of truncation settings, no 'already borrowed')."""
+    m = fp32.model
+    long_doc = "lorem ipsum dolor " * 200
+    jobs = [
+        lambda: [u.ids.tolist() for u in m.prepare_pairs("q", [long_doc, "d"]).units],
+        lambda: [u.ids.tolist() for u in m.prepare_pairs("q", [long_doc], long_documents="window").units],
+        lambda: [u.ids.tolist() for u in m.prepare_pairs("q " * 300, ["d"]).units],
+        lambda: [e.ids for e in m.encode_batch([long_doc], "raw")],
+    ]
+    alone = [job() for job in jobs]
+    assert len(alone[3][0]) > m.max_length  # raw really is untruncated
+    with ThreadPoolExecutor(8) as ex:
+        futures = [(i % 4, ex.submit(jobs[i % 4])) for i in range(64)]
+        for k, f in futures:
+            assert f.result() == alone[k]
 
 
 def test_forward_thread_safe(fp32: Reranker) -> None:

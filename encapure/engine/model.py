@@ -95,15 +95,18 @@ class OnnxModel:
             tok_path = tok_path / "tokenizer.json"
         if not tok_path.is_file():
             raise ModelError(f"tokenizer file {tok_path} not found (a tokenizer.json is required)")
-        self._tokenizer_json = tok_path.read_text(encoding="utf-8")
-        self._tokenizers: dict[str, Tokenizer] = {}
+        # One tokenizer per model, reconfigured per truncation mode under a lock: a Tokenizer holds its
+        # whole vocabulary (XLM-R's 250k-piece Unigram trie is ~280 MB), so one instance per mode
+        # cost bge-reranker-v2-m3 ~0.8 GB of RSS. Tokenizing is a few % of a request's time.
+        self._tok = Tokenizer.from_file(str(tok_path))
+        self._tok.no_padding()
+        self._tok_mode: str | None = None
         self._tok_lock = threading.Lock()
-        base = self._tokenizer("single")
-        self._pair_specials = base.num_special_tokens_to_add(True)
-        self._single_specials = base.num_special_tokens_to_add(False)
+        self._pair_specials = self._tok.num_special_tokens_to_add(True)
+        self._single_specials = self._tok.num_special_tokens_to_add(False)
 
         mpath = Path(model_path) if model_path else self.folder / manifest.model_file
-        self.session = session if session is not None else create_session(mpath, self.settings)
+        self.session = session if session is not None else create_session(mpath, self.settings, precision=manifest.precision)
         self._check_io()
         self._use_type_ids = "token_type_ids" in manifest.input_names
         self._use_mask = "attention_mask" in manifest.input_names
@@ -131,38 +134,46 @@ class OnnxModel:
         return [f"LABEL_{i}" for i in range(self.output_dim)]
 
     # --- setup helpers ------------------------------------------------------------------------
-    def _tokenizer(self, mode: str) -> Tokenizer:
-        """Immutable tokenizer per truncation mode.
+    def encode_batch(
+        self, items: list[Any], mode: str = "raw", *, add_special_tokens: bool = True
+    ) -> list[Encoding]:
+        """Tokenize under one of the truncation modes: raw (none), single, pair, pair_both, pair_window.
 
-        Truncation settings are mutable state of a ``Tokenizer``; giving each mode its own instance
-        (configured once, never touched again) keeps concurrent ``prepare`` calls race-free.
+        Truncation is mutable state of the shared ``Tokenizer`` (and tokenizers refuses a
+        reconfiguration while another thread encodes), so setting it and encoding happen under
+        one lock.
         """
-        tok = self._tokenizers.get(mode)
-        if tok is not None:
-            return tok
         with self._tok_lock:
-            tok = self._tokenizers.get(mode)
-            if tok is not None:
-                return tok
-            tok = Tokenizer.from_str(self._tokenizer_json)
-            tok.no_padding()
-            side = self.truncation_side
-            if mode == "single":
-                tok.enable_truncation(self._max_length, strategy="longest_first", direction=side)
-            elif mode == "pair":  # the document gives way, the query stays whole
-                tok.enable_truncation(self._max_length, strategy="only_second", direction=side)
-            elif mode == "pair_both":  # the query alone is too long: both are cut
-                tok.enable_truncation(self._max_length, strategy="longest_first", direction=side)
-            elif mode == "pair_window":
-                tok.enable_truncation(
-                    self._max_length, strategy="only_second", direction="right", stride=self.window_overlap
-                )
-            elif mode == "raw":
-                tok.no_truncation()
-            else:  # pragma: no cover
-                raise ValueError(mode)
-            self._tokenizers[mode] = tok
-            return tok
+            if mode != self._tok_mode:
+                self._configure_truncation(mode)
+            return self._tok.encode_batch(items, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
+        with self._tok_lock:
+            return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size())
+
+    def _configure_truncation(self, mode: str) -> None:
+        tok = self._tok
+        side = self.truncation_side
+        if mode == "single":
+            tok.enable_truncation(self._max_length, strategy="longest_first", direction=side)
+        elif mode == "pair":  # the document gives way, the query stays whole
+            tok.enable_truncation(self._max_length, strategy="only_second", direction=side)
+        elif mode == "pair_both":  # the query alone is too long: both are cut
+            tok.enable_truncation(self._max_length, strategy="longest_first", direction=side)
+        elif mode == "pair_window":
+            tok.enable_truncation(
+                self._max_length, strategy="only_second", direction="right", stride=self.window_overlap
+            )
+        elif mode == "raw":
+            tok.no_truncation()
+        else:
+            raise ValueError(mode)
+        self._tok_mode = mode
 
     def _check_io(self) -> None:
         m = self.manifest
@@ -265,8 +276,8 @@ class OnnxModel:
                             truncated=[], options=options)
         # Which queries are too long to keep whole? Encode each distinct query once.
         distinct = list(dict.fromkeys(queries))
-        q_lens = dict(zip(distinct, (len(e.ids) for e in self._tokenizer("raw").encode_batch(
-            distinct, add_special_tokens=False)), strict=True))
+        q_lens = dict(zip(distinct, (len(e.ids) for e in self.encode_batch(
+            distinct, "raw", add_special_tokens=False)), strict=True))
         room = self._max_length - self._pair_specials
         long_q = np.fromiter((q_lens[q] >= room for q in queries), dtype=bool, count=n)
 
@@ -274,13 +285,13 @@ class OnnxModel:
         window = long_documents == "window"
         normal_idx = np.flatnonzero(~long_q).tolist()
         if normal_idx:
-            tok = self._tokenizer("pair_window" if window else "pair")
-            encs = tok.encode_batch([(queries[i], docs[i]) for i in normal_idx])
+            encs = self.encode_batch([(queries[i], docs[i]) for i in normal_idx],
+                                     "pair_window" if window else "pair")
             for i, e in zip(normal_idx, encs, strict=True):
                 encodings[i] = e
         long_idx = np.flatnonzero(long_q).tolist()
         if long_idx:
-            encs = self._tokenizer("pair_both").encode_batch([(queries[i], docs[i]) for i in long_idx])
+            encs = self.encode_batch([(queries[i], docs[i]) for i in long_idx], "pair_both")
             for i, e in zip(long_idx, encs, strict=True):
                 encodings[i] = e
 
@@ -350,7 +361,7 @@ class OnnxModel:
         if n == 0:
             return Prepared(units=[], owners=np.zeros(0, dtype=np.int64), n_inputs=0, tokens=[],
                             truncated=[], options=options)
-        encs = self._tokenizer("single").encode_batch(items)
+        encs = self.encode_batch(items, "single")
         units = [self._unit(e) for e in encs]
         truncated = [bool(e.overflowing) for e in encs]
         if not truncate and any(truncated):

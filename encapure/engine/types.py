@@ -142,6 +142,15 @@ class InferenceModel(Protocol):
     @property
     def max_length(self) -> int: ...
 
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode_batch(self, items: list[Any], mode: str = "raw", *, add_special_tokens: bool = True) -> list[Any]:
+        """The model's own tokenizer; mode: raw (no truncation), single, pair, pair_both, pair_window."""
+        ...
+
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str: ...
+
     def prepare_pairs(
         self,
         query: str,

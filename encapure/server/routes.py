@@ -312,43 +312,16 @@ async def rerank_v2(body: CohereV2RerankRequest, request: Request) -> Response:
 
 
 # --- embeddings ---------------------------------------------------------------------------------
-def _tokenizer(model: InferenceModel) -> Any:
-    """The model's ``tokenizers.Tokenizer`` (public attribute if the engine has one, else its file)."""
-    tok = getattr(model, "tokenizer", None)
-    if tok is not None and hasattr(tok, "encode_batch"):
-        return tok
-    cached = _TOKENIZERS.get(id(model))
-    if cached is None:
-        from tokenizers import Tokenizer
-
-        text = getattr(model, "_tokenizer_json", None)
-        if text is not None:
-            cached = Tokenizer.from_str(text)
-        else:
-            folder = getattr(model, "folder", None)
-            if folder is None:
-                raise InvalidInputError(f"model {model.name!r} does not expose its tokenizer")
-            cached = Tokenizer.from_file(str(folder / model.manifest.tokenizer_file))
-        cached.no_truncation()
-        cached.no_padding()
-        _TOKENIZERS[id(model)] = cached
-    return cached
-
-
-_TOKENIZERS: dict[int, Any] = {}
-
-
 def _decode_ids(model: InferenceModel, batches: list[list[int]]) -> list[str]:
     """Token-id input is in the model's own vocabulary; we decode it and tokenize again, which gives
     the same ids back for ids the tokenizer itself produced."""
-    tok = _tokenizer(model)
-    vocab = tok.get_vocab_size() if hasattr(tok, "get_vocab_size") else None
+    vocab = model.vocab_size
     for ids in batches:
         if not ids:
             raise InvalidInputError("input: an empty list of token ids")
-        if vocab is not None and (min(ids) < 0 or max(ids) >= vocab):
+        if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidInputError(f"input: token ids must lie in [0, {vocab}) for model {model.name!r}")
-    return [tok.decode(ids, skip_special_tokens=True) for ids in batches]
+    return [model.decode(ids, skip_special_tokens=True) for ids in batches]
 
 
 async def _embed(
@@ -519,10 +492,9 @@ async def tei_tokenize(body: TEITokenizeRequest, request: Request) -> Response:
     _, model = pick_model(state, body.model, ("rerank", "embed", "classify"), "/tokenize")
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     _check_batch(state, len(texts), "inputs")
-    tok = _tokenizer(model)
 
     def work() -> list[list[dict[str, Any]]]:
-        encs = tok.encode_batch(texts, add_special_tokens=body.add_special_tokens)
+        encs = model.encode_batch(texts, "raw", add_special_tokens=body.add_special_tokens)
         out = []
         for text, enc in zip(texts, encs, strict=True):
             toks = []
