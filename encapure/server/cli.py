@@ -43,6 +43,10 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--threads-per-worker", type=int, help="ONNX Runtime threads per worker (0: cores / workers)"
     )
+    p.add_argument(
+        "--prepacking", action=argparse.BooleanOptionalAction,
+        help="let ONNX Runtime pre-pack weights (faster, a second copy in memory; unset: off for int4 only)",
+    )
     p.add_argument("--max-concurrent-requests", type=int)
     p.add_argument("--max-queued-items", type=int)
     p.add_argument(
