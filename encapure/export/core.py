@@ -35,7 +35,7 @@ from encapure.export.progress import Progress
 from encapure.manifest import MANIFEST_NAME, Manifest
 
 # Bump when the exporter's output changes (the test fixture cache keys on it).
-EXPORT_VERSION = "3"
+EXPORT_VERSION = "4"
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 
 
