@@ -442,7 +442,10 @@ class Bench:
         wf = self.tmp / "wl-embed.json"
         wf.write_text(json.dumps([{"query": None, "texts": r.texts, "key": str(r.key)} for r in wl.requests]))
         ref_rows = []
+        # fp32 beside int8 in-process: what the accuracy-first int8 recipe buys (or costs) in speed.
+        fp32 = None if p.quick else self.export("embedder", "fp32")
         for name, kind, model in [("engine-embed-int8", "engine", str(int8) if int8 else None),
+                                  ("engine-embed-fp32", "engine", str(fp32) if fp32 else None),
                                   ("st-embed-inproc", "st", str(emb_src))]:
             if model is None:
                 continue
