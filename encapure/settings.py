@@ -52,10 +52,11 @@ class Settings(BaseSettings):
     threads_per_worker: int = 0  # 0: all cores / workers
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     memory_arena: bool = True
-    # ORT pre-packs constant weights into kernel layouts, keeping a second copy of each weight. None
-    # (auto): off for int4 models, whose point is memory (bge-reranker-v2-m3 int4: 565 -> 414 MB RSS
-    # after load, 8x64-token latency 2.0 -> 2.5 s at 2 threads), on for everything else.
-    prepacking: bool | None = None
+    # ORT pre-packs constant weights into kernel layouts. Off saves memory only for one bare session:
+    # bge-reranker-v2-m3 int4 at 2 threads 595 -> 443 MB after load, but 8x64-token latency 1.9 ->
+    # 2.6 s; in the engine (2 single-thread workers) int4 without it grows to 1040 MB after a warm-up
+    # request instead of 887 MB (weights are unpacked per run), so it stays on unless asked.
+    prepacking: bool = True
 
     # --- batching ---------------------------------------------------------------------------
     # Measured on a 2-core AVX2 CPU (WikiQA, c=16, int8): 16384/64 ran at 0.87x a naive one-request-per-run

@@ -165,18 +165,17 @@ def test_session_options_and_provider_fallback(caplog: pytest.LogCaptureFixture)
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     assert so.enable_cpu_mem_arena is False
     assert session_options(Settings(workers=2, threads_per_worker=0)).intra_op_num_threads >= 1
-    # Weight pre-packing: auto = off for int4 only; an explicit setting wins either way.
+    # Weight pre-packing: on unless switched off.
     key = "session.disable_prepacking"
 
-    def prepack_off(settings: Settings, precision: str) -> bool:
+    def prepack_off(settings: Settings) -> bool:
         try:
-            return session_options(settings, precision=precision).get_session_config_entry(key) == "1"
+            return session_options(settings).get_session_config_entry(key) == "1"
         except RuntimeError:  # ORT: no such entry
             return False
 
-    assert prepack_off(Settings(), "int4") and not prepack_off(Settings(), "int8")
-    assert not prepack_off(Settings(prepacking=True), "int4")
-    assert prepack_off(Settings(prepacking=False), "fp32")
+    assert not prepack_off(Settings())
+    assert prepack_off(Settings(prepacking=False))
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has CUDA; the fallback path cannot be shown")
     with caplog.at_level("WARNING"):

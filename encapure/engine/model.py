@@ -106,7 +106,7 @@ class OnnxModel:
         self._single_specials = self._tok.num_special_tokens_to_add(False)
 
         mpath = Path(model_path) if model_path else self.folder / manifest.model_file
-        self.session = session if session is not None else create_session(mpath, self.settings, precision=manifest.precision)
+        self.session = session if session is not None else create_session(mpath, self.settings)
         self._check_io()
         self._use_type_ids = "token_type_ids" in manifest.input_names
         self._use_mask = "attention_mask" in manifest.input_names

@@ -58,9 +58,7 @@ def resolve_providers(requested: list[str]) -> list[str]:
     return out
 
 
-def session_options(
-    settings: Settings, *, intra_threads: int | None = None, precision: str | None = None
-) -> ort.SessionOptions:
+def session_options(settings: Settings, *, intra_threads: int | None = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.intra_op_num_threads = intra_threads if intra_threads is not None else settings.resolved_threads()
     so.inter_op_num_threads = 1  # transformer graphs are one chain; parallel branches gain nothing
@@ -73,8 +71,7 @@ def session_options(
     # steal cycles from the other workers on a small machine.
     if so.intra_op_num_threads == 1 or settings.workers > 1:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    prepack = settings.prepacking if settings.prepacking is not None else precision != "int4"
-    if not prepack:
+    if not settings.prepacking:
         so.add_session_config_entry("session.disable_prepacking", "1")
     return so
 
@@ -84,7 +81,6 @@ def create_session(
     settings: Settings | None = None,
     *,
     intra_threads: int | None = None,
-    precision: str | None = None,
 ) -> ort.InferenceSession:
     """Open ``model_path`` with the session options and providers of ``settings``."""
     settings = settings or Settings()
@@ -92,7 +88,7 @@ def create_session(
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
     providers = resolve_providers(list(settings.providers))
-    so = session_options(settings, intra_threads=intra_threads, precision=precision)
+    so = session_options(settings, intra_threads=intra_threads)
     provider_options: list[dict[str, Any]] = [{} for _ in providers]
     try:
         sess = ort.InferenceSession(os.fspath(path), sess_options=so, providers=providers,

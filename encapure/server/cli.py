@@ -45,7 +45,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--prepacking", action=argparse.BooleanOptionalAction,
-        help="let ONNX Runtime pre-pack weights (faster, a second copy in memory; unset: off for int4 only)",
+        help="let ONNX Runtime pre-pack weights into kernel layouts (faster; off saves memory only in rare setups)",
     )
     p.add_argument("--max-concurrent-requests", type=int)
     p.add_argument("--max-queued-items", type=int)
