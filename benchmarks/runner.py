@@ -93,9 +93,10 @@ class Plan:
                        open_loop_s=2.0, map_questions=30, inproc_s=1.5, inproc_workloads=["wikiqa"],
                        emb_concurrencies=[16], headline=False, headline_c1_s=8.0, headline_c8_s=10.0,
                        profile_s=3.0, precisions=["int8"], peers=["infinity-torch"])
-        # ~20 min: a cell's cost is dominated by draining in-flight requests (latency ~ concurrency x
-        # docs / throughput) after each half, so the synthetic workloads run at c=16.
-        return cls(quick=False, cell_s=4.0, concurrencies=[1, 8, 32, 100], synth_concurrency=16,
+        # < 20 min (21.5 min with 4 s cells and synthetic at c=16): a cell's cost is dominated by
+        # draining in-flight requests (latency ~ concurrency x docs / throughput) after each half,
+        # so the synthetic workloads run at c=8.
+        return cls(quick=False, cell_s=3.0, concurrencies=[1, 8, 32, 100], synth_concurrency=8,
                    synth=["short", "long", "mix"], open_loop_s=6.0, map_questions=None, inproc_s=5.0,
                    inproc_workloads=["wikiqa", "mix"], emb_concurrencies=[1, 16],
                    headline=True, headline_c1_s=10.0, headline_c8_s=15.0, profile_s=8.0,
