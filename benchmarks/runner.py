@@ -30,7 +30,6 @@ from benchmarks.models import (
     RERANKER_FIXTURE,
     ROOT,
     WIKIQA_TEST,
-    WORK,
     embedder_source,
     ensure_export,
     export_seconds,
@@ -532,7 +531,7 @@ class Bench:
                     self.inproc_phase(dirs)
                 elif ph == "embed":
                     self.embed_phase()
-                elif ph == "headline" and (p.headline or (not p.quick and _cached_headline()) or "headline" in p.only):
+                elif ph == "headline" and (p.headline or "headline" in p.only):
                     self.headline_phase()
             except Exception as e:
                 self.problem(f"phase {ph}", traceback.format_exc())
@@ -543,10 +542,6 @@ class Bench:
         self.r["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         shutil.rmtree(self.tmp, ignore_errors=True)
         return self.r
-
-
-def _cached_headline() -> bool:
-    return all((WORK / "models" / f"bge-m3-{p}" / ".complete").exists() for p in ("int8", "int4"))
 
 
 def _frame(f: str) -> str:

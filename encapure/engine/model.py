@@ -103,7 +103,6 @@ class OnnxModel:
         self._tok_mode: str | None = None
         self._tok_lock = threading.Lock()
         self._pair_specials = self._tok.num_special_tokens_to_add(True)
-        self._single_specials = self._tok.num_special_tokens_to_add(False)
 
         mpath = Path(model_path) if model_path else self.folder / manifest.model_file
         self.session = session if session is not None else create_session(mpath, self.settings)
@@ -154,7 +153,8 @@ class OnnxModel:
 
     @property
     def vocab_size(self) -> int:
-        return int(self._tok.get_vocab_size())
+        with self._tok_lock:  # a read must not overlap a reconfiguration either
+            return int(self._tok.get_vocab_size())
 
     def _configure_truncation(self, mode: str) -> None:
         tok = self._tok
