@@ -12,8 +12,8 @@ import pytest
 from conftest import RERANKER_FIXTURE, WIKIQA_TEST, need
 
 from encapure.engine import InferenceModel, OnnxModel, Reranker, load_model
-from encapure.engine.datasets import load_dataset
-from encapure.engine.evaluate import evaluate_reranker
+from encapure.evaluation.datasets import load_dataset
+from encapure.evaluation.run import evaluate_reranker
 from encapure.errors import InvalidInputError, WrongTaskError
 from encapure.settings import Settings
 

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import WIKIQA_TEST, need
 
 from encapure.cli import main
-from encapure.engine.datasets import load_dataset
-from encapure.engine.metrics import average_precision, evaluate, ndcg_at, precision_at, reciprocal_rank
 from encapure.errors import InvalidInputError
+from encapure.evaluation.datasets import QueryGroup, load_dataset, mixed_texts, pairs, text_pool
+from encapure.evaluation.ranking import (
+    average_precision,
+    evaluate,
+    evaluate_flat,
+    ndcg_at,
+    precision_at,
+    reciprocal_rank,
+    split_flat,
+)
 
 
 def test_average_precision_by_hand() -> None:
@@ -49,6 +60,17 @@ def test_evaluate_skips_queries_without_positives() -> None:
         evaluate([([1], [0.1, 0.2])])
 
 
+def test_flat_scores_are_cut_per_query() -> None:
+    labels = [[1, 0], [0, 0, 0], [0, 1]]
+    flat = [0.9, 0.1, 0.3, 0.2, 0.1, 0.9, 0.1]
+    assert [s.tolist() for s in split_flat(flat, labels)] == [[0.9, 0.1], [0.3, 0.2, 0.1], [0.9, 0.1]]
+    m = evaluate_flat(labels, np.asarray(flat))
+    assert (m.map, m.queries, m.skipped) == (pytest.approx(0.75), 2, 1)
+    assert evaluate_flat([], []).queries == 0
+    with pytest.raises(ValueError, match="scores"):
+        split_flat(flat[:-1], labels)
+
+
 def test_wikiqa_loads_directly() -> None:
     groups = load_dataset(need(WIKIQA_TEST))
     assert len(groups) == 243
@@ -56,6 +78,22 @@ def test_wikiqa_loads_directly() -> None:
     assert groups[0].qid == "Q0" and groups[0].query.startswith("HOW AFRICAN AMERICANS")
     assert all(len(g.documents) == len(g.labels) for g in groups)
     assert all(any(label > 0 for label in g.labels) for g in groups)
+
+
+def test_pairs_and_text_pool_keep_file_order() -> None:
+    groups = [QueryGroup("q1", ["a", "b"], [1, 0], "1"), QueryGroup("q2", ["c"], [0], "2"),
+              QueryGroup("q1", ["d"], [1], "3")]
+    assert pairs(groups) == [("q1", "a"), ("q1", "b"), ("q2", "c"), ("q1", "d")]
+    assert text_pool(groups) == (["q1", "q2"], ["a", "b", "c", "d"])
+
+
+def test_mixed_texts_are_repeatable_and_varied() -> None:
+    groups = load_dataset(need(WIKIQA_TEST))
+    texts = mixed_texts(groups, 30, np.random.default_rng(0))
+    assert texts == mixed_texts(groups, 30, np.random.default_rng(0))
+    queries, docs = text_pool(groups)
+    assert len(texts) == 30 and set(texts[:10]) <= set(queries) and set(texts[10:20]) <= set(docs)
+    assert all(len(t) > max(len(d) for d in docs if t.startswith(d)) for t in texts[20:])  # passages
 
 
 def test_plain_tsv_jsonl_and_beir(tmp_path: Path) -> None:
@@ -111,3 +149,10 @@ def test_eval_command(reranker_fp32_dir: Path, capsys: pytest.CaptureFixture[str
     assert rc == 0 and "MAP" in out and "NDCG@10" in out and "pairs/s" in out
     assert main(["eval", str(tmp_path), "--dataset", str(need(WIKIQA_TEST))]) == 2  # not a model: one-line error
     assert "error" in capsys.readouterr().err
+
+
+def test_engine_does_not_import_evaluation() -> None:
+    """Evaluation sits above the engine: loading the engine must not pull it in."""
+    code = "import sys, encapure.engine, encapure.engine.api; print(any(m.startswith('encapure.evaluation') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

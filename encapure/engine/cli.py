@@ -39,8 +39,8 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from encapure.engine.api import Reranker
-    from encapure.engine.datasets import load_dataset
-    from encapure.engine.evaluate import evaluate_reranker
+    from encapure.evaluation.datasets import load_dataset
+    from encapure.evaluation.run import evaluate_reranker
 
     given: dict[str, Any] = {}
     for flag, field in (("threads", "threads_per_worker"), ("workers", "workers"), ("max_length", "max_length"),

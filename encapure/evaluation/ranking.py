@@ -1,5 +1,8 @@
 """Ranking metrics, pure functions (no model, no I/O) so they can be tested against hand counts.
 
+The one MAP/MRR/P@1/NDCG implementation of the project: ``encapure eval``, the benchmarks, the
+tests and the experiments all rank through here, so their numbers are comparable.
+
 Conventions (the usual TREC / WikiQA ones):
 - candidates are ranked by score descending; ties keep the candidates' input order (stable sort),
   so results never depend on sort implementation details;
@@ -88,3 +91,17 @@ def evaluate(per_query: Sequence[tuple[Sequence[float] | np.ndarray, Sequence[fl
         return float(sum(x) / len(x)) if x else math.nan
 
     return RankingMetrics(mean(aps), mean(rrs), mean(p1s), mean(ndcgs), len(aps), skipped)
+
+
+def split_flat(scores: Sequence[float] | np.ndarray, labels_per_query: Sequence[Sequence[float]]) -> list[np.ndarray]:
+    """Cuts one flat score array (all queries' candidates, query after query) into per-query arrays."""
+    flat = np.asarray(scores)
+    sizes = [len(labels) for labels in labels_per_query]
+    if flat.shape[0] != sum(sizes):
+        raise ValueError(f"{flat.shape[0]} scores for {sum(sizes)} candidates")
+    return np.split(flat, np.cumsum(sizes)[:-1]) if sizes else []
+
+
+def evaluate_flat(labels_per_query: Sequence[Sequence[float]], scores: Sequence[float] | np.ndarray) -> RankingMetrics:
+    """``evaluate`` for scores returned flat, the way a batch scorer returns all pairs of a dataset."""
+    return evaluate(list(zip(labels_per_query, split_flat(scores, labels_per_query), strict=True)))

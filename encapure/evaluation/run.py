@@ -1,4 +1,8 @@
-"""Quality and throughput of a reranker on a labelled dataset (what ``encapure eval`` prints)."""
+"""Quality and throughput of a reranker on a labelled dataset (what ``encapure eval`` prints).
+
+Evaluation sits above the engine: it drives a ``Reranker`` like any caller would, and the engine
+imports nothing from here.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from encapure.engine.api import Reranker
-from encapure.engine.datasets import QueryGroup
-from encapure.engine.metrics import RankingMetrics, evaluate
+from encapure.evaluation.datasets import QueryGroup
+from encapure.evaluation.ranking import RankingMetrics, evaluate_flat, split_flat
 
 
 @dataclass
@@ -26,8 +30,12 @@ class EvalResult:
         return self.pairs / self.seconds if self.seconds > 0 else float("nan")
 
 
-def score_groups(reranker: Reranker, groups: list[QueryGroup], *, chunk: int = 4096) -> tuple[list[np.ndarray], int, int]:
-    """Scores per group; all pairs go through the batcher together so batches fill up."""
+def score_groups(reranker: Reranker, groups: list[QueryGroup], *, chunk: int = 4096) -> tuple[np.ndarray, int, int]:
+    """Raw scores of all pairs, flat in group order, plus tokens and truncated pairs.
+
+    All pairs go through the batcher together (in chunks, to bound memory) so batches fill up the
+    way they do under load, instead of one small batch per query.
+    """
     pairs = [(g.query, d) for g in groups for d in g.documents]
     scores = np.empty(len(pairs), dtype=np.float32)
     tokens = truncated = 0
@@ -38,17 +46,14 @@ def score_groups(reranker: Reranker, groups: list[QueryGroup], *, chunk: int = 4
         scores[start : start + len(prepared.tokens)] = out.scores  # type: ignore[union-attr]
         tokens += prepared.total_tokens
         truncated += sum(prepared.truncated)
-    per_group = []
-    pos = 0
-    for g in groups:
-        per_group.append(scores[pos : pos + len(g.documents)])
-        pos += len(g.documents)
-    return per_group, tokens, truncated
+    return scores, tokens, truncated
 
 
 def evaluate_reranker(reranker: Reranker, groups: list[QueryGroup]) -> EvalResult:
+    """Scores every group's candidates and ranks them; the time covers tokenizing and inference."""
     t0 = time.perf_counter()
-    per_group, tokens, truncated = score_groups(reranker, groups)
+    scores, tokens, truncated = score_groups(reranker, groups)
     seconds = time.perf_counter() - t0
-    metrics = evaluate([(g.labels, s) for g, s in zip(groups, per_group, strict=True)])
-    return EvalResult(metrics, sum(len(g.documents) for g in groups), tokens, truncated, seconds, per_group)
+    labels = [g.labels for g in groups]
+    metrics = evaluate_flat(labels, scores)
+    return EvalResult(metrics, len(scores), tokens, truncated, seconds, split_flat(scores, labels))

@@ -9,6 +9,9 @@ Formats read (detected from the path):
   headerless 3-column ``query<TAB>document<TAB>label`` TSV;
 - a JSONL of ``{"query", "document", "label"}`` rows (``passage``/``text`` accepted for the document)
   or of grouped ``{"query", "documents": [...], "labels": [...]}`` rows.
+
+This is the project's one reader of these formats: benchmarks, scripts, experiments and tests take
+their WikiQA pairs, labels and texts from here rather than parsing the TSV themselves.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from encapure.errors import InvalidInputError
 
@@ -38,6 +43,7 @@ class QueryGroup:
 
 
 def load_dataset(path: str | Path, *, split: str = "test", negatives: int = 20, seed: int = 0) -> list[QueryGroup]:
+    """Query groups in file order (groups by query id, else by query text); see the module doc for formats."""
     p = Path(path).expanduser()
     if p.is_dir():
         return _load_beir(p, split=split, negatives=negatives, seed=seed)
@@ -167,3 +173,29 @@ def _load_beir(folder: Path, *, split: str, negatives: int, seed: int) -> list[Q
                 docs[did] = 0.0
         groups.append(QueryGroup(queries[qid], [corpus[d] for d in docs], list(docs.values()), qid))
     return groups
+
+
+def pairs(groups: list[QueryGroup]) -> list[tuple[str, str]]:
+    """(query, document) of every candidate, group after group: the flat order scores are split back in."""
+    return [(g.query, d) for g in groups for d in g.documents]
+
+
+def text_pool(groups: list[QueryGroup]) -> tuple[list[str], list[str]]:
+    """Distinct queries and all documents, in file order: raw material for texts of varied lengths."""
+    return list(dict.fromkeys(g.query for g in groups)), [d for g in groups for d in g.documents]
+
+
+def mixed_texts(groups: list[QueryGroup], n: int, rng: np.random.Generator, *, max_run: int = 14) -> list[str]:
+    """``n`` texts from a few tokens to past a 256-token limit, so int8 and padding effects show.
+
+    A third queries, a third single documents, the rest runs of 2..``max_run``-1 consecutive documents
+    (passages). ``rng`` is the caller's so a measurement keeps its own, repeatable draw.
+    """
+    queries, docs = text_pool(groups)
+    texts = [queries[i] for i in rng.choice(len(queries), n // 3, replace=False)]
+    texts += [docs[i] for i in rng.choice(len(docs), n // 3, replace=False)]
+    while len(texts) < n:
+        k = int(rng.integers(2, max_run))
+        start = int(rng.integers(0, len(docs) - k))
+        texts.append(" ".join(docs[start : start + k]))
+    return texts
