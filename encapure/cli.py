@@ -11,8 +11,11 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from encapure import __version__
 from encapure.errors import EncapureError
+from encapure.settings import describe_error
 
 _SUBCOMMAND_MODULES = (
     "encapure.export.cli",  # export
@@ -44,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EncapureError as e:
         print(f"encapure: error: {e.message}", file=sys.stderr)
         return 2 if e.status < 500 else 1
+    except ValidationError as e:  # a bad flag or ENCAPURE_* variable, caught when Settings parsed it
+        print(f"encapure: error: {describe_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("encapure: interrupted", file=sys.stderr)
         return 130

@@ -2,21 +2,34 @@
 
 Precedence: explicit arguments (CLI flags, constructor kwargs) > environment > defaults.
 The CLI builds ``Settings(**flags_given)`` so unset flags fall through to the environment.
+
+Every value is checked here, when it is parsed: a bad ``ENCAPURE_*`` variable or flag fails at
+start-up with the setting's name, not later inside the scheduler or the runtime. The flags of
+``encapure serve`` and the table in docs/api.md are generated from these fields
+(``python -m encapure.settings --markdown``), so a new setting is one new field.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
+import types
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_RERANKER = "BAAI/bge-reranker-v2-m3"
 
 Precision = Literal["fp32", "fp16", "int8", "int4"]
+# The one list of precisions: CLI choices, export checks and the docs all read it.
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
 def default_cache_dir() -> Path:
@@ -25,63 +38,131 @@ def default_cache_dir() -> Path:
     return base / "encapure"
 
 
+def _doc(default: str | None = None, *, flag: bool = True, metavar: str | None = None) -> dict[str, Any]:
+    """Extra field metadata for the flag generator: shown default, whether it is a CLI flag, metavar."""
+    out: dict[str, Any] = {"flag": flag}
+    if default is not None:
+        out["default_doc"] = default
+    if metavar is not None:
+        out["metavar"] = metavar
+    return out
+
+
 class Settings(BaseSettings):
     """Every tunable of the engine, scheduler and server."""
 
-    model_config = SettingsConfigDict(env_prefix="ENCAPURE_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="ENCAPURE_", extra="ignore", populate_by_name=True, validate_assignment=True
+    )
 
     # --- models ---------------------------------------------------------------------------
     # Repeatable on the CLI; in the environment a comma-separated list. "name=ID_OR_PATH" names a model.
-    model: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [DEFAULT_RERANKER])
-    precision: Precision = "int8"
+    model: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [DEFAULT_RERANKER],
+        min_length=1,
+        description="model to serve (repeatable): an exported folder, a Hugging Face folder or a hub id, "
+        "optionally NAME=...; offline, the default falls back to the local reranker fixture",
+        json_schema_extra=_doc(metavar="[NAME=]ID_OR_FOLDER"),
+    )
+    precision: Precision = Field(default="int8", description="precision of models exported on load")
     # ENCAPURE_CACHE is the documented name; ENCAPURE_CACHE_DIR (the prefixed field name) works too.
     cache_dir: Path = Field(
         default_factory=default_cache_dir,
         validation_alias=AliasChoices("cache_dir", "ENCAPURE_CACHE", "ENCAPURE_CACHE_DIR"),
+        description="where models exported on load are kept",
+        json_schema_extra=_doc("$XDG_CACHE_HOME/encapure or ~/.cache/encapure"),
     )
-    max_length: int | None = None  # None: the manifest's
-    providers: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["CPUExecutionProvider"])
-    truncation_side: Literal["left", "right"] = "right"  # which end of a too-long text is cut
-    window_overlap: int = 64  # tokens shared by neighbouring windows (long_documents="window")
+    max_length: int | None = Field(
+        default=None,
+        ge=1,
+        description="cap on tokens per input (never above the model's own limit)",
+        json_schema_extra=_doc("the model's"),
+    )
+    providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        min_length=1,
+        description="ONNX Runtime execution providers in order of preference (repeatable; cpu, cuda, "
+        "tensorrt, openvino, coreml, dml or full names); unavailable ones fall back to CPU",
+    )
+    truncation_side: Literal["left", "right"] = Field(
+        default="right", description="which end of a too-long text is cut"
+    )
+    window_overlap: int = Field(
+        default=64, ge=0, description='tokens shared by neighbouring windows (long_documents="window")'
+    )
 
     # --- runtime ----------------------------------------------------------------------------
     # Inference workers (threads sharing one ORT session). Measured on the 2-core dev machine
     # (scripts/bench_engine.py --sections threads): 2 single-thread workers beat one 2-thread run
     # for throughput, both for bulk scoring and for streams of small requests.
-    workers: int = 2
-    threads_per_worker: int = 0  # 0: all cores / workers
-    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
-    memory_arena: bool = True
+    workers: int = Field(default=2, ge=1, description="inference worker threads")
+    threads_per_worker: int = Field(
+        default=0,
+        ge=0,
+        description="ONNX Runtime threads per worker",
+        json_schema_extra=_doc("0 (cores / workers)"),
+    )
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        default="all", description="ONNX Runtime graph optimization level"
+    )
+    memory_arena: bool = Field(default=True, description="ONNX Runtime CPU memory arena and memory patterns")
     # ORT pre-packs constant weights into kernel layouts. Off saves memory only for one bare session:
     # bge-reranker-v2-m3 int4 at 2 threads 595 -> 443 MB after load, but 8x64-token latency 1.9 ->
     # 2.6 s; in the engine (2 single-thread workers) int4 without it grows to 1040 MB after a warm-up
     # request instead of 887 MB (weights are unpacked per run), so it stays on unless asked.
-    prepacking: bool = True
+    prepacking: bool = Field(
+        default=True,
+        description="let ONNX Runtime pre-pack weights into kernel layouts (faster; off saves memory "
+        "only in rare setups)",
+    )
 
     # --- batching ---------------------------------------------------------------------------
     # Measured on a 2-core AVX2 CPU (WikiQA, c=16, int8): 16384/64 ran at 0.87x a naive one-request-per-run
     # server; 4096/16 at 1.40x (1.63x on a wide length mix), 2048/8 at 1.42x (1.93x) with a slower c=1.
-    max_batch_tokens: int = 4096  # padded tokens (batch size x longest item) per batch
-    max_batch_size: int = 16
-    max_wait_ms: float = 2.0  # how long a partial batch waits for company
+    max_batch_tokens: int = Field(
+        default=4096, ge=1, description="padded tokens (batch size x longest item) per batch"
+    )
+    max_batch_size: int = Field(default=16, ge=1, description="items per batch")
+    max_wait_ms: float = Field(default=2.0, ge=0, description="how long a partial batch waits for company")
 
     # --- admission and deadlines -----------------------------------------------------------
-    max_concurrent_requests: int = 512
-    max_queued_items: int = 8192
-    admission_timeout_s: float = 0.5
-    request_timeout_s: float = 30.0
+    max_concurrent_requests: int = Field(
+        default=512, ge=1, description="requests admitted at once (more wait, then 503)"
+    )
+    max_queued_items: int = Field(default=8192, ge=1, description="inputs admitted at once (more wait, then 503)")
+    admission_timeout_s: float = Field(
+        default=0.5, ge=0, description="seconds a request may wait for capacity before 503"
+    )
+    request_timeout_s: float = Field(
+        default=30.0, ge=0, description="seconds before a request's queued work is dropped (503)"
+    )
     # Tests only: honour Prepared.options["fault"] = "fail_batch" | "kill_worker" | "slow:<ms>".
-    fault_injection: bool = False
+    fault_injection: bool = Field(
+        default=False, description="tests only: honour fault headers", json_schema_extra=_doc(flag=False)
+    )
 
     # --- HTTP ---------------------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    max_request_bytes: int = 8 * 1024 * 1024
-    max_client_batch_size: int = 1024
-    shutdown_timeout_s: float = 30.0
-    log_format: Literal["text", "json"] = "text"
-    log_level: str = "info"
+    host: str = Field(default="127.0.0.1", min_length=1, description="address to listen on")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    api_key: str | None = Field(
+        default=None,
+        description="require 'Authorization: Bearer KEY' (not on /health, /ready and the docs)",
+        json_schema_extra=_doc("none"),
+    )
+    max_request_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1,
+        description="largest request body (else 413)",
+        json_schema_extra=_doc("8388608 (8 MiB)"),
+    )
+    max_client_batch_size: int = Field(
+        default=1024, ge=1, description="most documents/texts in one request (else 413)"
+    )
+    shutdown_timeout_s: float = Field(
+        default=30.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM"
+    )
+    log_format: Literal["text", "json"] = Field(default="text", description="one line per event, as text or JSON")
+    log_level: LogLevel = Field(default="info", description="lowest level logged")
 
     @field_validator("model", "providers", mode="before")
     @classmethod
@@ -94,7 +175,141 @@ class Settings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: Any) -> Any:
+        """``LOG_LEVEL=INFO`` is how levels are usually written in environments."""
+        return value.lower() if isinstance(value, str) else value
+
     def resolved_threads(self) -> int:
         if self.threads_per_worker > 0:
             return self.threads_per_worker
         return max(1, (os.cpu_count() or 1) // max(1, self.workers))
+
+
+# --- flags, environment names and the docs table, all from the fields ------------------------------
+def _extra(field: FieldInfo) -> dict[str, Any]:
+    extra = field.json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
+def flag_fields() -> list[str]:
+    """Settings that are CLI flags, in declaration order."""
+    return [name for name, f in Settings.model_fields.items() if _extra(f).get("flag", True)]
+
+
+def flag_name(name: str) -> str:
+    """``admission_timeout_s`` -> ``--admission-timeout``: seconds are said by the help, not the flag."""
+    return "--" + name.removesuffix("_s").replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    """The documented environment variable of a setting (its first ``ENCAPURE_*`` alias, if any)."""
+    alias = Settings.model_fields[name].validation_alias
+    if isinstance(alias, AliasChoices):
+        for choice in alias.choices:
+            if isinstance(choice, str) and choice.startswith("ENCAPURE_"):
+                return choice
+    return f"ENCAPURE_{name.upper()}"
+
+
+def _base_type(annotation: Any) -> Any:
+    """``int | None`` -> ``int``: a flag is either given a value or absent."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def default_text(name: str) -> str:
+    field = Settings.model_fields[name]
+    shown = _extra(field).get("default_doc")
+    if shown is not None:
+        return str(shown)
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, names: Iterable[str] | None = None) -> None:
+    """Add one flag per setting; each flag's ``dest`` is the field name.
+
+    Flags default to ``argparse.SUPPRESS`` so only the ones given reach ``Settings(**given)`` and
+    the rest fall through to the environment. Types and choices come from the field's annotation.
+    """
+    for name in names if names is not None else flag_fields():
+        field = Settings.model_fields[name]
+        base = _base_type(field.annotation)
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(base) is list:
+            kwargs["action"] = "append"
+        elif get_origin(base) is Literal:
+            kwargs["choices"] = get_args(base)
+        else:
+            kwargs["type"] = base
+        if "choices" not in kwargs and kwargs.get("action") is not argparse.BooleanOptionalAction:
+            kwargs["metavar"] = _extra(field).get("metavar", flag_name(name)[2:].replace("-", "_").upper())
+        where = f"env {env_name(name)}; default {default_text(name)}"
+        kwargs["help"] = f"{field.description} ({where})" if field.description else where
+        parser.add_argument(flag_name(name), **kwargs)
+
+
+def settings_from_namespace(args: argparse.Namespace) -> Settings:
+    """``Settings`` from the flags that were given; the others come from the environment or defaults."""
+    fields = Settings.model_fields
+    return Settings(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+class DeprecatedFlag(argparse.Action):
+    """A renamed flag kept as a hidden alias: stores into the new ``dest`` and says the new name."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"encapure: warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line per bad setting, naming its flag and environment variable, for the CLI."""
+    lines = []
+    for err in error.errors():
+        loc = err.get("loc") or ("?",)
+        name = str(loc[0])
+        where = f"{flag_name(name)} / {env_name(name)}" if name in Settings.model_fields else name
+        lines.append(f"invalid setting {name} ({where}): {err['msg']}, got {err.get('input')!r}")
+    return "; ".join(lines)
+
+
+def markdown_table() -> str:
+    """The flag table of docs/api.md (kept in sync by tests/test_settings.py)."""
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for name in flag_fields():
+        field = Settings.model_fields[name]
+        flag = flag_name(name)
+        base = _base_type(field.annotation)
+        if base is bool:
+            flag = f"{flag}, --no-{flag[2:]}"
+        elif get_origin(base) is Literal:
+            flag = f"{flag} {{{','.join(str(c) for c in get_args(base))}}}"
+        desc = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{flag}` | `{env_name(name)}` | {default_text(name)} | {desc} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised by tests/test_settings.py via markdown_table
+    cli = argparse.ArgumentParser(prog="python -m encapure.settings", description=__doc__)
+    cli.add_argument("--markdown", action="store_true", help="print the flag table of docs/api.md")
+    if not cli.parse_args().markdown:
+        cli.print_help()
+        sys.exit(2)
+    sys.stdout.write(markdown_table())

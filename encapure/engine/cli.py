@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from encapure.settings import Settings
+from encapure.settings import PRECISIONS, DeprecatedFlag, Settings
 
 
 def register(subparsers: Any) -> None:
@@ -23,10 +23,13 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--dataset", required=True, metavar="PATH")
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="precision when MODEL must be exported first (default: ENCAPURE_PRECISION or int8)")
     p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads per worker")
+    p.add_argument("--threads-per-worker", type=int, default=None, help="ONNX Runtime threads per worker")
+    # The flag's old name; `serve` and the settings call it threads-per-worker.
+    p.add_argument("--threads", type=int, dest="threads_per_worker", action=DeprecatedFlag,
+                   new="--threads-per-worker")
     p.add_argument("--workers", type=int, default=None, help="batches run concurrently")
     p.add_argument("--max-batch-tokens", type=int, default=None)
     p.add_argument("--max-batch-size", type=int, default=None)
@@ -43,9 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from encapure.evaluation.run import evaluate_reranker
 
     given: dict[str, Any] = {}
-    for flag, field in (("threads", "threads_per_worker"), ("workers", "workers"), ("max_length", "max_length"),
-                        ("max_batch_tokens", "max_batch_tokens"), ("max_batch_size", "max_batch_size")):
-        value = getattr(args, flag)
+    for field in ("threads_per_worker", "workers", "max_length", "max_batch_tokens", "max_batch_size"):
+        value = getattr(args, field)
         if value is not None:
             given[field] = value
     settings = Settings(**given)

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from encapure.settings import PRECISIONS
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -17,11 +19,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("model", help="local Hugging Face model folder or hub id")
     p.add_argument("--output", "-o", required=True, type=Path, help="output folder")
     p.add_argument("--task", choices=["auto", "rerank", "embed", "classify"], default="auto")
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], default="int8")
+    p.add_argument("--precision", choices=PRECISIONS, default="int8")
     p.add_argument("--max-length", type=int, default=None, help="max tokens per input (default: from the model)")
     p.add_argument("--tokenizer", default=None, help="folder with the tokenizer when it is not beside the model")
     p.add_argument("--optimize", choices=["auto", "on", "off"], default="auto",
                    help="graph fusion: auto applies it where it measured faster for the precision")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="static int8 calibration data: JSONL with query/passage (or text) fields, or one text "
+                        "per line (default: the multilingual set shipped in encapure/data)")
     p.add_argument("--no-parity", action="store_true", help="skip the comparison with PyTorch")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     p.set_defaults(func=run)
@@ -41,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         optimize=args.optimize,
         check_parity=not args.no_parity,
         progress=not args.quiet,
+        calibration=args.calibration,
     )
     m = result.manifest
     print(f"exported {m.source} -> {result.output}")
