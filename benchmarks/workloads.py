@@ -1,12 +1,13 @@
 """Workloads: WikiQA-test-gold grouped by question (with MAP), synthetic length-controlled sets, embeddings.
 
+WikiQA is read and ranked by ``encapure.evaluation`` (the same reader and MAP as ``encapure eval``).
+
 Synthetic documents are cut from WikiQA words to an exact token count *of the model's own
 tokenizer*, so "8 docs x 64 tokens" means 64 tokens for the model under test.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import random
 from collections.abc import Sequence
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
+
+from encapure.evaluation import evaluate, load_dataset
 
 
 @dataclass
@@ -49,18 +52,8 @@ class Workload:
 
 def load_wikiqa(path: Path) -> Workload:
     """One request per question, its candidate sentences as documents, labels kept for MAP."""
-    groups: dict[str, Request] = {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        for row in reader:
-            qid = row["QuestionID"]
-            req = groups.get(qid)
-            if req is None:
-                req = groups[qid] = Request(texts=[], query=row["Question"], key=qid, labels=[])
-            req.texts.append(row["Sentence"])
-            assert req.labels is not None
-            req.labels.append(int(row["Label"]))
-    reqs = list(groups.values())
+    reqs = [Request(texts=list(g.documents), query=g.query, key=g.qid, labels=[int(x) for x in g.labels])
+            for g in load_dataset(path)]
     n_pairs = sum(r.items for r in reqs)
     return Workload(
         "wikiqa",
@@ -70,33 +63,16 @@ def load_wikiqa(path: Path) -> Workload:
     )
 
 
-def average_precision(scores: Sequence[float], labels: Sequence[int]) -> float | None:
-    """AP of one ranked list; None when it has no relevant document (excluded from MAP)."""
-    if sum(labels) == 0:
-        return None
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    hits = 0
-    total = 0.0
-    for rank, i in enumerate(order, start=1):
-        if labels[i] > 0:
-            hits += 1
-            total += hits / rank
-    return total / hits
-
-
 def mean_average_precision(workload: Workload, scores_by_key: dict[Any, Sequence[float]]) -> tuple[float, int]:
-    """MAP over the questions that have a positive and got an answer; also how many were scored."""
-    aps = []
-    for r in workload.requests:
-        if r.labels is None or r.key not in scores_by_key:
-            continue
-        s = scores_by_key[r.key]
-        if len(s) != len(r.labels):
-            continue
-        ap = average_precision(s, r.labels)
-        if ap is not None:
-            aps.append(ap)
-    return (sum(aps) / len(aps) if aps else float("nan")), len(aps)
+    """MAP over the questions that have a positive and got a complete answer; also how many were scored.
+
+    A system's responses are matched to questions by key; a missing or short answer leaves the
+    question out rather than counting as wrong (errors are reported separately).
+    """
+    answered = [(r.labels, scores_by_key[r.key]) for r in workload.requests
+                if r.labels is not None and r.key in scores_by_key and len(scores_by_key[r.key]) == len(r.labels)]
+    m = evaluate(answered)
+    return m.map, m.queries
 
 
 def answerable(workload: Workload) -> int:

@@ -20,9 +20,12 @@ import pytest
 # benchmarks/ is a top-level package of the repo, not part of the installed encapure package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from conftest import WIKIQA_TEST, need
+
 from benchmarks import loadgen
 from benchmarks.loadgen import HttpRequest
-from benchmarks.workloads import Request, Workload, average_precision, mean_average_precision
+from benchmarks.workloads import Request, Workload, load_wikiqa, mean_average_precision
+from encapure.evaluation import average_precision, load_dataset
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -104,10 +107,23 @@ def test_connection_errors_and_loopback_only() -> None:
         loadgen.LoadGenerator("http://10.0.0.1:80")
 
 
-def test_map() -> None:
-    assert average_precision([0.9, 0.1, 0.5], [0, 1, 1]) == pytest.approx((1 / 2 + 2 / 3) / 2)
-    assert average_precision([0.3], [0]) is None
+def test_map_of_responses_matched_by_key() -> None:
+    """The benchmark's MAP is encapure.evaluation's, over the questions that got a complete answer."""
+    assert average_precision([0, 1, 1], [0.9, 0.1, 0.5]) == pytest.approx((1 / 2 + 2 / 3) / 2)
     wl = Workload("t", "rerank", [Request(["a", "b"], "q", key=1, labels=[1, 0]),
-                                  Request(["c", "d"], "q", key=2, labels=[0, 1])])
-    mp, n = mean_average_precision(wl, {1: [0.9, 0.1], 2: [0.9, 0.1]})
+                                  Request(["c", "d"], "q", key=2, labels=[0, 1]),
+                                  Request(["e"], "q", key=3, labels=[0]),  # no positive: not scored
+                                  Request(["f", "g"], "q", key=4, labels=[1, 0]),  # short answer: left out
+                                  Request(["h", "i"], "q", key=5, labels=[0, 1])])  # no answer: left out
+    mp, n = mean_average_precision(wl, {1: [0.9, 0.1], 2: [0.9, 0.1], 3: [0.2], 4: [0.1]})
     assert n == 2 and mp == pytest.approx((1.0 + 0.5) / 2)
+    mp, n = mean_average_precision(wl, {})
+    assert n == 0 and mp != mp  # NaN: nothing answered
+
+
+def test_wikiqa_workload_is_the_evaluation_reader() -> None:
+    wl = load_wikiqa(need(WIKIQA_TEST))
+    groups = load_dataset(WIKIQA_TEST)
+    assert [(r.key, r.query, r.texts, r.labels) for r in wl.requests] == [
+        (g.qid, g.query, g.documents, g.labels) for g in groups]
+    assert wl.items == 2351 and len(wl.requests) == 243
