@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry
@@ -28,8 +28,11 @@ Phase = Literal["starting", "ready", "draining", "stopped", "failed"]
 
 
 class ServerState:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, models: Mapping[str, InferenceModel] | None = None) -> None:
+        """``models``: already loaded models to serve under these names instead of loading
+        ``settings.model`` (tests serve stand-in models this way, without any ONNX file)."""
         self.settings = settings
+        self._given = dict(models) if models is not None else None
         self.registry = CollectorRegistry()
         self.http_metrics = HttpMetrics(self.registry)
         self.sched_metrics = SchedulerMetrics(self.registry)
@@ -77,8 +80,11 @@ class ServerState:
 
         t0 = time.perf_counter()
         try:
-            for spec in parse_specs(self.settings):
-                spec, model, seconds = await asyncio.to_thread(load_spec, spec, self.settings)
+            if self._given is not None:
+                loaded = [(ModelSpec(name=n, source=m.manifest.source or n), m, 0.0) for n, m in self._given.items()]
+            else:
+                loaded = [await asyncio.to_thread(load_spec, s, self.settings) for s in parse_specs(self.settings)]
+            for spec, model, seconds in loaded:
                 self.models[spec.name] = model
                 self.specs[spec.name] = spec
                 self.load_seconds[spec.name] = seconds

@@ -1,18 +1,37 @@
-"""Run a real ``encapure serve`` process for tests and benchmarks (127.0.0.1, a free port)."""
+"""Servers for tests and benchmarks, from cheapest to most real.
+
+- ``InProcessServer``: the app over ``httpx.ASGITransport``, lifespan started: no socket, no process.
+- ``ThreadedServer``: the app under uvicorn in a thread on 127.0.0.1: real sockets and disconnects.
+- ``ServerProcess``: a real ``encapure serve`` process: signals, drain, exit status, model loading.
+
+The first two serve models you hand them (``ServerState(settings, models=...)``), e.g. stand-ins
+over a fake ONNX Runtime session; the last loads what its ``--model`` flags name.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
+import uvicorn
+
+from encapure.engine.types import InferenceModel
+from encapure.server.app import create_app
+from encapure.server.state import ServerState
+from encapure.settings import Settings
 
 
 def free_port() -> int:
@@ -105,6 +124,142 @@ class ServerProcess:
 
     def __enter__(self) -> ServerProcess:
         return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _auth(settings: Settings) -> dict[str, str]:
+    return {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+
+
+def _check_ready(state: ServerState) -> bool:
+    if state.phase == "failed":
+        raise RuntimeError("the server failed to load its models (see the log)")
+    return state.phase == "ready"
+
+
+class InProcessServer:
+    """The FastAPI app with its lifespan running, reached through ``httpx.ASGITransport``.
+
+    ``async with InProcessServer(models, settings) as srv:`` waits until the models are warm;
+    ``srv.client`` sends the API key when one is set, ``srv.new_client()`` sends what you give it.
+    The app runs on the caller's event loop, so requests, the scheduler and its workers are real.
+    """
+
+    def __init__(
+        self, models: Mapping[str, InferenceModel], settings: Settings | None = None, ready_timeout: float = 60.0
+    ) -> None:
+        self.settings = settings or Settings()
+        self.state = ServerState(self.settings, models=models)
+        self.app = create_app(self.settings, self.state)
+        self.ready_timeout = ready_timeout
+        self._lifespan: AbstractAsyncContextManager[Any] | None = None
+        self._clients: list[httpx.AsyncClient] = []
+        self.client: httpx.AsyncClient
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return _auth(self.settings)
+
+    def new_client(self, headers: dict[str, str] | None = None, timeout: float = 60.0) -> httpx.AsyncClient:
+        c = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app),
+            base_url="http://encapure.test",
+            headers=headers,
+            timeout=timeout,
+        )
+        self._clients.append(c)
+        return c
+
+    async def __aenter__(self) -> InProcessServer:
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        await self._lifespan.__aenter__()
+        end = time.monotonic() + self.ready_timeout
+        try:
+            while not _check_ready(self.state):
+                if time.monotonic() > end:
+                    raise TimeoutError(f"not ready after {self.ready_timeout} s (phase {self.state.phase})")
+                await asyncio.sleep(0.01)
+        except BaseException:
+            await self._lifespan.__aexit__(None, None, None)
+            raise
+        self.client = self.new_client(self.headers)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for c in self._clients:
+            await c.aclose()
+        assert self._lifespan is not None
+        await self._lifespan.__aexit__(et, e, tb)
+
+
+async def in_process(
+    models: Mapping[str, InferenceModel], settings: Settings | None = None
+) -> AsyncIterator[InProcessServer]:
+    """``InProcessServer`` as an async generator, for async pytest fixtures."""
+    async with InProcessServer(models, settings) as srv:
+        yield srv
+
+
+class ThreadedServer:
+    """uvicorn serving the app from a thread on 127.0.0.1 (a port bound up front, so no race).
+
+    Real TCP connections, streamed bodies and client disconnects, with the models you hand it;
+    not signals or the process's exit status (those need ``ServerProcess``).
+    """
+
+    def __init__(
+        self, models: Mapping[str, InferenceModel], settings: Settings | None = None, ready_timeout: float = 60.0
+    ) -> None:
+        self.settings = settings or Settings()
+        self.state = ServerState(self.settings, models=models)
+        self.app = create_app(self.settings, self.state)
+        self.ready_timeout = ready_timeout
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = int(self._sock.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            self.app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5
+        )
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._sock]}, name="encapure-test-server", daemon=True
+        )
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return _auth(self.settings)
+
+    def start(self) -> ThreadedServer:
+        self._thread.start()
+        end = time.monotonic() + self.ready_timeout
+        while not (self.server.started and _check_ready(self.state)):
+            if not self._thread.is_alive():
+                raise RuntimeError("the test server's thread ended before it was ready")
+            if time.monotonic() > end:
+                raise TimeoutError(f"not ready after {self.ready_timeout} s (phase {self.state.phase})")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._sock.close()
+
+    def __enter__(self) -> ThreadedServer:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def __exit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
