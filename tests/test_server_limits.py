@@ -1,7 +1,9 @@
-"""Saturation, deadlines and disconnected clients against a real server with tiny capacity.
+"""Saturation, deadlines and disconnected clients against a server with tiny capacity.
 
-One inference worker, room for 2 requests, 0.3 s admission timeout, 2 s request deadline; fault
-injection makes a batch slow on demand (``X-Encapure-Fault: slow:<ms>``).
+One inference worker, room for 2 requests, 0.3 s admission timeout, 2 s request deadline. The
+server is uvicorn in a thread (real sockets, so a client that hangs up is a real disconnect) over
+a stand-in reranker (``tests/fakes.py``) whose batch takes STALL_S longer for each STALL_WORD in
+it: a slow request on demand, without an export or fault injection.
 """
 
 from __future__ import annotations
@@ -10,32 +12,36 @@ import asyncio
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
+from fakes import STALL_WORD, fake_model
 
-from encapure.server.testing import ServerProcess
+from encapure.server.testing import ThreadedServer
+from encapure.settings import Settings
 
 ADMISSION_S = 0.3
 DEADLINE_S = 2.0
+STALL_S = 0.1
+
+
+def slow_doc(seconds: float) -> str:
+    """A document whose batch takes ``seconds`` longer on the stand-in model."""
+    return " ".join([STALL_WORD] * round(seconds / STALL_S))
 
 
 @pytest.fixture(scope="module")
-def server(reranker_int8_dir: Path) -> Iterator[ServerProcess]:
-    srv = ServerProcess(
-        [
-            "--model", f"rr={reranker_int8_dir}",
-            "--workers", "1",
-            "--max-concurrent-requests", "2",
-            "--max-queued-items", "16",
-            "--admission-timeout", str(ADMISSION_S),
-            "--request-timeout", str(DEADLINE_S),
-            "--max-wait-ms", "1",
-        ],
-        env={"ENCAPURE_FAULT_INJECTION": "1"},
+def server() -> Iterator[ThreadedServer]:
+    settings = Settings(
+        workers=1,
+        max_concurrent_requests=2,
+        max_queued_items=16,
+        admission_timeout_s=ADMISSION_S,
+        request_timeout_s=DEADLINE_S,
+        max_wait_ms=1,
     )
-    with srv:
+    model = fake_model("rerank", name="rr", base_s=0.002, per_token_s=1e-6, stall_s=STALL_S)
+    with ThreadedServer({"rr": model}, settings) as srv:
         yield srv
 
 
@@ -53,15 +59,15 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def normal_request(server: ServerProcess) -> httpx.Response:
+def normal_request(server: ThreadedServer) -> httpx.Response:
     return httpx.post(server.url + "/rerank", json={"query": "q", "documents": ["a", "b"]}, timeout=30)
 
 
-def test_saturation_gives_503_with_retry_after_fast_and_recovers(server: ServerProcess) -> None:
+def test_saturation_gives_503_with_retry_after_fast_and_recovers(server: ThreadedServer) -> None:
     async def go() -> tuple[httpx.Response, list[tuple[httpx.Response, float]]]:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
             slow = asyncio.ensure_future(
-                c.post("/rerank", json={"query": "q", "documents": ["slow"]}, headers={"X-Encapure-Fault": "slow:1500"})
+                c.post("/rerank", json={"query": "q", "documents": [slow_doc(1.5)]})
             )
             await asyncio.sleep(0.3)  # the slow one holds the only worker
 
@@ -86,12 +92,11 @@ def test_saturation_gives_503_with_retry_after_fast_and_recovers(server: ServerP
     assert normal_request(server).status_code == 200
 
 
-def test_deadline_expiry_is_503(server: ServerProcess) -> None:
+def test_deadline_expiry_is_503(server: ThreadedServer) -> None:
     t = time.monotonic()
     r = httpx.post(
         server.url + "/rerank",
-        json={"query": "q", "documents": ["a"]},
-        headers={"X-Encapure-Fault": "slow:3500"},
+        json={"query": "q", "documents": [slow_doc(3.5)]},
         timeout=30,
     )
     dt = time.monotonic() - t
@@ -103,7 +108,7 @@ def test_deadline_expiry_is_503(server: ServerProcess) -> None:
     assert normal_request(server).status_code == 200
 
 
-def test_client_disconnect_drops_queued_work(server: ServerProcess) -> None:
+def test_client_disconnect_drops_queued_work(server: ThreadedServer) -> None:
     before = httpx.get(server.url + "/metrics").text
     dropped0 = metric(before, "encapure_dropped_items_total", reason="cancelled")
     gone0 = metric(before, "encapure_http_client_disconnects_total")
@@ -111,7 +116,7 @@ def test_client_disconnect_drops_queued_work(server: ServerProcess) -> None:
     async def go() -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
             slow = asyncio.ensure_future(
-                c.post("/rerank", json={"query": "q", "documents": ["s"]}, headers={"X-Encapure-Fault": "slow:1200"})
+                c.post("/rerank", json={"query": "q", "documents": [slow_doc(1.2)]})
             )
             await asyncio.sleep(0.2)
             # queued behind the slow batch; the client gives up after 0.3 s and closes its connection
