@@ -1,32 +1,33 @@
-"""Real, unmodified client SDKs from PyPI against a real server: openai and cohere (v1 and v2)."""
+"""Real, unmodified client SDKs from PyPI against the service: openai and cohere (v1 and v2).
+
+The service is uvicorn in a thread over stand-in models (``tests/fakes.py``): what the SDKs see is
+the wire format, and the numbers they decode must be what the engine computes for the same input.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from fakes import fake_model
 
-from encapure.server.testing import ServerProcess
+from encapure.server.testing import ThreadedServer
+from encapure.settings import Settings
 
 KEY = "sdk-key"
 
 
 @pytest.fixture(scope="module")
-def server(reranker_fp32_dir: Path, embedder_fp32_dir: Path) -> Iterator[ServerProcess]:
-    with ServerProcess(
-        ["--model", f"rr={reranker_fp32_dir}", "--model", f"emb={embedder_fp32_dir}"], api_key=KEY
-    ) as srv:
-        yield srv
+def engine() -> dict[str, Any]:
+    return {"rr": fake_model("rerank", name="rr"), "emb": fake_model("embed", name="emb", dim=128)}
 
 
 @pytest.fixture(scope="module")
-def engine(reranker_fp32_dir: Path, embedder_fp32_dir: Path) -> dict[str, Any]:
-    from encapure.engine import load_model
-
-    return {"rr": load_model(reranker_fp32_dir, name="rr"), "emb": load_model(embedder_fp32_dir, name="emb")}
+def server(engine: dict[str, Any]) -> Iterator[ThreadedServer]:
+    with ThreadedServer(engine, Settings(api_key=KEY)) as srv:
+        yield srv
 
 
 def _embed(model: Any, texts: list[str]) -> np.ndarray:
@@ -43,7 +44,7 @@ TEXTS = ["The quick brown fox.", "Paris is the capital of France.", "Quantum chr
 QUERY = "What is the capital of France?"
 
 
-def test_openai_sdk_embeddings_base64_default_and_float(server: ServerProcess, engine: dict[str, Any]) -> None:
+def test_openai_sdk_embeddings_base64_default_and_float(server: ThreadedServer, engine: dict[str, Any]) -> None:
     from openai import OpenAI
 
     client = OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
@@ -67,7 +68,7 @@ def test_openai_sdk_embeddings_base64_default_and_float(server: ServerProcess, e
     assert "rerank" in str(e.value)
 
 
-def test_cohere_sdk_v1_rerank(server: ServerProcess, engine: dict[str, Any]) -> None:
+def test_cohere_sdk_v1_rerank(server: ThreadedServer, engine: dict[str, Any]) -> None:
     import cohere
 
     co = cohere.Client(api_key=KEY, base_url=server.url)
@@ -80,7 +81,7 @@ def test_cohere_sdk_v1_rerank(server: ServerProcess, engine: dict[str, Any]) -> 
         assert r.document is not None and r.document.text == TEXTS[r.index]
 
 
-def test_cohere_sdk_v2_rerank(server: ServerProcess, engine: dict[str, Any]) -> None:
+def test_cohere_sdk_v2_rerank(server: ThreadedServer, engine: dict[str, Any]) -> None:
     import cohere
 
     co = cohere.ClientV2(api_key=KEY, base_url=server.url)
