@@ -1,6 +1,6 @@
 """Greedy per-MatMul sensitivity search for the embedder int8 recipe, judged inside engine batches.
 
-Usage: python scripts/int8_sensitivity.py [--target 0.992] [--rounds 6]
+Usage: python experiments/int8_sensitivity.py [--target 0.992] [--rounds 6]
 
 Dynamic int8 computes each activation's scale over the whole batch, so a text's error depends on its
 batch-mates; the issue's bar (cosine >= 0.99 to sentence-transformers on *every* text) has to hold in
@@ -23,9 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-WORK = ROOT / ".work" / "int8-sensitivity"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: experiments/ is a package of ROOT
+
+from experiments._common import ROOT, WORK
+
+sys.path.insert(0, str(ROOT / "tests"))  # the judged texts and model exports are the embedding tests' own
+SENSITIVITY_WORK = WORK / "int8-sensitivity"
 
 
 def mixed_texts(n: int = 300) -> list[str]:
@@ -35,7 +38,7 @@ def mixed_texts(n: int = 300) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", type=float, default=0.992)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--seeds", type=int, default=2, help="extra shuffled text orders (other batch-mates)")
@@ -64,10 +67,10 @@ def main() -> None:
     graph = onnx.load(str(fp32_dir / "model.onnx"), load_external_data=False)
     all_nodes = [n for n, _ in _matmul_weight_nodes(graph)]
     base = int8_recipe("embed", "bert")
-    WORK.mkdir(parents=True, exist_ok=True)
+    SENSITIVITY_WORK.mkdir(parents=True, exist_ok=True)
 
     def evaluate(extra_fp32: list[str], tag: str, rules: list[str] | None = None) -> tuple[float, float, float]:
-        folder = WORK / tag
+        folder = SENSITIVITY_WORK / tag
         if folder.exists():
             shutil.rmtree(folder)
         shutil.copytree(fp32_dir, folder, ignore=shutil.ignore_patterns("model.onnx*"))

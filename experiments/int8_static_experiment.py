@@ -6,7 +6,7 @@ it (and on padding). With static quantization the activation scales are constant
 time from calibration data: quantizing an element then depends on that element only, the integer
 GEMM is exact, so a row's result does not depend on the rest of the batch.
 
-Usage: python scripts/int8_static_experiment.py [rerank|embed|both] [--quick]
+Usage: python experiments/int8_static_experiment.py [rerank|embed|both] [--quick]
 Builds candidates in /tmp/int8exp/, then prints, per model: batch-invariance max |delta|
 (alone vs in a padded batch), WikiQA-test-gold MAP (reranker) or min/mean cosine vs fp32 ONNX
 (embedder), and pairs|texts/s at 1 and 2 threads with all candidates alternated in one process
@@ -24,7 +24,7 @@ static min cosine 0.9876 (mean 0.993) < 0.99; dynamic mixed recipe 0.9938.
 
 from __future__ import annotations
 
-import csv
+import argparse
 import json
 import os
 import re
@@ -37,11 +37,22 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("ENCAPURE_SHARED", ROOT.parent / "shared"))
-WIKIQA_TEST = SHARED / "data" / "wikiqa" / "WikiQA-test-gold.tsv"
-WIKIQA_DEV = SHARED / "data" / "wikiqa" / "WikiQA-dev.tsv"
-RERANK_REF = SHARED / "models" / "minilm-l6-wikiqa-reranker" / "scores_reference.json"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: experiments/ is a package of ROOT
+
+from encapure.evaluation import mixed_texts, pairs
+from experiments._common import (
+    RERANKER_FIXTURE,
+    ROOT,
+    feed,
+    length_batches,
+    run_rows,
+    session,
+    tokenizer,
+    wikiqa,
+    wikiqa_map,
+)
+
+RERANK_REF = RERANKER_FIXTURE / "scores_reference.json"
 MODELS = ROOT / ".work" / "test-models"
 WORK = Path(os.environ.get("INT8EXP", "/tmp/int8exp"))
 
@@ -152,13 +163,8 @@ def quantize_int8_static(
 
 
 # --------------------------------------------------------------------------------------------------
-# Data, tokenization, sessions
+# Models and graphs (data, feeds and sessions: experiments/_common.py)
 # --------------------------------------------------------------------------------------------------
-
-
-def read_tsv(p: Path) -> list[dict[str, str]]:
-    with open(p, encoding="utf-8") as f:
-        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
 def latest(kind: str) -> Path:
@@ -167,48 +173,6 @@ def latest(kind: str) -> Path:
         sys.exit(f"no exported {kind} fp32 model under {MODELS} (run the test suite once)")
     return max(dirs, key=lambda d: int(json.loads((d / "encapure.json").read_text())["tool_versions"]
                                        .get("export_version", 0)) * 1e10 + d.stat().st_mtime)
-
-
-def tokenizer(folder: Path, max_length: int, pairs: bool) -> Any:
-    from tokenizers import Tokenizer
-
-    t = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    t.no_padding()
-    t.enable_truncation(max_length, strategy="longest_first")
-    return t
-
-
-def encode(tok: Any, items: Sequence[Any]) -> list[Any]:
-    return tok.encode_batch(list(items))
-
-
-def feed(encs: Sequence[Any], pad_to: int | None = None) -> dict[str, np.ndarray]:
-    w = max(max(len(e.ids) for e in encs), pad_to or 0)
-    ids = np.zeros((len(encs), w), np.int64)
-    mask = np.zeros_like(ids)
-    tt = np.zeros_like(ids)
-    for r, e in enumerate(encs):
-        n = len(e.ids)
-        ids[r, :n], mask[r, :n], tt[r, :n] = e.ids, 1, e.type_ids
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": tt}
-
-
-def length_batches(encs: Sequence[Any], bs: int) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    order = np.argsort([len(e.ids) for e in encs], kind="stable")
-    return [(order[i:i + bs], feed([encs[j] for j in order[i:i + bs]])) for i in range(0, len(order), bs)]
-
-
-def session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-
-    o = ort.SessionOptions()
-    o.intra_op_num_threads = threads
-    o.inter_op_num_threads = 1
-    o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    o.log_severity_level = 3
-    if threads == 1:
-        o.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
 
 
 def optimized_ops(path: Path) -> dict[str, int]:
@@ -232,69 +196,39 @@ def optimized_ops(path: Path) -> dict[str, int]:
     return {k: v for k, v in sorted(c.items()) if k in keep}
 
 
-def run_rows(sess: Any, batches: list[tuple[np.ndarray, dict[str, np.ndarray]]], n: int, embed: bool) -> np.ndarray:
-    names = [i.name for i in sess.get_inputs()]
-    out: np.ndarray | None = None
-    for idx, f in batches:
-        y = sess.run(None, {k: f[k] for k in names})[0]
-        if embed:
-            m = f["attention_mask"][..., None].astype(np.float32)
-            e = (y * m).sum(1) / m.sum(1)
-            y = e / np.linalg.norm(e, axis=1, keepdims=True)
-        else:
-            y = y[:, 0]
-        if out is None:
-            out = np.zeros((n, *y.shape[1:]), np.float32)
-        out[idx] = y
-    assert out is not None
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # Per-task data
 # --------------------------------------------------------------------------------------------------
 
 
 def rerank_data(folder: Path, max_length: int) -> dict[str, Any]:
-    tok = tokenizer(folder, max_length, pairs=True)
-    test = read_tsv(WIKIQA_TEST)
-    dev = read_tsv(WIKIQA_DEV)
+    tok = tokenizer(folder, max_length)
+    test = wikiqa("test")
+    dev = pairs(wikiqa("dev"))
     rng = np.random.default_rng(0)
-    calib_rows = [dev[i] for i in rng.permutation(len(dev))[:256]]
-    calib_encs = encode(tok, [(r["Question"], r["Sentence"]) for r in calib_rows])
+    calib_pairs = [dev[i] for i in rng.permutation(len(dev))[:256]]
+    calib_encs = tok.encode_batch(calib_pairs)
     # add long multi-sentence passages: calibration must see long-sequence activation ranges too
-    sents = [r["Sentence"] for r in dev]
-    long = [(dev[int(rng.integers(len(dev)))]["Question"],
+    sents = [d for _, d in dev]
+    long = [(dev[int(rng.integers(len(dev)))][0],
              " ".join(sents[s:s + int(rng.integers(3, 12))])) for s in rng.integers(0, len(sents) - 12, 64)]
-    calib_encs += encode(tok, long)
+    calib_encs += tok.encode_batch(long)
     calib = [f for _, f in length_batches(calib_encs, 16)]
-    test_encs = encode(tok, [(r["Question"], r["Sentence"]) for r in test])
+    test_encs = tok.encode_batch(pairs(test))
     ref = json.loads(RERANK_REF.read_text())["pairs"]
-    inv = encode(tok, [(p["query"], p["passage"]) for p in ref])
+    inv = tok.encode_batch([(p["query"], p["passage"]) for p in ref])
     # "other traffic": long and short test pairs to batch the reference pairs with
     others = [test_encs[i] for i in rng.permutation(len(test_encs))[:40]]
     bench = [test_encs[i] for i in rng.permutation(len(test_encs))[:256]]
-    return {"calib": calib, "test_rows": test, "test_encs": test_encs, "inv": inv, "others": others,
+    return {"calib": calib, "test_groups": test, "test_encs": test_encs, "inv": inv, "others": others,
             "bench": bench}
 
 
 def embed_data(folder: Path, max_length: int) -> dict[str, Any]:
-    tok = tokenizer(folder, max_length, pairs=False)
-    rng = np.random.default_rng(0)
-
-    def mixed(rows: list[dict[str, str]], n: int) -> list[str]:
-        qs = list(dict.fromkeys(r["Question"] for r in rows))
-        sents = [r["Sentence"] for r in rows]
-        texts = [qs[i] for i in rng.choice(len(qs), n // 3, replace=False)]
-        texts += [sents[i] for i in rng.choice(len(sents), n // 3, replace=False)]
-        for _ in range(n - len(texts)):
-            k = int(rng.integers(2, 14))
-            s = int(rng.integers(0, len(sents) - k))
-            texts.append(" ".join(sents[s:s + k]))
-        return texts
-
-    calib_encs = encode(tok, mixed(read_tsv(WIKIQA_DEV), 300))
-    test_encs = encode(tok, mixed(read_tsv(WIKIQA_TEST), 300))
+    tok = tokenizer(folder, max_length)
+    rng = np.random.default_rng(0)  # one draw for calibration then test texts, in that order
+    calib_encs = tok.encode_batch(mixed_texts(wikiqa("dev"), 300, rng))
+    test_encs = tok.encode_batch(mixed_texts(wikiqa("test"), 300, rng))
     idx = rng.permutation(len(test_encs))
     return {"calib": [f for _, f in length_batches(calib_encs, 16)], "test_encs": test_encs,
             "inv": [test_encs[i] for i in idx[:20]], "others": [test_encs[i] for i in idx[20:60]],
@@ -330,16 +264,9 @@ def invariance(sess: Any, d: dict[str, Any], embed: bool) -> float:
     return max(worst, float(np.abs(padded - alone).max()))
 
 
-def wikiqa_map(sess: Any, d: dict[str, Any]) -> float:
-    from encapure.engine.metrics import evaluate
-
-    rows, encs = d["test_rows"], d["test_encs"]
-    scores = run_rows(sess, length_batches(encs, 32), len(encs), embed=False)
-    groups: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        groups.setdefault(r["QuestionID"], []).append(i)
-    per_q = [([float(rows[i]["Label"]) for i in ix], scores[ix]) for ix in groups.values()]
-    return evaluate(per_q).map
+def rerank_map(sess: Any, d: dict[str, Any]) -> float:
+    encs = d["test_encs"]
+    return wikiqa_map(d["test_groups"], run_rows(sess, length_batches(encs, 32), len(encs), embed=False))
 
 
 def speed(models: dict[str, Path], d: dict[str, Any], embed: bool, rounds: int) -> dict[str, dict[int, float]]:
@@ -428,7 +355,7 @@ def experiment(task: str, quick: bool) -> None:
             cos = (e * ref_emb).sum(1)
             r["min_cos"], r["mean_cos"] = float(cos.min()), float(cos.mean())
         else:
-            r["map"] = wikiqa_map(s, d)
+            r["map"] = rerank_map(s, d)
         rows[name] = r
         print(f"  {name}: {r}", flush=True)
     sp = speed(models, d, embed, rounds=2 if quick else 5)
@@ -449,11 +376,12 @@ def experiment(task: str, quick: bool) -> None:
 
 
 def main() -> None:
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    quick = "--quick" in sys.argv
-    task = args[0] if args else "both"
-    for t in (["rerank", "embed"] if task == "both" else [task]):
-        experiment(t, quick)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("task", nargs="?", choices=["rerank", "embed", "both"], default="both")
+    ap.add_argument("--quick", action="store_true", help="2 speed rounds instead of 5")
+    args = ap.parse_args()
+    for t in (["rerank", "embed"] if args.task == "both" else [args.task]):
+        experiment(t, args.quick)
 
 
 if __name__ == "__main__":

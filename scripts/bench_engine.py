@@ -31,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from encapure.evaluation import QueryGroup, evaluate_flat, load_dataset, text_pool
+from encapure.evaluation import pairs as pairs_of
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ENCAPURE_SHARED", ROOT.parent / "shared"))
 FIXTURE = SHARED / "models" / "minilm-l6-wikiqa-reranker"
@@ -47,7 +50,7 @@ def log(msg: str) -> None:
 
 
 def export_cached(name: str, build: Callable[[Path], object]) -> Path:
-    from encapure.engine.loading import cached_build
+    from encapure.hub import cached_build
 
     return cached_build(WORK, name, build)
 
@@ -123,18 +126,14 @@ def engine_scorer(folder: Path, threads: int, workers: int = 1, **settings_kw: o
 
 
 # --- workloads --------------------------------------------------------------------------------
-def wikiqa() -> tuple[Pairs, list]:
-    from encapure.engine.datasets import load_dataset
-
+def wikiqa() -> tuple[Pairs, list[QueryGroup]]:
     groups = load_dataset(WIKIQA)
-    return [(g.query, d) for g in groups for d in g.documents], groups
+    return pairs_of(groups), groups
 
 
 def wide_spread(n: int = 1024, seed: int = 0) -> Pairs:
     """Pairs whose lengths span ~15 to 256 tokens in random order (60% short, 25% mid, 15% long)."""
-    rows = [line.split("\t") for line in WIKIQA.read_text(encoding="utf-8").splitlines()[1:]]
-    sentences = [r[5] for r in rows]
-    questions = list(dict.fromkeys(r[1] for r in rows))
+    questions, sentences = text_pool(load_dataset(WIKIQA))
     rng = random.Random(seed)
     pairs = []
     for _ in range(n):
@@ -144,14 +143,8 @@ def wide_spread(n: int = 1024, seed: int = 0) -> Pairs:
     return pairs
 
 
-def mean_ap(groups: list, scores: np.ndarray) -> float:
-    from encapure.engine.metrics import evaluate
-
-    out, pos = [], 0
-    for g in groups:
-        out.append((g.labels, scores[pos : pos + len(g.documents)]))
-        pos += len(g.documents)
-    return evaluate(out).map
+def mean_ap(groups: list[QueryGroup], scores: np.ndarray) -> float:
+    return evaluate_flat([g.labels for g in groups], scores).map
 
 
 def race(systems: dict[str, Scorer], pairs: Pairs, rounds: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:

@@ -13,24 +13,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import glob
+import os
 import time
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKIQA = ROOT.parent / "shared" / "data" / "wikiqa" / "WikiQA-test-gold.tsv"
+SHARED = Path(os.environ.get("ENCAPURE_SHARED", ROOT.parent / "shared"))
+WIKIQA = SHARED / "data" / "wikiqa" / "WikiQA-test-gold.tsv"
 
 
 def load_requests(n: int) -> list[tuple[str, list[str]]]:
-    groups: dict[str, tuple[str, list[str]]] = {}
-    docs: dict[str, list[str]] = defaultdict(list)
-    with open(WIKIQA, encoding="utf-8") as f:
-        for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-            groups.setdefault(row["QuestionID"], (row["Question"], docs[row["QuestionID"]]))
-            docs[row["QuestionID"]].append(row["Sentence"])
-    return list(groups.values())[:n]
+    """The first ``n`` WikiQA questions, each with its candidate sentences: one rerank request each."""
+    from encapure.evaluation import load_dataset
+
+    return [(g.query, g.documents) for g in load_dataset(WIKIQA)[:n]]
 
 
 async def in_process(model_dir: str, reqs: list[tuple[str, list[str]]], conc: int) -> float:

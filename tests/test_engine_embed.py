@@ -14,14 +14,13 @@ from conftest import WIKIQA_TEST, embedder_source, need
 from encapure.engine import Embedder, Reranker, load_model
 from encapure.engine.model import pool
 from encapure.errors import InvalidInputError, ModelError, ModelNotFoundError, WrongTaskError
+from encapure.evaluation import load_dataset, text_pool
 
 
 def _mixed_texts(n: int = 300) -> list[str]:
     """Questions, sentences and multi-sentence paragraphs (some past the 256-token limit)."""
-    lines = need(WIKIQA_TEST).read_text(encoding="utf-8").splitlines()[1:]
-    rows = [line.split("\t") for line in lines]
-    sentences = list(dict.fromkeys(r[5] for r in rows))
-    questions = list(dict.fromkeys(r[1] for r in rows))
+    questions, sentences = text_pool(load_dataset(need(WIKIQA_TEST)))
+    sentences = list(dict.fromkeys(sentences))
     rng = random.Random(7)
     texts: list[str] = []
     texts += rng.sample(questions, n // 4)

@@ -73,20 +73,9 @@ def _reference() -> dict[str, Any]:
 
 def _texts(n: int) -> list[str]:
     """Mixed-length texts: WikiQA questions, sentences and multi-sentence passages (> 256 tokens)."""
-    import csv
+    from encapure.evaluation import load_dataset, mixed_texts
 
-    with open(need(WIKIQA_TEST), encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    rng = np.random.default_rng(1)
-    qs = list(dict.fromkeys(r["Question"] for r in rows))
-    sents = [r["Sentence"] for r in rows]
-    texts = [qs[i] for i in rng.choice(len(qs), n // 3, replace=False)]
-    texts += [sents[i] for i in rng.choice(len(sents), n // 3, replace=False)]
-    while len(texts) < n:
-        k = int(rng.integers(2, 16))
-        s = int(rng.integers(0, len(sents) - k))
-        texts.append(" ".join(sents[s : s + k]))
-    return texts
+    return mixed_texts(load_dataset(need(WIKIQA_TEST)), n, np.random.default_rng(1), max_run=16)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -52,7 +52,7 @@ ATTN_OUT = r"attention/output/dense/MatMul"
 
 
 def int8_recipe(task: str, model_type: str) -> dict[str, Any]:
-    """The int8 recipe per task, chosen from measurements (scripts/int8_sensitivity.py).
+    """The int8 recipe per task, chosen from measurements (experiments/int8_sensitivity.py).
 
     Embedders are judged by the worst text's cosine to sentence-transformers *inside engine batches*
     (all-MiniLM-L6-v2, 304 mixed-length texts, three batch orders): dynamic int8 computes each
