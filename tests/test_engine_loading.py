@@ -12,7 +12,7 @@ import pytest
 from conftest import BGE_ARCH, need
 
 from encapure.engine import Classifier, Embedder, Reranker, load_model
-from encapure.engine.loading import cache_key, cached_build
+from encapure.hub import cache_key, cached_build
 from encapure.errors import InvalidInputError, ModelNotFoundError
 from encapure.manifest import Manifest
 from encapure.registry import MODELS, default_reranker, lookup
@@ -182,3 +182,42 @@ def test_session_options_and_provider_fallback(caplog: pytest.LogCaptureFixture)
         assert resolve_providers(["cuda", "tensorrt", "openvino"]) == ["CPUExecutionProvider"]
     assert "not available" in caplog.text
     assert resolve_providers(["cpu"]) == ["CPUExecutionProvider"]
+
+
+# --- the engine hands Hugging Face sources to an exporter; it never imports encapure.export ----------
+def test_hf_sources_go_to_the_given_exporter(hf_reranker: Path, reranker_fp32_dir: Path) -> None:
+    calls: list[tuple[str, dict[str, object]]] = []
+
+    def exporter(source: str | Path, **kw: object) -> Path:
+        calls.append((str(source), kw))
+        return reranker_fp32_dir
+
+    settings = Settings(precision="int4")
+    model = load_model(hf_reranker, settings=settings, exporter=exporter, warmup=False)
+    assert model.folder == reranker_fp32_dir and model.name == hf_reranker.name
+    load_model("bge-reranker-v2-m3", settings=settings, exporter=exporter, precision="fp32", warmup=False)
+    load_model("someone/some-model", settings=settings, exporter=exporter, max_length=64, warmup=False)
+    assert [c[0] for c in calls] == [str(hf_reranker), "BAAI/bge-reranker-v2-m3", "someone/some-model"]
+    assert calls[0][1] == {"settings": settings}  # precision then defaults to settings.precision
+    assert calls[1][1]["precision"] == "fp32" and calls[2][1]["max_length"] == 64
+
+
+def test_engine_imports_nothing_from_export() -> None:
+    import ast
+    import subprocess
+    import sys
+
+    engine = Path(__file__).resolve().parents[1] / "encapure" / "engine"
+    for path in engine.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n.startswith("encapure.export") for n in names), f"{path.name} imports {names}"
+    code = ("import sys, encapure.engine, encapure.engine.loading; "
+            "print(sorted(m for m in sys.modules if m.startswith(('encapure.export', 'torch'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from encapure.engine.api import Classifier, Embedder, Reranker
 from encapure.engine.batching import plan_batches
-from encapure.engine.loading import cached_export, load_model
+from encapure.engine.loading import load_model
 from encapure.engine.model import OnnxModel
 from encapure.engine.types import (
     ClassifyOutput,
@@ -28,7 +28,6 @@ __all__ = [
     "RerankResult",
     "Reranker",
     "Unit",
-    "cached_export",
     "load_model",
     "plan_batches",
 ]

@@ -1,32 +1,23 @@
 """Where a model comes from: an exported folder, a plain ONNX folder, or a Hugging Face model.
 
-Hugging Face models (hub ids and plain HF folders) are exported once into the cache directory
-(``Settings.cache_dir`` = ``ENCAPURE_CACHE``) and reused. Concurrent processes are serialized by a
-file lock per cache entry and the export is written to a private temporary folder that is renamed
-into place only when complete, so a crash or a racing process never leaves a half-written model
-where a reader would find it.
+The engine loads folders. A Hugging Face source (a hub id or a plain HF folder) is handed to an
+``exporter`` that returns an exported folder; by default ``encapure.hub.cached_export``, which
+exports once into ``Settings.cache_dir`` (``ENCAPURE_CACHE``) and reuses the result. The engine
+itself never imports ``encapure.export`` (torch): the hub module does, and only when it builds.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
-import os
-import re
-import shutil
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from filelock import FileLock
 
 from encapure.engine.model import OnnxModel
 from encapure.engine.runtime import create_session
 from encapure.errors import InvalidInputError, ModelError, ModelNotFoundError
+from encapure.hub import Exporter, cached_export, is_hub_id
 from encapure.manifest import MANIFEST_NAME, Manifest
 from encapure.registry import lookup
 from encapure.settings import Settings
@@ -36,7 +27,6 @@ log = logging.getLogger(__name__)
 # Keyword arguments of load_model that go to OnnxModel rather than the manifest.
 _MODEL_KWARGS = {"truncation_side", "window_overlap", "warmup"}
 _MANIFEST_FIELDS = {f.name for f in dataclasses.fields(Manifest)}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def load_model(
@@ -44,6 +34,7 @@ def load_model(
     *,
     settings: Settings | None = None,
     name: str | None = None,
+    exporter: Exporter = cached_export,
     **overrides: Any,
 ) -> OnnxModel:
     """Load a model for inference.
@@ -53,8 +44,8 @@ def load_model(
     - a plain folder (or ``.onnx`` file) with an ONNX model we did not export: give ``task`` and,
       for embedders, ``pooling``/``normalize``; ``tokenizer`` points to a ``tokenizer.json`` when
       the folder has none;
-    - a Hugging Face folder or hub id: exported at ``precision`` (default ``settings.precision``)
-      into the cache on first use.
+    - a Hugging Face folder or hub id: ``exporter`` turns it into an exported folder at
+      ``precision`` (default ``settings.precision``); the default one caches it in ``settings.cache_dir``.
     """
     settings = settings or Settings()
     model_kwargs = {k: overrides.pop(k) for k in list(overrides) if k in _MODEL_KWARGS}
@@ -70,7 +61,7 @@ def load_model(
             return _load_plain(path, settings, name, model_file=overrides.pop("model_file", None),
                                overrides=overrides, model_kwargs=model_kwargs)
         if (path / "config.json").is_file():
-            folder = cached_export(path, settings=settings, **_export_kwargs(overrides))
+            folder = exporter(path, settings=settings, **_export_kwargs(overrides))
             return _load_exported(folder, settings, name or path.name, overrides, model_kwargs)
         raise ModelNotFoundError(
             f"{path} holds no model: expected encapure.json (exported), *.onnx (plain ONNX) "
@@ -80,9 +71,9 @@ def load_model(
         raise ModelNotFoundError(f"{path} is not a model folder or .onnx file")
     info = lookup(source)
     hub_id = info.hub_id if info else source
-    if not _HUB_ID.match(hub_id):
+    if not is_hub_id(hub_id):
         raise ModelNotFoundError(f"{source!r} is neither a local model folder nor a Hugging Face model id")
-    folder = cached_export(hub_id, settings=settings, **_export_kwargs(overrides))
+    folder = exporter(hub_id, settings=settings, **_export_kwargs(overrides))
     return _load_exported(folder, settings, name or hub_id, overrides, model_kwargs)
 
 
@@ -225,68 +216,3 @@ def _tokenizer_max_length(path: Path) -> int | None:
         return None
     value = trunc.get("max_length")
     return int(value) if value else None
-
-
-# --- export cache ------------------------------------------------------------------------------
-def cache_key(source: str | Path, precision: str, task: str = "auto", max_length: int | None = None) -> str:
-    """A readable, collision-safe folder name for one (source, export options) combination."""
-    src = str(source)
-    p = Path(src).expanduser()
-    ident = str(p.resolve()) if p.exists() else src
-    version: object = 0
-    with contextlib.suppress(ImportError):  # serving install without the export extra
-        from encapure.export import EXPORT_VERSION as version
-    h = hashlib.sha256(json.dumps([ident, precision, task, max_length, str(version)]).encode()).hexdigest()
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "--", ident.strip("/"))[-80:]
-    return f"{slug}--{precision}--{h[:12]}"
-
-
-def cached_build(cache_dir: Path, key: str, build: Callable[[Path], object]) -> Path:
-    """Return ``cache_dir/key``, building it with ``build(tmp_folder)`` once across processes."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    final = cache_dir / key
-    if (final / MANIFEST_NAME).is_file():
-        return final
-    locks = cache_dir / ".locks"
-    locks.mkdir(exist_ok=True)
-    with FileLock(str(locks / f"{key}.lock")):
-        if (final / MANIFEST_NAME).is_file():  # another process finished while we waited
-            return final
-        if final.exists():  # a leftover without a manifest is not a model: rebuild it
-            shutil.rmtree(final, ignore_errors=True)
-        tmp = cache_dir / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            build(tmp)
-            if not (tmp / MANIFEST_NAME).is_file():
-                raise ModelError(f"building {key} produced no {MANIFEST_NAME}")
-            os.replace(tmp, final)  # atomic on one filesystem: readers see nothing or everything
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def cached_export(
-    source: str | Path,
-    *,
-    settings: Settings | None = None,
-    precision: str | None = None,
-    task: str = "auto",
-    max_length: int | None = None,
-) -> Path:
-    """Export a Hugging Face folder or hub id into the cache once; return the exported folder."""
-    settings = settings or Settings()
-    precision = precision or settings.precision
-    key = cache_key(source, precision, task, max_length)
-
-    def build(tmp: Path) -> None:
-        try:
-            from encapure.export import export_model
-        except ImportError as e:
-            raise ModelError(
-                "exporting a Hugging Face model needs the export extra: pip install 'encapure[export]'"
-            ) from e
-        log.info("exporting %s (%s) into the cache at %s", source, precision, settings.cache_dir)
-        export_model(str(source), tmp, task=task, precision=precision, max_length=max_length)
-
-    return cached_build(Path(settings.cache_dir).expanduser(), key, build)

@@ -1,16 +1,23 @@
-"""Does the exported graph compute what the PyTorch model computes?
+"""Does the exported model, as the engine serves it, compute what the PyTorch model computes?
 
-Runs a fixed set of mixed-length samples (short, long, multilingual, truncated) through both, fed
-with the *exported* tokenizer's ids so the check covers the tokenizer file too, and reports max |Δ|,
-cosine, Spearman and whether each query's ranking holds. fp32 exports must match within 1e-4.
+Runs a fixed set of mixed-length samples (short, long, multilingual, truncated, empty) through
+both. The exported side is the folder loaded by the engine's own ``load_model`` (manifest,
+tokenizer file, session options, pooling and normalization all as served); the PyTorch side is
+fed the very token ids the engine produced. Reports max |Δ|, cosine, Spearman and whether each
+query's ranking holds. fp32 exports must match within 1e-4.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from encapure.engine.types import Unit
+from encapure.errors import ExportError, ManifestError, ModelError
+from encapure.settings import Settings
 
 FP32_ABS_TOL = 1e-4
 
@@ -61,7 +68,8 @@ def sample_inputs(task: str) -> tuple[list[Any], list[int]]:
 
 
 def encode(rust_tok: Any, items: list[Any], max_length: int, pad_id: int) -> list[dict[str, np.ndarray]]:
-    """Tokenize like the engine does: truncate at max_length (document first), pad per batch of 4."""
+    """Trace samples for the ONNX export (before any engine can load it): truncated at max_length
+    (document first), padded per batch of 4."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(rust_tok.to_str())
@@ -91,25 +99,6 @@ def encode(rust_tok: Any, items: list[Any], max_length: int, pad_id: int) -> lis
     return batches
 
 
-def pool(hidden: np.ndarray, mask: np.ndarray, mode: str, normalize: bool) -> np.ndarray:
-    """Reference pooling (the engine has its own; this one only serves the parity check)."""
-    m = mask.astype(np.float32)[..., None]
-    if mode == "cls":
-        out = hidden[:, 0]
-    elif mode == "mean":
-        out = (hidden * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
-    elif mode == "max":
-        out = np.where(m > 0, hidden, -1e9).max(1)
-    elif mode == "last":
-        last = mask.sum(1) - 1
-        out = hidden[np.arange(hidden.shape[0]), last]
-    else:
-        raise ValueError(mode)
-    if normalize:
-        out = out / np.clip(np.linalg.norm(out, axis=1, keepdims=True), 1e-12, None)
-    return out.astype(np.float32)
-
-
 def _ranks(x: np.ndarray) -> np.ndarray:
     order = np.argsort(x, kind="stable")
     ranks = np.empty(len(x), dtype=np.float64)
@@ -131,35 +120,81 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def compare(
+def check(
+    torch_model: Any,
+    folder: Path,
     task: str,
-    ref: list[np.ndarray],
-    got: list[np.ndarray],
-    masks: list[np.ndarray],
-    groups: list[int],
     *,
-    pooling: str | None,
-    normalize: bool,
+    max_length: int,
+    batch_size: int = 4,
 ) -> dict[str, Any]:
-    """Metrics between reference (PyTorch) and exported outputs, batch by batch."""
-    report: dict[str, Any] = {"n_items": int(sum(r.shape[0] for r in ref))}
+    """Exported ``folder`` (loaded by the engine) vs ``torch_model`` on the fixed samples."""
+    import torch
+
+    from encapure.engine.loading import load_model
+    from encapure.engine.model import l2_normalize, pool
+
+    settings = Settings(workers=1, max_length=max_length, providers=["CPUExecutionProvider"])
+    try:
+        engine = load_model(folder, settings=settings, name="parity", warmup=False)
+    except (ModelError, ManifestError) as e:
+        raise ExportError(f"the exported model does not load in ONNX Runtime: {e.message}") from e
+    items, groups = sample_inputs(task)
+    prepared = engine.prepare_pair_list(items) if isinstance(items[0], tuple) else engine.prepare_texts(items)
+    units = prepared.units
+    feed_names = engine.manifest.input_names  # the graph's own inputs (the engine checked them)
+    refs, gots, token_diff = [], [], 0.0
+    for start in range(0, len(units), batch_size):
+        chunk = units[start : start + batch_size]
+        feed, mask = _pad(chunk, engine.manifest.pad_token_id)
+        got = engine.forward(chunk)  # logits, or token vectors pooled as served
+        with torch.no_grad():
+            out = torch_model(**{k: torch.from_numpy(feed[k]) for k in feed_names}, return_dict=True)
+        if task == "embed":
+            hidden = out.last_hidden_state.float().numpy()
+            raw = engine.session.run([engine.manifest.output_name], {k: feed[k] for k in feed_names})[0]
+            token_diff = max(token_diff, float(np.abs(hidden[mask] - np.asarray(raw, np.float32)[mask]).max()))
+            refs.append(pool(hidden, mask, engine.manifest.pooling or "cls"))
+        else:
+            refs.append(out.logits.float().numpy())
+        gots.append(got)
+    report: dict[str, Any] = {"n_items": len(items)}
     if task == "embed":
-        raw = 0.0
-        for r, g, m in zip(ref, got, masks, strict=True):
-            sel = m.astype(bool)
-            raw = max(raw, float(np.abs(r[sel] - g[sel]).max()))
-        e_ref = np.concatenate([pool(r, m, pooling or "cls", normalize) for r, m in zip(ref, masks, strict=True)])
-        e_got = np.concatenate([pool(g, m, pooling or "cls", normalize) for g, m in zip(got, masks, strict=True)])
+        e_got = engine.finish(prepared, np.concatenate(gots)).embeddings  # type: ignore[union-attr]
+        e_ref = np.concatenate(refs)
+        if engine.manifest.normalize:
+            e_ref = l2_normalize(e_ref)
         cos = (e_ref * e_got).sum(1) / (np.linalg.norm(e_ref, axis=1) * np.linalg.norm(e_got, axis=1) + 1e-12)
         report.update(
             max_abs_diff=float(np.abs(e_ref - e_got).max()),
-            max_abs_diff_token_embeddings=raw,
+            max_abs_diff_token_embeddings=token_diff,
             cosine_min=float(cos.min()),
             cosine_mean=float(cos.mean()),
         )
         return report
-    s_ref = np.concatenate(ref).astype(np.float64)
-    s_got = np.concatenate(got).astype(np.float64)
+    report.update(_compare_logits(task, np.concatenate(refs), np.concatenate(gots), groups))
+    return report
+
+
+def _pad(units: list[Unit], pad_id: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The batch the engine's ``forward`` builds from these units, for the PyTorch side."""
+    width = max(len(u.ids) for u in units)
+    ids = np.full((len(units), width), pad_id, dtype=np.int64)
+    types = np.zeros((len(units), width), dtype=np.int64)
+    mask = np.zeros((len(units), width), dtype=bool)
+    for r, u in enumerate(units):
+        n = len(u.ids)
+        ids[r, :n] = u.ids
+        mask[r, :n] = True
+        if u.type_ids is not None:
+            types[r, :n] = u.type_ids
+    return {"input_ids": ids, "attention_mask": mask.astype(np.int64), "token_type_ids": types}, mask
+
+
+def _compare_logits(task: str, ref: np.ndarray, got: np.ndarray, groups: list[int]) -> dict[str, Any]:
+    s_ref = ref.astype(np.float64)
+    s_got = got.astype(np.float64)
+    report: dict[str, Any] = {}
     diff = float(np.abs(s_ref - s_got).max())
     flat_r, flat_g = s_ref.reshape(len(s_ref), -1), s_got.reshape(len(s_got), -1)
     cos = float((flat_r.ravel() @ flat_g.ravel()) / (np.linalg.norm(flat_r) * np.linalg.norm(flat_g) + 1e-12))

@@ -1,0 +1,147 @@
+"""Hugging Face sources and the export cache: the one place that turns a hub id into a model folder.
+
+Why a module of its own: the engine only loads folders; exporting needs torch and lives in
+``encapure.export``. This module sits between them. ``cached_export`` is the exporter the engine
+is handed for Hugging Face sources (``encapure.engine.loading.load_model(exporter=...)``), and it
+imports ``encapure.export`` only when it has to build, so the engine never imports the exporter.
+
+``cached_build`` is the one cache mechanism (the library's ``ENCAPURE_CACHE``, the test fixtures
+and the benchmark scripts may use different folders, but the same keyed build): concurrent
+processes are serialized by a file lock per entry and the entry is built in a private temporary
+folder that is renamed into place only when complete, so a crash or a racing process never
+leaves a half-written model where a reader would find it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from filelock import FileLock
+
+from encapure.errors import ExportError, ModelError, UnsupportedModelError
+from encapure.manifest import MANIFEST_NAME
+from encapure.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What an export reads from a hub repository: config, tokenizer files, weights, pooling config.
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "*.bin"]
+
+
+def is_hub_id(text: str) -> bool:
+    """``org/name``: the shape of a Hugging Face model id (not a check that it exists)."""
+    return bool(_HUB_ID.match(text))
+
+
+def download(repo_id: str) -> Path:
+    """Fetch the files an export needs from the hub (or its local cache); errors say what to do."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=_HUB_FILES)
+    except Exception as e:
+        name = type(e).__name__
+        if "Offline" in name or "Connection" in name or "LocalEntryNotFound" in name:
+            raise ExportError(
+                f"cannot download {repo_id}: the Hugging Face hub is unreachable (offline?); "
+                "pass a local model folder instead"
+            ) from e
+        if "RepositoryNotFound" in name or "HFValidation" in name:
+            raise UnsupportedModelError(f"{repo_id} is neither a local folder nor a hub model id") from e
+        raise ExportError(f"cannot download {repo_id}: {str(e).strip().splitlines()[0]}") from e
+    return Path(folder)
+
+
+# --- the export cache ---------------------------------------------------------------------------
+def cache_key(source: str | Path, precision: str, task: str = "auto", max_length: int | None = None) -> str:
+    """A readable, collision-safe folder name for one (source, export options, exporter version)."""
+    src = str(source)
+    p = Path(src).expanduser()
+    ident = str(p.resolve()) if p.exists() else src
+    version: object = 0
+    with contextlib.suppress(ImportError):  # serving install without the export extra
+        from encapure.export import EXPORT_VERSION as version
+    h = hashlib.sha256(json.dumps([ident, precision, task, max_length, str(version)]).encode()).hexdigest()
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "--", ident.strip("/"))[-80:]
+    return f"{slug}--{precision}--{h[:12]}"
+
+
+def cached_build(cache_dir: Path, key: str, build: Callable[[Path], object]) -> Path:
+    """Return ``cache_dir/key``, building it with ``build(tmp_folder)`` once across processes.
+
+    An entry is complete when it holds a manifest (``encapure.json``); anything else under the
+    key is a leftover and is rebuilt.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    final = cache_dir / key
+    if (final / MANIFEST_NAME).is_file():
+        return final
+    locks = cache_dir / ".locks"
+    locks.mkdir(exist_ok=True)
+    with FileLock(str(locks / f"{key}.lock")):
+        if (final / MANIFEST_NAME).is_file():  # another process finished while we waited
+            return final
+        if final.exists():  # a leftover without a manifest is not a model: rebuild it
+            shutil.rmtree(final, ignore_errors=True)
+        tmp = cache_dir / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            build(tmp)
+            if not (tmp / MANIFEST_NAME).is_file():
+                raise ModelError(f"building {key} produced no {MANIFEST_NAME}")
+            os.replace(tmp, final)  # atomic on one filesystem: readers see nothing or everything
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+class Exporter(Protocol):
+    """Turns a Hugging Face folder or hub id into an exported model folder (what ``load_model`` is handed)."""
+
+    def __call__(
+        self,
+        source: str | Path,
+        *,
+        settings: Settings | None = ...,
+        precision: str | None = ...,
+        task: str = ...,
+        max_length: int | None = ...,
+    ) -> Path: ...
+
+
+def cached_export(
+    source: str | Path,
+    *,
+    settings: Settings | None = None,
+    precision: str | None = None,
+    task: str = "auto",
+    max_length: int | None = None,
+) -> Path:
+    """Export a Hugging Face folder or hub id into ``settings.cache_dir`` once; return the folder."""
+    settings = settings or Settings()
+    precision = precision or settings.precision
+    key = cache_key(source, precision, task, max_length)
+
+    def build(tmp: Path) -> None:
+        try:
+            from encapure.export import export_model
+        except ImportError as e:
+            raise ModelError(
+                "exporting a Hugging Face model needs the export extra: pip install 'encapure[export]'"
+            ) from e
+        log.info("exporting %s (%s) into the cache at %s", source, precision, settings.cache_dir)
+        export_model(str(source), tmp, task=task, precision=precision, max_length=max_length)
+
+    return cached_build(Path(settings.cache_dir).expanduser(), key, build)
+
