@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -112,7 +113,7 @@ def naive_scorer(folder: Path, threads: int, batch_size: int = 32) -> Scorer:
     return score
 
 
-def engine_scorer(folder: Path, threads: int, workers: int = 1, **settings_kw: object) -> Scorer:
+def engine_scorer(folder: Path, threads: int, workers: int = 1, **settings_kw: Any) -> Scorer:
     from encapure.engine import Reranker
     from encapure.settings import Settings
 
