@@ -1,31 +1,28 @@
-"""Known models and the settings their config files cannot tell us.
+"""Known models: short names for hub ids, and the query/document prefixes their files do not say.
 
 A Hugging Face config says the architecture and the label count, but not that e5 wants
-``query: `` / ``passage: `` prefixes, that bge-en wants a retrieval instruction on queries only,
-or that a reranker was trained at 512 tokens. These entries fill that gap for ``from_pretrained``
-and the server; unknown models still work from their config alone.
+``query: `` / ``passage: `` prefixes or that bge-en wants a retrieval instruction on queries only.
+``load_model`` reads this table for two things: a short name or alias (``bge-reranker-v2-m3``)
+resolves to its hub id, and an exported model of a known source gets these prefixes when its
+manifest has none (never overriding the manifest, and only when the task matches). Everything
+else (task, pooling, normalization, max length, dimension) comes from the model's own files at
+export time. Unknown models work from their files alone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from encapure.manifest import Pooling, Task
+from encapure.manifest import Task
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     hub_id: str
     task: Task
-    max_length: int
-    pooling: Pooling | None = None  # embed only
-    normalize: bool = False
     query_prefix: str | None = None
     document_prefix: str | None = None
-    aliases: tuple[str, ...] = field(default_factory=tuple)
-    embedding_dim: int | None = None
-    multilingual: bool = False
-    notes: str = ""
+    aliases: tuple[str, ...] = ()
 
     @property
     def short_name(self) -> str:
@@ -36,32 +33,25 @@ _BGE_EN_QUERY = "Represent this sentence for searching relevant passages: "
 
 MODELS: tuple[ModelInfo, ...] = (
     # --- rerankers ---------------------------------------------------------------------------
-    ModelInfo("BAAI/bge-reranker-v2-m3", "rerank", 8192, multilingual=True,
-              notes="default reranker; XLM-R large; 512 is the usual serving limit"),
-    ModelInfo("BAAI/bge-reranker-base", "rerank", 512, multilingual=True),
-    ModelInfo("BAAI/bge-reranker-large", "rerank", 512, multilingual=True),
-    ModelInfo("cross-encoder/ms-marco-MiniLM-L-6-v2", "rerank", 512, aliases=("ms-marco-MiniLM-L-6",)),
-    ModelInfo("cross-encoder/ms-marco-MiniLM-L-12-v2", "rerank", 512, aliases=("ms-marco-MiniLM-L-12",)),
-    ModelInfo("mixedbread-ai/mxbai-rerank-xsmall-v1", "rerank", 512, aliases=("mxbai-rerank-xsmall",)),
-    ModelInfo("mixedbread-ai/mxbai-rerank-base-v1", "rerank", 512, aliases=("mxbai-rerank-base",)),
+    ModelInfo("BAAI/bge-reranker-v2-m3", "rerank"),  # the default reranker (XLM-R large)
+    ModelInfo("BAAI/bge-reranker-base", "rerank"),
+    ModelInfo("BAAI/bge-reranker-large", "rerank"),
+    ModelInfo("cross-encoder/ms-marco-MiniLM-L-6-v2", "rerank", aliases=("ms-marco-MiniLM-L-6",)),
+    ModelInfo("cross-encoder/ms-marco-MiniLM-L-12-v2", "rerank", aliases=("ms-marco-MiniLM-L-12",)),
+    ModelInfo("mixedbread-ai/mxbai-rerank-xsmall-v1", "rerank", aliases=("mxbai-rerank-xsmall",)),
+    ModelInfo("mixedbread-ai/mxbai-rerank-base-v1", "rerank", aliases=("mxbai-rerank-base",)),
     # --- embedders ---------------------------------------------------------------------------
-    ModelInfo("sentence-transformers/all-MiniLM-L6-v2", "embed", 256, "mean", True, embedding_dim=384),
-    ModelInfo("sentence-transformers/all-mpnet-base-v2", "embed", 384, "mean", True, embedding_dim=768),
-    ModelInfo("BAAI/bge-small-en-v1.5", "embed", 512, "cls", True, query_prefix=_BGE_EN_QUERY,
-              embedding_dim=384),
-    ModelInfo("BAAI/bge-base-en-v1.5", "embed", 512, "cls", True, query_prefix=_BGE_EN_QUERY,
-              embedding_dim=768),
-    ModelInfo("intfloat/e5-small-v2", "embed", 512, "mean", True, query_prefix="query: ",
-              document_prefix="passage: ", embedding_dim=384),
-    ModelInfo("intfloat/multilingual-e5-small", "embed", 512, "mean", True, query_prefix="query: ",
-              document_prefix="passage: ", embedding_dim=384, multilingual=True),
-    ModelInfo("intfloat/multilingual-e5-base", "embed", 512, "mean", True, query_prefix="query: ",
-              document_prefix="passage: ", embedding_dim=768, multilingual=True),
-    ModelInfo("nomic-ai/nomic-embed-text-v1.5", "embed", 8192, "mean", True,
-              query_prefix="search_query: ", document_prefix="search_document: ", embedding_dim=768,
-              notes="Matryoshka: dimensions 64..768; needs trust_remote_code to export"),
-    ModelInfo("BAAI/bge-m3", "embed", 8192, "cls", True, embedding_dim=1024, multilingual=True,
-              notes="dense vectors only"),
+    ModelInfo("sentence-transformers/all-MiniLM-L6-v2", "embed"),
+    ModelInfo("sentence-transformers/all-mpnet-base-v2", "embed"),
+    ModelInfo("BAAI/bge-small-en-v1.5", "embed", query_prefix=_BGE_EN_QUERY),
+    ModelInfo("BAAI/bge-base-en-v1.5", "embed", query_prefix=_BGE_EN_QUERY),
+    ModelInfo("intfloat/e5-small-v2", "embed", "query: ", "passage: "),
+    ModelInfo("intfloat/multilingual-e5-small", "embed", "query: ", "passage: "),
+    ModelInfo("intfloat/multilingual-e5-base", "embed", "query: ", "passage: "),
+    # Matryoshka (dimensions 64..768); needs trust_remote_code to export.
+    ModelInfo("nomic-ai/nomic-embed-text-v1.5", "embed", query_prefix="search_query: ",
+              document_prefix="search_document: "),
+    ModelInfo("BAAI/bge-m3", "embed"),  # dense vectors only
 )
 
 _BY_KEY: dict[str, ModelInfo] = {}

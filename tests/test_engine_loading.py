@@ -12,8 +12,8 @@ import pytest
 from conftest import BGE_ARCH, need
 
 from encapure.engine import Classifier, Embedder, Reranker, load_model
-from encapure.hub import cache_key, cached_build
 from encapure.errors import InvalidInputError, ModelNotFoundError
+from encapure.hub import cache_key, cached_build
 from encapure.manifest import Manifest
 from encapure.registry import MODELS, default_reranker, lookup
 from encapure.settings import Settings
@@ -145,14 +145,36 @@ def test_registry() -> None:
     assert e5 is not None and e5.query_prefix == "query: " and e5.document_prefix == "passage: "
     nomic = lookup("nomic-embed-text-v1.5")
     assert nomic is not None and nomic.query_prefix == "search_query: "
-    assert lookup("all-MiniLM-L6-v2") is not None and lookup("all-MiniLM-L6-v2").pooling == "mean"  # type: ignore[union-attr]
+    assert lookup("ms-marco-MiniLM-L-6") is lookup("cross-encoder/ms-marco-MiniLM-L-6-v2")  # an alias
     names = {m.short_name for m in MODELS}
     for expected in ("bge-reranker-base", "bge-reranker-large", "ms-marco-MiniLM-L-6-v2", "ms-marco-MiniLM-L-12-v2",
                      "mxbai-rerank-xsmall-v1", "mxbai-rerank-base-v1", "all-mpnet-base-v2", "bge-small-en-v1.5",
                      "bge-base-en-v1.5", "e5-small-v2", "multilingual-e5-base", "bge-m3"):
         assert expected in names
-    for m in MODELS:
-        assert (m.task == "embed") == (m.pooling is not None)
+    for m in MODELS:  # prefixes are for embedders; rerankers only resolve names
+        assert m.task == "embed" or (m.query_prefix is None and m.document_prefix is None)
+
+
+def test_registry_fills_missing_prefixes_only() -> None:
+    """What the registry drives in loading: prefixes a known source's manifest lacks, for the same task."""
+    from encapure.engine.loading import _apply_registry
+
+    def manifest(source: str, task: str = "embed", **kw: object) -> Manifest:
+        return Manifest(task=task, precision="fp32", max_length=8, input_names=["input_ids"],  # type: ignore[arg-type]
+                        output_name="x", output_kind="sentence_embedding", source=source, **kw)  # type: ignore[arg-type]
+
+    m = manifest("intfloat/e5-small-v2")
+    _apply_registry(m)
+    assert (m.query_prefix, m.document_prefix) == ("query: ", "passage: ")
+    m = manifest("intfloat/e5-small-v2", query_prefix="q> ")
+    _apply_registry(m)
+    assert (m.query_prefix, m.document_prefix) == ("q> ", "passage: ")  # the manifest wins
+    m = manifest("intfloat/e5-small-v2", task="classify")
+    _apply_registry(m)
+    assert m.query_prefix is None  # another task: not this entry
+    m = manifest("someone/unknown")
+    _apply_registry(m)
+    assert m.query_prefix is None and m.document_prefix is None
 
 
 def test_session_options_and_provider_fallback(caplog: pytest.LogCaptureFixture) -> None:
