@@ -27,6 +27,12 @@ def need(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """``@pytest.mark.anyio`` tests (the in-process server tests) run on asyncio, like the server."""
+    return "asyncio"
+
+
 # --- exported model fixtures (owned by the export area) -------------------------------------------
 # Session-scoped paths to exported model folders, cached under ROOT/.work/test-models/<key> where
 # the key hashes the source files, the precision and the exporter's EXPORT_VERSION. A file lock

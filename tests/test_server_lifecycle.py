@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from encapure.server.app import create_app
@@ -61,13 +62,21 @@ def test_sigterm_during_load_loses_no_request(reranker_int8_dir: Path) -> None:
 
 
 def test_sigint_when_idle_exits_0(reranker_int8_dir: Path) -> None:
+    from encapure.engine import load_model
+
     srv = ServerProcess(["--model", str(reranker_int8_dir), "--log-format", "json"])
     srv.start()
     try:
-        r = httpx.post(srv.url + "/rerank", json={"query": "q", "documents": ["d"]}, headers={"X-Request-ID": "r-1"})
+        body = {"query": "capital of France", "documents": ["Paris is the capital of France.", "Berlin."]}
+        r = httpx.post(srv.url + "/rerank", json=body, headers={"X-Request-ID": "r-1"})
         assert r.status_code == 200
         # the model is named after its folder; the JSON log line carries the request's context
         assert r.json()["model"] == reranker_int8_dir.name
+        # the real process serves the real model: the engine's scores for the same request alone
+        engine = load_model(reranker_int8_dir)
+        prepared = engine.prepare_pairs(body["query"], body["documents"])
+        expected = engine.finish(prepared, engine.forward(prepared.units)).scores
+        np.testing.assert_allclose(r.json()["scores"], expected, rtol=0, atol=1e-5)
         srv.signal(signal.SIGINT)
         assert srv.wait(30) == 0
         lines = [ln for ln in srv.log_text().splitlines() if '"request_id":"r-1"' in ln]
