@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import TracebackType
@@ -196,14 +196,6 @@ class InProcessServer:
             await c.aclose()
         assert self._lifespan is not None
         await self._lifespan.__aexit__(et, e, tb)
-
-
-async def in_process(
-    models: Mapping[str, InferenceModel], settings: Settings | None = None
-) -> AsyncIterator[InProcessServer]:
-    """``InProcessServer`` as an async generator, for async pytest fixtures."""
-    async with InProcessServer(models, settings) as srv:
-        yield srv
 
 
 class ThreadedServer:
