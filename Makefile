@@ -1,9 +1,10 @@
 # Two front-door commands: `make serve` and `make test` (both set up .venv on first use).
+# While developing: `make test-fast` (lint, then the tests not marked slow) and `make hooks` once.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test lint bench
+.PHONY: setup serve test test-fast lint hooks bench
 
 setup: $(STAMP)
 
@@ -24,6 +25,15 @@ lint: setup
 
 test: lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Everything but the tests marked slow (> ~30 s each: full-dataset quality runs, real exports).
+test-fast: lint
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+# The git pre-commit hook of .pre-commit-config.yaml (ruff check and mypy, from .venv).
+hooks: setup
+	$(PY) -m pip install -q pre-commit
+	$(VENV)/bin/pre-commit install
 
 bench: setup
 	$(PY) -m benchmarks $(ARGS)
