@@ -231,6 +231,23 @@ def test_tiny_bert_embedder_from_config(tmp_path: Path) -> None:
     res8 = export_model(src, tmp_path / "out8", precision="int8")
     assert res8.parity["cosine_min"] > 0.9
 
+    # Parity loads the folder the way the engine serves it: a manifest that pools unlike the source
+    # model (mean instead of the detected cls) is caught, not just a graph that drifts.
+    import shutil
+
+    from encapure.export import parity as par
+
+    model = BertModel.from_pretrained(str(src)).eval()
+    good = par.check(model, tmp_path / "out", "embed", pooling="cls", normalize=False, max_length=128)
+    assert good["max_abs_diff"] <= 1e-4 and good["cosine_min"] > 0.9999
+    assert set(good) == set(res.parity) - {"precision", "task", "fusions", "quantization", "timings_s"}
+    shutil.copytree(tmp_path / "out", tmp_path / "bad")
+    manifest = json.loads((tmp_path / "bad" / "encapure.json").read_text())
+    manifest["pooling"] = "mean"
+    (tmp_path / "bad" / "encapure.json").write_text(json.dumps(manifest))
+    bad = par.check(model, tmp_path / "bad", "embed", pooling="cls", normalize=False, max_length=128)
+    assert bad["max_abs_diff"] > 1e-2 and bad["max_abs_diff_token_embeddings"] <= 1e-4
+
 
 # --- the command line -----------------------------------------------------------------------------
 def _assert_clean_error(proc: subprocess.CompletedProcess[str], words: str) -> None:

@@ -357,7 +357,8 @@ def _build(
             # A draft manifest so the engine loads the folder exactly as it will be served; the final
             # one (with file hashes and versions) replaces it when the export is complete.
             manifest.save(work)
-            report.update(par.check(model, work, info.task, max_length=min(info.max_length, 512)))
+            report.update(par.check(model, work, info.task, pooling=info.pooling, normalize=info.normalize,
+                                    max_length=min(info.max_length, 512)))
         prog.info(par.summary_line(precision, report))
         if precision == "fp32" and report["max_abs_diff"] > par.FP32_ABS_TOL:
             raise ParityError(

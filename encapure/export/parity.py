@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from encapure.engine.types import Unit
+from encapure.engine.types import EmbedOutput, Unit
 from encapure.errors import ExportError, ManifestError, ModelError
 from encapure.settings import Settings
 
@@ -125,10 +125,16 @@ def check(
     folder: Path,
     task: str,
     *,
+    pooling: str | None,
+    normalize: bool,
     max_length: int,
     batch_size: int = 4,
 ) -> dict[str, Any]:
-    """Exported ``folder`` (loaded by the engine) vs ``torch_model`` on the fixed samples."""
+    """Exported ``folder`` (loaded by the engine) vs ``torch_model`` on the fixed samples.
+
+    ``pooling``/``normalize`` are the source model's (its sentence-transformers config), so an
+    exported manifest that pools or normalizes differently from the source shows up as a mismatch.
+    """
     import torch
 
     from encapure.engine.loading import load_model
@@ -154,15 +160,17 @@ def check(
             hidden = out.last_hidden_state.float().numpy()
             raw = engine.session.run([engine.manifest.output_name], {k: feed[k] for k in feed_names})[0]
             token_diff = max(token_diff, float(np.abs(hidden[mask] - np.asarray(raw, np.float32)[mask]).max()))
-            refs.append(pool(hidden, mask, engine.manifest.pooling or "cls"))
+            refs.append(pool(hidden, mask, pooling or "cls"))
         else:
             refs.append(out.logits.float().numpy())
         gots.append(got)
     report: dict[str, Any] = {"n_items": len(items)}
     if task == "embed":
-        e_got = engine.finish(prepared, np.concatenate(gots)).embeddings  # type: ignore[union-attr]
+        served = engine.finish(prepared, np.concatenate(gots))  # dimensions, normalization as served
+        assert isinstance(served, EmbedOutput)
+        e_got = served.embeddings
         e_ref = np.concatenate(refs)
-        if engine.manifest.normalize:
+        if normalize:
             e_ref = l2_normalize(e_ref)
         cos = (e_ref * e_got).sum(1) / (np.linalg.norm(e_ref, axis=1) * np.linalg.norm(e_got, axis=1) + 1e-12)
         report.update(
