@@ -19,7 +19,7 @@ from encapure.settings import describe_error
 
 _SUBCOMMAND_MODULES = (
     "encapure.export.cli",  # export
-    "encapure.engine.cli",  # eval
+    "encapure.evaluation.cli",  # eval
     "encapure.server.cli",  # serve
 )
 

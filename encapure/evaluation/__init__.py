@@ -1,4 +1,4 @@
-"""Evaluation of rankers: dataset readers and ranking metrics (``run`` scores a ``Reranker``).
+"""Evaluation of rankers: dataset readers, ranking metrics, ``run`` (scores a ``Reranker``) and ``cli`` (``encapure eval``).
 
 A layer above the engine: it calls the engine like any user, and the engine never imports it.
 ``datasets`` and ``ranking`` need only numpy, so the benchmarks and experiments use them without
