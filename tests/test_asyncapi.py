@@ -1,22 +1,32 @@
-"""The asyncio API on real exported models: same answers as the sync engine classes, with
-concurrent calls pooled into shared batches."""
+"""The asyncio API: same answers as the sync engine classes, with concurrent calls pooled into
+shared batches.
+
+The models are the engine's real ``OnnxModel`` over a fake ONNX Runtime session whose rows depend
+only on their own tokens (``tests/fakes.py``): what is tested is the plumbing (arguments, batching,
+lifecycle), not the network. Loading an exported folder keeps one real test.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from fakes import FakeSession, fake_model
 
-from encapure.engine import Classifier, Embedder, Reranker, load_model
+from encapure.engine import Classifier, Embedder, Reranker
+from encapure.engine.model import OnnxModel
 from encapure.errors import InvalidInputError, ShuttingDownError, WrongTaskError
 from encapure.scheduler import AsyncClassifier, AsyncEmbedder, AsyncReranker, Scheduler
 from encapure.settings import Settings
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(60)
+
+BATCH_S = 0.002  # what one batch costs on the fake models
 
 TEXTS = [
     "How are glacier caves formed?",
@@ -39,13 +49,23 @@ def _requests(n: int, seed: int = 0) -> list[tuple[str, list[str]]]:
 
 
 @pytest.fixture(scope="module")
-def rr_model(reranker_fp32_dir: Path) -> Any:
-    return load_model(reranker_fp32_dir, settings=Settings(threads_per_worker=1), name="rr")
+def rr_model() -> Any:
+    return fake_model("rerank", name="rr", settings=Settings(threads_per_worker=1), base_s=BATCH_S)
 
 
 @pytest.fixture(scope="module")
-def emb_model(embedder_fp32_dir: Path) -> Any:
-    return load_model(embedder_fp32_dir, settings=Settings(threads_per_worker=1), name="emb")
+def emb_model() -> Any:
+    return fake_model("embed", name="emb", settings=Settings(threads_per_worker=1), base_s=BATCH_S)
+
+
+def fake_classifier(rr_model: Any) -> OnnxModel:
+    """The reranker's tokenizer and manifest as a 3-label classifier over a fake session."""
+    manifest = dataclasses.replace(
+        rr_model.manifest, task="classify", labels=["a", "b", "c"], score_activation="softmax"
+    )
+    session = FakeSession("logits", vocab_size=rr_model.vocab_size, dim=3, base_s=BATCH_S)
+    return OnnxModel(rr_model.folder, manifest, name="cls", tokenizer_path=rr_model.folder / "tokenizer.json",
+                     session=session, settings=Settings(threads_per_worker=1))
 
 
 def test_async_reranker_matches_sync_and_batches_across_calls(rr_model: Any) -> None:
@@ -99,22 +119,20 @@ def test_async_embedder_matches_sync(emb_model: Any) -> None:
     asyncio.run(main())
 
 
-def test_async_classifier_matches_sync(reranker_fp32_dir: Path) -> None:
-    model = load_model(
-        reranker_fp32_dir, settings=Settings(threads_per_worker=1), name="cls", task="classify"
-    )
+def test_async_classifier_matches_sync(rr_model: Any) -> None:
+    model = fake_classifier(rr_model)
     sync = Classifier(model)
     pairs = [(TEXTS[0], t) for t in TEXTS[1:6]]
 
-    async def main() -> list[dict[str, float]]:
+    async def main() -> tuple[list[dict[str, float]], list[dict[str, float]]]:
         async with AsyncClassifier(model) as clf:
-            return await clf.predict(pairs, raw_scores=True)
+            return await clf.predict(pairs, raw_scores=True), await clf.predict(TEXTS[:4])
 
-    got = asyncio.run(main())
-    want = sync.predict(pairs, raw_scores=True)
-    assert [list(g) for g in got] == [list(w) for w in want]
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(list(g.values()), list(w.values()), atol=2e-5)
+    got, got_texts = asyncio.run(main())
+    for g_all, w_all in ((got, sync.predict(pairs, raw_scores=True)), (got_texts, sync.predict(TEXTS[:4]))):
+        assert [list(g) for g in g_all] == [list(w) for w in w_all]
+        for g, w in zip(g_all, w_all, strict=True):
+            np.testing.assert_allclose(list(g.values()), list(w.values()), atol=2e-5)
 
 
 def test_shared_scheduler_serves_reranker_and_embedder(rr_model: Any, emb_model: Any) -> None:
@@ -169,7 +187,7 @@ def test_lazy_instance_survives_a_second_asyncio_run(rr_model: Any) -> None:
     first = rr.scheduler
     assert asyncio.run(once()) == 3
     assert rr.scheduler is not first
-    first_threads = first._threads
+    first_threads = first.workers.threads
     for t in first_threads:
         t.join(5)
     assert not any(t.is_alive() for t in first_threads)

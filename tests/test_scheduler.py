@@ -1,9 +1,13 @@
-"""The scheduler on a real exported ONNX reranker: cross-request batching, admission, deadlines,
-cancellation, failing batches, dying workers and shutdown.
+"""The scheduler end to end: cross-request batching, admission, deadlines, cancellation, failing
+batches, dying workers and shutdown.
 
-Each test runs its own event loop (``asyncio.run``) and its own ``Scheduler`` over one shared
-loaded model; timing-dependent behaviour is forced with fault injection (``slow:<ms>`` keeps a
-worker busy) rather than hoped for, and every test asserts that no request is left pending.
+The model is the engine's real ``OnnxModel`` (real tokenizer, padding, folding) over a fake ONNX
+Runtime session with a fixed cost per batch and rows that depend only on their own tokens
+(``tests/fakes.py``), so a row routed to the wrong request shows, and no export or torch is
+needed. Each test runs its own event loop (``asyncio.run``) and its own ``Scheduler``;
+timing-dependent behaviour is forced with fault injection (``slow:<ms>`` keeps a worker busy)
+rather than hoped for, and every test asserts that no request is left pending. The batching
+rules themselves are unit-tested without threads in ``test_scheduler_policy.py``.
 """
 
 from __future__ import annotations
@@ -13,27 +17,29 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import pytest
+from fakes import fake_model, fake_session
 
 from encapure.engine.types import Prepared
 from encapure.errors import (
     CancelledRequestError,
     DeadlineExceededError,
-    InvalidInputError,
     ModelError,
     ModelNotFoundError,
     OverloadedError,
     ShuttingDownError,
     WorkerDiedError,
 )
-from encapure.scheduler import Scheduler, SchedulerMetrics
+from encapure.scheduler import Scheduler, SchedulerMetrics, faults
 from encapure.settings import Settings
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(60)
+
+# What one batch costs on the fake model: enough for requests to overlap, little enough to be quick.
+BATCH_S = 0.002
 
 T = TypeVar("T")
 
@@ -57,11 +63,8 @@ def make_request(rng: random.Random, n_docs: int, short: bool = False) -> tuple[
 
 
 @pytest.fixture(scope="module")
-def model(reranker_fp32_dir: Path) -> Any:
-    """fp32 on purpose: int8 quantizes activations per batch, so its rows depend on batch mates."""
-    from encapure.engine import load_model
-
-    return load_model(reranker_fp32_dir, settings=Settings(threads_per_worker=1), name="rr")
+def model() -> Any:
+    return fake_model("rerank", name="rr", settings=Settings(threads_per_worker=1), base_s=BATCH_S)
 
 
 def settings(**kw: Any) -> Settings:
@@ -80,7 +83,7 @@ def prep(model: Any, n_docs: int, seed: int = 0, fault: str | None = None, short
     q, docs = make_request(random.Random(seed), n_docs, short=short)
     p = model.prepare_pairs(q, docs)
     if fault:
-        p.options["fault"] = fault
+        faults.mark(p, fault)
     return p
 
 
@@ -148,6 +151,9 @@ def test_batches_respect_token_budget_and_size(model: Any) -> None:
     rng = random.Random(3)
     requests = [make_request(rng, rng.randint(1, 12)) for _ in range(30)]
 
+    ran = fake_session(model).batches
+    before = len(ran)
+
     async def main() -> None:
         sched = await started(model, s, metrics)
         preps = [model.prepare_pairs(q, d) for q, d in requests]
@@ -157,6 +163,9 @@ def test_batches_respect_token_budget_and_size(model: Any) -> None:
         await sched.shutdown(5)
 
     run(main)
+    shapes = ran[before:]  # (rows, padded width) of every batch the model really ran
+    assert sum(n for n, _ in shapes) == sum(len(d) for _, d in requests)
+    assert all(n <= 8 and (n * width <= 600 or n == 1) for n, width in shapes), shapes
     # every realized batch fits the budget unless one unit alone is longer (max_length 256 < 600)
     assert metric(metrics, "encapure_batch_size_bucket", model="rr", le="8.0") == metric(
         metrics, "encapure_batch_size_count", model="rr"
@@ -548,7 +557,7 @@ def test_event_loop_ending_without_shutdown_leaves_workers_quiet(model: Any) -> 
     run(main)
     time.sleep(0.5)  # the worker finishes and reports to a closed loop
     assert sched_box[0].stats()["workers_alive"] == 1
-    assert all(t.is_alive() for t in sched_box[0]._threads)
+    assert all(t.is_alive() for t in sched_box[0].workers.threads)
 
 
 # ------------------------------------------------------------------------------------ small contracts
@@ -582,10 +591,11 @@ def test_contract_errors_and_empty_requests(model: Any) -> None:
     run(main)
 
 
-def test_bad_knobs_are_refused_with_a_clear_error(model: Any) -> None:
+def test_bad_knobs_are_refused_by_the_settings() -> None:
+    """The scheduler trusts ``Settings`` for its knobs' ranges; a bad one never reaches it."""
     for bad in ({"workers": 0}, {"max_batch_size": 0}, {"max_queued_items": 0}, {"max_wait_ms": -1}):
-        with pytest.raises(InvalidInputError, match=next(iter(bad))):
-            Scheduler({"rr": model}, settings(**bad))
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            settings(**bad)
 
 
 def test_fault_option_ignored_unless_enabled(model: Any) -> None:

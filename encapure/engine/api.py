@@ -3,10 +3,17 @@
 Thin wrappers over ``OnnxModel``: prepare -> batched run -> finish, in the caller's thread (or on
 the model's small worker pool when ``Settings.workers > 1``). The async API and the server use the
 scheduler instead, with the same model object underneath.
+
+The argument handling both APIs share (``top_n``, one text vs a list, texts vs pairs, which
+``prepare_*`` a call needs) lives here once: each class builds a *request*, a zero-argument
+callable that tokenizes, and the sync class runs it in place while the async one hands it to the
+scheduler.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -15,10 +22,38 @@ import numpy.typing as npt
 
 from encapure.engine.loading import load_model
 from encapure.engine.model import OnnxModel
-from encapure.engine.types import ClassifyOutput, EmbedOutput, LongDocuments, RerankOutput, RerankResult
+from encapure.engine.types import (
+    ClassifyOutput,
+    EmbedOutput,
+    LongDocuments,
+    ModelOutput,
+    Prepared,
+    RerankOutput,
+    RerankResult,
+)
 from encapure.errors import InvalidInputError, WrongTaskError
 from encapure.manifest import Task
 from encapure.settings import Precision, Settings
+
+PrepareFn = Callable[[], Prepared]
+
+
+def check_top_n(top_n: int | None) -> None:
+    """Refuse a bad ``top_n`` before any work is done."""
+    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0):
+        raise InvalidInputError(f"top_n must be a non-negative integer, got {top_n!r}")
+
+
+def as_batch(texts: list[str] | str) -> tuple[list[str], bool]:
+    """``(list of texts, whether the caller gave one text)``: one text is a batch of one."""
+    if isinstance(texts, str):
+        return [texts], True
+    return texts, False
+
+
+def one_or_all(rows: npt.NDArray[np.float32], single: bool) -> npt.NDArray[np.float32]:
+    """Undo ``as_batch``: one text gives ``[D]``, a list ``[n, D]``."""
+    return rows[0] if single else rows
 
 
 class _Base:
@@ -56,6 +91,10 @@ class _Base:
             overrides["task"] = cls.task  # export a hub model as what the caller asked for
         return cls(load_model(id_or_folder, settings=settings, name=name, **overrides))
 
+    def _call(self, request: PrepareFn) -> ModelOutput:
+        """Run a request in the caller's thread: tokenize, batched forward, finish."""
+        return self.model(request())
+
     @property
     def max_length(self) -> int:
         return self.model.max_length
@@ -82,8 +121,7 @@ class Reranker(_Base):
         long_documents: LongDocuments = "truncate",
     ) -> list[RerankResult]:
         """Documents sorted by relevance to ``query`` (ties keep input order), cut to ``top_n``."""
-        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0):
-            raise InvalidInputError(f"top_n must be a non-negative integer, got {top_n!r}")
+        check_top_n(top_n)
         out = self.compute(query, documents, raw_scores=raw_scores, truncate=truncate,
                            long_documents=long_documents)
         return out.ranked(top_n, list(documents) if return_documents else None)
@@ -98,9 +136,8 @@ class Reranker(_Base):
         long_documents: LongDocuments = "truncate",
     ) -> RerankOutput:
         """Scores in input order, with token counts and truncation flags."""
-        prepared = self.model.prepare_pairs(query, documents, truncate=truncate,
-                                            long_documents=long_documents, raw_scores=raw_scores)
-        out = self.model(prepared)
+        out = self._call(self.pairs_request(query, documents, raw_scores=raw_scores, truncate=truncate,
+                                            long_documents=long_documents))
         assert isinstance(out, RerankOutput)
         return out
 
@@ -113,11 +150,20 @@ class Reranker(_Base):
         long_documents: LongDocuments = "truncate",
     ) -> npt.NDArray[np.float32]:
         """One score per (query, document) pair, in input order."""
-        prepared = self.model.prepare_pair_list(pairs, truncate=truncate, long_documents=long_documents,
-                                                raw_scores=raw_scores)
-        out = self.model(prepared)
+        out = self._call(self.pair_list_request(pairs, raw_scores=raw_scores, truncate=truncate,
+                                                long_documents=long_documents))
         assert isinstance(out, RerankOutput)
         return out.scores
+
+    def pairs_request(self, query: str, documents: list[str], *, raw_scores: bool, truncate: bool,
+                      long_documents: LongDocuments) -> PrepareFn:
+        return functools.partial(self.model.prepare_pairs, query, documents, truncate=truncate,
+                                 long_documents=long_documents, raw_scores=raw_scores)
+
+    def pair_list_request(self, pairs: list[tuple[str, str]], *, raw_scores: bool, truncate: bool,
+                          long_documents: LongDocuments) -> PrepareFn:
+        return functools.partial(self.model.prepare_pair_list, pairs, truncate=truncate,
+                                 long_documents=long_documents, raw_scores=raw_scores)
 
 
 class Embedder(_Base):
@@ -132,9 +178,8 @@ class Embedder(_Base):
         normalize: bool | None = None,
         truncate: bool = True,
     ) -> EmbedOutput:
-        prepared = self.model.prepare_texts(texts, truncate=truncate, kind=kind, dimensions=dimensions,
-                                            normalize=normalize)
-        out = self.model(prepared)
+        out = self._call(self.texts_request(texts, kind=kind, dimensions=dimensions, normalize=normalize,
+                                            truncate=truncate))
         assert isinstance(out, EmbedOutput)
         return out
 
@@ -147,21 +192,23 @@ class Embedder(_Base):
         truncate: bool = True,
     ) -> npt.NDArray[np.float32]:
         """``[n, D]`` float32 vectors (one text gives ``[D]``); no query/document prefix."""
-        single = isinstance(texts, str)
-        out = self.compute([texts] if single else texts, dimensions=dimensions,  # type: ignore[list-item,arg-type]
-                           normalize=normalize, truncate=truncate).embeddings
-        return out[0] if single else out
+        batch, single = as_batch(texts)
+        out = self.compute(batch, dimensions=dimensions, normalize=normalize, truncate=truncate)
+        return one_or_all(out.embeddings, single)
 
     def embed_query(self, texts: list[str] | str, *, dimensions: int | None = None) -> npt.NDArray[np.float32]:
         """With the model's query prefix (e5 ``query: ``, bge's retrieval instruction)."""
-        single = isinstance(texts, str)
-        out = self.compute([texts] if single else texts, kind="query",  # type: ignore[list-item,arg-type]
-                           dimensions=dimensions).embeddings
-        return out[0] if single else out
+        batch, single = as_batch(texts)
+        return one_or_all(self.compute(batch, kind="query", dimensions=dimensions).embeddings, single)
 
     def embed_documents(self, texts: list[str], *, dimensions: int | None = None) -> npt.NDArray[np.float32]:
         """With the model's document prefix (e5 ``passage: ``)."""
         return self.compute(texts, kind="document", dimensions=dimensions).embeddings
+
+    def texts_request(self, texts: list[str], *, kind: Literal["query", "document"] | None,
+                      dimensions: int | None, normalize: bool | None, truncate: bool) -> PrepareFn:
+        return functools.partial(self.model.prepare_texts, texts, truncate=truncate, kind=kind,
+                                 dimensions=dimensions, normalize=normalize)
 
     @property
     def dimension(self) -> int:
@@ -173,14 +220,7 @@ class Classifier(_Base):
 
     def compute(self, inputs: list[str] | list[tuple[str, str]], *, raw_scores: bool = False,
                 truncate: bool = True) -> ClassifyOutput:
-        items = list(inputs)
-        if items and all(isinstance(x, (tuple, list)) for x in items):
-            prepared = self.model.prepare_pair_list(items, truncate=truncate,  # type: ignore[arg-type]
-                                                    raw_scores=raw_scores)
-        else:
-            prepared = self.model.prepare_texts(items, truncate=truncate,  # type: ignore[arg-type]
-                                                raw_scores=raw_scores)
-        out = self.model(prepared)
+        out = self._call(self.inputs_request(inputs, raw_scores=raw_scores, truncate=truncate))
         assert isinstance(out, ClassifyOutput)
         return out
 
@@ -188,6 +228,15 @@ class Classifier(_Base):
                 raw_scores: bool = False) -> list[dict[str, float]]:
         """Per input, ``{label: score}`` (softmax probabilities unless ``raw_scores``), best first."""
         return [dict(row) for row in self.compute(inputs, raw_scores=raw_scores).top()]
+
+    def inputs_request(self, inputs: list[str] | list[tuple[str, str]], *, raw_scores: bool,
+                       truncate: bool) -> PrepareFn:
+        """Texts or (text, text_pair) pairs: the classifier takes both, but not mixed in one call."""
+        items: list[Any] = list(inputs)
+        if items and all(isinstance(x, (tuple, list)) for x in items):
+            return functools.partial(self.model.prepare_pair_list, items, truncate=truncate,
+                                     raw_scores=raw_scores)
+        return functools.partial(self.model.prepare_texts, items, truncate=truncate, raw_scores=raw_scores)
 
     @property
     def labels(self) -> list[str]:

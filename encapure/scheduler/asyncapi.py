@@ -26,14 +26,22 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import numpy.typing as npt
 
-from encapure.engine.api import Classifier, Embedder, Reranker, _Base
+from encapure.engine.api import (
+    Classifier,
+    Embedder,
+    PrepareFn,
+    Reranker,
+    _Base,
+    as_batch,
+    check_top_n,
+    one_or_all,
+)
 from encapure.engine.types import (
     ClassifyOutput,
     EmbedOutput,
     InferenceModel,
     LongDocuments,
     ModelOutput,
-    Prepared,
     RerankOutput,
     RerankResult,
 )
@@ -132,18 +140,13 @@ class _AsyncBase:
         return int(self.model.max_length)
 
     # --- the one path every call takes --------------------------------------------------------
-    async def _run(self, fn: Any, *args: Any, timeout: float | None = None, **kwargs: Any) -> ModelOutput:
+    async def _run(self, request: PrepareFn, timeout: float | None) -> ModelOutput:
         if self._closed:
             raise ShuttingDownError(f"{type(self).__name__} is closed", retry_after=None)
         if self._owns:
             await self._ensure_started()
         deadline = None if timeout is None else time.monotonic() + timeout
-        prepared: Prepared = await self.scheduler.prepare(fn, *args, **kwargs)
-        if not prepared.units:  # nothing to run (empty input): the engine builds the empty result
-            width = int(getattr(self.model, "output_dim", 0))
-            return self.model.finish(prepared, np.zeros((0, width), dtype=np.float32))
-        rows = await self.scheduler.submit(self.name, prepared, deadline=deadline)
-        return self.model.finish(prepared, rows)  # type: ignore[no-any-return]
+        return await self.scheduler.run(self.name, request, self.model.finish, deadline=deadline)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.model!r})"
@@ -166,8 +169,7 @@ class AsyncReranker(_AsyncBase):
         timeout: float | None = None,
     ) -> list[RerankResult]:
         """Documents sorted by relevance to ``query`` (ties keep input order), cut to ``top_n``."""
-        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0):
-            raise InvalidInputError(f"top_n must be a non-negative integer, got {top_n!r}")
+        check_top_n(top_n)
         out = await self.compute(
             query,
             documents,
@@ -189,15 +191,10 @@ class AsyncReranker(_AsyncBase):
         timeout: float | None = None,
     ) -> RerankOutput:
         """Scores in input order, with token counts and truncation flags."""
-        out = await self._run(
-            self.model.prepare_pairs,
-            query,
-            documents,
-            truncate=truncate,
-            long_documents=long_documents,
-            raw_scores=raw_scores,
-            timeout=timeout,
+        request = self.sync.pairs_request(
+            query, documents, raw_scores=raw_scores, truncate=truncate, long_documents=long_documents
         )
+        out = await self._run(request, timeout)
         assert isinstance(out, RerankOutput)
         return out
 
@@ -211,14 +208,10 @@ class AsyncReranker(_AsyncBase):
         timeout: float | None = None,
     ) -> npt.NDArray[np.float32]:
         """One score per (query, document) pair, in input order."""
-        out = await self._run(
-            self.model.prepare_pair_list,
-            pairs,
-            truncate=truncate,
-            long_documents=long_documents,
-            raw_scores=raw_scores,
-            timeout=timeout,
+        request = self.sync.pair_list_request(
+            pairs, raw_scores=raw_scores, truncate=truncate, long_documents=long_documents
         )
+        out = await self._run(request, timeout)
         assert isinstance(out, RerankOutput)
         return out.scores
 
@@ -237,15 +230,10 @@ class AsyncEmbedder(_AsyncBase):
         truncate: bool = True,
         timeout: float | None = None,
     ) -> EmbedOutput:
-        out = await self._run(
-            self.model.prepare_texts,
-            texts,
-            truncate=truncate,
-            kind=kind,
-            dimensions=dimensions,
-            normalize=normalize,
-            timeout=timeout,
+        request = self.sync.texts_request(
+            texts, kind=kind, dimensions=dimensions, normalize=normalize, truncate=truncate
         )
+        out = await self._run(request, timeout)
         assert isinstance(out, EmbedOutput)
         return out
 
@@ -259,21 +247,19 @@ class AsyncEmbedder(_AsyncBase):
         timeout: float | None = None,
     ) -> npt.NDArray[np.float32]:
         """``[n, D]`` float32 vectors (one text gives ``[D]``); no query/document prefix."""
-        single = isinstance(texts, str)
-        batch: Any = [texts] if single else texts
+        batch, single = as_batch(texts)
         out = await self.compute(
             batch, dimensions=dimensions, normalize=normalize, truncate=truncate, timeout=timeout
         )
-        return out.embeddings[0] if single else out.embeddings
+        return one_or_all(out.embeddings, single)
 
     async def embed_query(
         self, texts: list[str] | str, *, dimensions: int | None = None, timeout: float | None = None
     ) -> npt.NDArray[np.float32]:
         """With the model's query prefix (e5 ``query: ``, bge's retrieval instruction)."""
-        single = isinstance(texts, str)
-        batch: Any = [texts] if single else texts
+        batch, single = as_batch(texts)
         out = await self.compute(batch, kind="query", dimensions=dimensions, timeout=timeout)
-        return out.embeddings[0] if single else out.embeddings
+        return one_or_all(out.embeddings, single)
 
     async def embed_documents(
         self, texts: list[str], *, dimensions: int | None = None, timeout: float | None = None
@@ -299,12 +285,7 @@ class AsyncClassifier(_AsyncBase):
         truncate: bool = True,
         timeout: float | None = None,
     ) -> ClassifyOutput:
-        items = list(inputs)
-        if items and all(isinstance(x, (tuple, list)) for x in items):
-            fn = self.model.prepare_pair_list
-        else:
-            fn = self.model.prepare_texts
-        out = await self._run(fn, items, truncate=truncate, raw_scores=raw_scores, timeout=timeout)
+        out = await self._run(self.sync.inputs_request(inputs, raw_scores=raw_scores, truncate=truncate), timeout)
         assert isinstance(out, ClassifyOutput)
         return out
 

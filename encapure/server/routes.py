@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import time
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -21,9 +21,11 @@ from encapure.engine.types import (
     ClassifyOutput,
     EmbedOutput,
     InferenceModel,
+    LongDocuments,
     ModelOutput,
     Prepared,
     RerankOutput,
+    RerankResult,
 )
 from encapure.errors import (
     InvalidInputError,
@@ -32,6 +34,7 @@ from encapure.errors import (
     UnavailableError,
     WrongTaskError,
 )
+from encapure.scheduler import faults
 from encapure.server.errors import error_response
 from encapure.server.schemas import (
     CohereV1RerankRequest,
@@ -52,7 +55,7 @@ _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
 
 def _state(request: Request) -> ServerState:
-    return request.app.state.encapure  # type: ignore[no-any-return]
+    return request.app.state.encapure
 
 
 def _json(obj: Any, headers: dict[str, str] | None = None, status: int = 200) -> Response:
@@ -123,61 +126,61 @@ def _ms(seconds: float) -> str:
 
 
 async def run_inference(
-    request: Request, name: str, model: InferenceModel, fn: Callable[..., Prepared], *args: Any, **kw: Any
+    request: Request, name: str, model: InferenceModel, prepare: Callable[[], Prepared]
 ) -> tuple[ModelOutput, dict[str, str]]:
-    """Tokenize (off the loop), queue for a shared batch, finish. Returns the output and headers."""
+    """The scheduler's one inference flow (tokenize off the loop, queue for a shared batch,
+    finish), with this request's deadline and disconnect watch. Returns the output and headers."""
     state = _state(request)
     sched = state.require_scheduler()
     info: dict[str, Any] = request.scope["state"]["info"]
+    if state.fault_injection and (fault := request.headers.get("x-encapure-fault")):
+        prepare = functools.partial(_with_fault, prepare, fault)
     state.enter()
+    watcher = DisconnectWatcher(request.receive)
+    timings: dict[str, float] = {}
     try:
-        t0 = time.perf_counter()
-        prepared: Prepared = await sched.prepare(fn, *args, **kw)
-        t1 = time.perf_counter()
-        if state.fault_injection:
-            fault = request.headers.get("x-encapure-fault")
-            if fault:
-                prepared.options["fault"] = fault
-        watcher = DisconnectWatcher(request.receive)
-        timings: dict[str, float] = {}
-        try:
-            rows = await sched.submit(
-                name,
-                prepared,
-                deadline=request.scope["state"]["deadline"],
-                is_cancelled=watcher.is_cancelled,
-                timings=timings,
-            )
-        finally:
-            watcher.stop()
-            if watcher.disconnected:
-                info["disconnected"] = True
-        t2 = time.perf_counter()
-        out = model.finish(prepared, rows)
+        out: ModelOutput = await sched.run(
+            name,
+            prepare,
+            model.finish,
+            deadline=request.scope["state"]["deadline"],
+            is_cancelled=watcher.is_cancelled,
+            timings=timings,
+        )
     finally:
+        watcher.stop()
+        if watcher.disconnected:
+            info["disconnected"] = True
         state.leave()
-    queue_s = timings.get("queue_s", t2 - t1)
+    tokenize_s = timings.get("prepare_s", 0.0)
+    queue_s = timings.get("queue_s", 0.0)
     infer_s = timings.get("inference_s", 0.0)
-    tokens = prepared.total_tokens
+    tokens = _tokens(out)
+    n_inputs = len(out.tokens)
     info.update(
         model=name,
-        items=prepared.n_inputs,
+        items=n_inputs,
         tokens=tokens,
-        tokenize_ms=round((t1 - t0) * 1000, 2),
+        tokenize_ms=round(tokenize_s * 1000, 2),
         queue_ms=round(queue_s * 1000, 2),
         inference_ms=round(infer_s * 1000, 2),
     )
     headers = {
-        "x-tokenization-time": _ms(t1 - t0),
+        "x-tokenization-time": _ms(tokenize_s),
         "x-queue-time": _ms(queue_s),
         "x-inference-time": _ms(infer_s),
         "x-total-tokens": str(tokens),
-        "x-items": str(prepared.n_inputs),
+        "x-items": str(n_inputs),
     }
-    if any(prepared.truncated):
-        headers["x-truncated-inputs"] = str(sum(prepared.truncated))
+    if any(out.truncated):
+        headers["x-truncated-inputs"] = str(sum(out.truncated))
     state.http_metrics.tokens.labels(request.scope["path"]).inc(tokens)
     return out, headers
+
+
+def _with_fault(prepare: Callable[[], Prepared], fault: str) -> Prepared:
+    """Tests only (``--fault-injection``): the request's units carry the ``x-encapure-fault``."""
+    return faults.mark(prepare(), fault)
 
 
 def _check_batch(state: ServerState, n: int, what: str) -> None:
@@ -201,44 +204,29 @@ async def _rerank(
     *,
     raw: bool = False,
     truncate: bool = True,
-    long_documents: str = "truncate",
+    long_documents: LongDocuments = "truncate",
     route: str,
-) -> tuple[str, RerankOutput | None, dict[str, str]]:
+) -> tuple[str, RerankOutput, dict[str, str]]:
     state = _state(request)
     name, model = pick_model(state, model_name, ("rerank",), route)
     _check_batch(state, len(documents), "documents")
     request.scope["state"]["info"]["items"] = len(documents)
     state.http_metrics.items.labels(route).inc(len(documents))
-    if not documents:
-        return name, None, {"x-total-tokens": "0"}
     texts = [_doc_text(d) for d in documents]
-    out, headers = await run_inference(
-        request,
-        name,
-        model,
-        model.prepare_pairs,
-        query,
-        texts,
-        truncate=truncate,
-        raw_scores=raw,
-        long_documents=long_documents,
+    prepare = functools.partial(
+        model.prepare_pairs, query, texts, truncate=truncate, raw_scores=raw, long_documents=long_documents
     )
+    out, headers = await run_inference(request, name, model, prepare)
     assert isinstance(out, RerankOutput)
     return name, out, headers
 
 
-def _order(out: RerankOutput | None, top_n: int | None) -> tuple[list[int], list[float]]:
-    if out is None:
-        return [], []
-    scores = out.scores.astype(np.float64).tolist()
-    order = np.argsort(-out.scores, kind="stable")
-    if top_n is not None:
-        order = order[:top_n]
-    return order.tolist(), scores
+def _scores(out: RerankOutput) -> list[float]:
+    return out.scores.astype(np.float64).tolist()
 
 
-def _tokens(out: ModelOutput | None) -> int:
-    return int(sum(out.tokens)) if out is not None else 0
+def _tokens(out: ModelOutput) -> int:
+    return int(sum(out.tokens))
 
 
 def _as_object(d: Document) -> dict[str, Any]:
@@ -257,28 +245,26 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
         long_documents=body.long_documents,
         route="/rerank",
     )
-    order, scores = _order(out, body.top_n)
+    ranked = out.ranked(body.top_n)
     if body.return_documents:
         docs = body.documents
         results = [
-            {"index": i, "score": scores[i], "document": d if isinstance(d, str) else d.model_dump()}
-            for i in order
-            for d in (docs[i],)
+            {"index": r.index, "score": r.score, "document": d if isinstance(d, str) else d.model_dump()}
+            for r in ranked
+            for d in (docs[r.index],)
         ]
     else:
-        results = [{"index": i, "score": scores[i]} for i in order]
+        results = [{"index": r.index, "score": r.score} for r in ranked]
     return _json(
-        {"model": name, "results": results, "scores": scores, "usage": {"total_tokens": _tokens(out)}},
+        {"model": name, "results": results, "scores": _scores(out), "usage": {"total_tokens": _tokens(out)}},
         headers,
     )
 
 
-def _cohere_results(
-    order: list[int], scores: list[float], docs: list[Document], with_docs: bool
-) -> list[dict]:
+def _cohere_results(ranked: list[RerankResult], docs: list[Document], with_docs: bool) -> list[dict]:
     if with_docs:
-        return [{"index": i, "relevance_score": scores[i], "document": _as_object(docs[i])} for i in order]
-    return [{"index": i, "relevance_score": scores[i]} for i in order]
+        return [{"index": r.index, "relevance_score": r.score, "document": _as_object(docs[r.index])} for r in ranked]
+    return [{"index": r.index, "relevance_score": r.score} for r in ranked]
 
 
 async def _cohere_rerank(
@@ -287,13 +273,12 @@ async def _cohere_rerank(
     """Cohere v1 (also Jina) and v2 differ on the wire only in the reported API version."""
     route = f"/v{version}/rerank"
     name, out, headers = await _rerank(request, body.model, body.query, body.documents, route=route)
-    order, scores = _order(out, body.top_n)
     tokens = _tokens(out)
     return _json(
         {
             "id": request.scope["state"]["request_id"],
             "model": name,
-            "results": _cohere_results(order, scores, body.documents, body.return_documents),
+            "results": _cohere_results(out.ranked(body.top_n), body.documents, body.return_documents),
             "meta": {"api_version": {"version": version}, "billed_units": {"search_units": 1}},
             "usage": {"total_tokens": tokens, "prompt_tokens": tokens},
         },
@@ -334,7 +319,7 @@ async def _embed(
     normalize: bool | None = None,
     truncate: bool = True,
     kind: Any = None,
-) -> tuple[str, EmbedOutput | None, dict[str, str]]:
+) -> tuple[str, EmbedOutput, dict[str, str]]:
     state = _state(request)
     name, model = pick_model(state, model_name, ("embed",), route)
     if isinstance(inputs, str):
@@ -351,17 +336,10 @@ async def _embed(
     state.http_metrics.items.labels(route).inc(len(texts))
     if not texts:
         raise InvalidInputError("input: give at least one text")
-    out, headers = await run_inference(
-        request,
-        name,
-        model,
-        model.prepare_texts,
-        texts,
-        truncate=truncate,
-        kind=kind,
-        dimensions=dimensions,
-        normalize=normalize,
+    prepare = functools.partial(
+        model.prepare_texts, texts, truncate=truncate, kind=kind, dimensions=dimensions, normalize=normalize
     )
+    out, headers = await run_inference(request, name, model, prepare)
     assert isinstance(out, EmbedOutput)
     return name, out, headers
 
@@ -374,7 +352,6 @@ async def embeddings(body: OpenAIEmbeddingsRequest, request: Request) -> Respons
     name, out, headers = await _embed(
         request, body.model, body.input, route="/v1/embeddings", dimensions=body.dimensions, kind=kind
     )
-    assert out is not None
     emb = np.ascontiguousarray(out.embeddings, dtype=np.float32)
     if body.encoding_format == "base64":
         le = emb.astype("<f4", copy=False)
@@ -428,7 +405,6 @@ async def tei_embed(body: TEIEmbedRequest, request: Request) -> Response:
         truncate=body.truncate,
         kind=kind,
     )
-    assert out is not None
     return _json(np.ascontiguousarray(out.embeddings, dtype=np.float32), headers)
 
 
@@ -454,28 +430,18 @@ async def tei_predict(body: TEIPredictRequest, request: Request) -> Response:
             raise InvalidInputError("inputs: each item is a text or a [text, text_pair]")
     if model.task == "rerank" and any(len(item) != 2 for item in batch):
         raise WrongTaskError(f"model {name!r} is a reranker: /predict needs [text, text_pair] inputs for it")
+    prepare: Callable[[], Prepared]
     if all(len(item) == 1 for item in batch):
-        out, headers = await run_inference(
-            request,
-            name,
-            model,
-            model.prepare_texts,
-            [item[0] for item in batch],
-            truncate=body.truncate,
-            raw_scores=body.raw_scores,
-        )
+        texts = [item[0] for item in batch]
+        prepare = functools.partial(model.prepare_texts, texts, truncate=body.truncate, raw_scores=body.raw_scores)
     elif all(len(item) == 2 for item in batch):
-        out, headers = await run_inference(
-            request,
-            name,
-            model,
-            model.prepare_pair_list,
-            [(a, b) for a, b in batch],
-            truncate=body.truncate,
-            raw_scores=body.raw_scores,
+        pairs = [(a, b) for a, b in batch]
+        prepare = functools.partial(
+            model.prepare_pair_list, pairs, truncate=body.truncate, raw_scores=body.raw_scores
         )
     else:
         raise InvalidInputError("inputs: mix of single texts and pairs in one batch; send them separately")
+    out, headers = await run_inference(request, name, model, prepare)
     if isinstance(out, ClassifyOutput):
         preds = [[{"label": lab, "score": s} for lab, s in row] for row in out.top()]
     elif isinstance(out, RerankOutput):

@@ -1,0 +1,97 @@
+"""The batching policy: which queued units go out next. A pure function, no threads, no clock.
+
+Why it is separate: every rule about batch shape (token budget, window, waiting for company,
+sharing a lone request among idle workers) lives here, so it can be read in one screen and tested
+with tables of lengths and ages, without workers, models or an event loop.
+
+The rules:
+
+- Only the oldest ``WINDOW_BATCHES x max_batch_size`` queued units are considered, so a unit
+  cannot be passed over for ever by newer, better-fitting ones.
+- The engine's ``plan_batches`` (the one planner) cuts the window by ``max_batch_tokens`` (padded
+  tokens) and ``max_batch_size``.
+- A *full* window (more than one batch, or more queued behind it) sends a batch at once. A partial
+  one waits for company up to ``max_wait_s``, but only while another request is being tokenized:
+  with nothing on its way a lone request is never delayed.
+- Once the oldest unit has waited ``max_wait_s`` (or nothing fuller is possible), the batch that
+  holds it goes next; otherwise the biggest batch.
+- With nothing else coming and several workers idle, the batch is cut so each idle worker gets a
+  part of about equal tokens (longest first, at least ``MIN_SPLIT_UNITS`` units a part).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from encapure.engine.batching import plan_batches
+
+# How many batches' worth of queued units (oldest first) one decision looks at.
+WINDOW_BATCHES = 4
+# A batch is shared among idle workers only if each part keeps at least this many units.
+MIN_SPLIT_UNITS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_batch_tokens: int
+    max_batch_size: int
+    max_wait_s: float
+    split_idle: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """``take``: queue positions of the next batch (empty: send nothing now).
+    ``wait_s``: when ``take`` is empty, how long until the decision should be made again."""
+
+    take: tuple[int, ...] = ()
+    wait_s: float | None = None
+
+
+def next_batch(
+    lengths: Sequence[int],
+    waited_s: Sequence[float],
+    *,
+    idle_workers: int,
+    preparing: bool,
+    limits: Limits,
+) -> Decision:
+    """The next batch for one idle worker, from one model's queue.
+
+    ``lengths[i]`` and ``waited_s[i]`` describe the i-th queued unit, oldest first (admission
+    order); ``preparing`` says whether another request is being tokenized right now.
+    """
+    if idle_workers <= 0 or not lengths:
+        return Decision()
+    size = limits.max_batch_size
+    window = list(lengths[: size * WINDOW_BATCHES])
+    if len(window) <= size and len(window) * max(window) <= limits.max_batch_tokens:
+        plan = [list(range(len(window)))]  # it all fits one batch: nothing to plan
+    else:
+        plan = plan_batches(window, limits.max_batch_tokens, size)
+    ages = waited_s[: len(window)]
+    oldest = max(range(len(window)), key=ages.__getitem__)  # the first of equals: queue order
+    oldest_age = ages[oldest]
+    full = len(plan) > 1 or len(window) < len(lengths)
+    if not full and oldest_age < limits.max_wait_s and preparing:
+        return Decision(wait_s=limits.max_wait_s - oldest_age)
+    if oldest_age >= limits.max_wait_s or not full:
+        chosen = next(b for b in plan if oldest in b)
+    else:
+        chosen = max(plan, key=len)
+    parts = 1
+    if not full and not preparing and limits.split_idle:
+        # nothing else is coming and several workers idle: share the work for latency
+        parts = max(1, min(idle_workers, len(chosen) // MIN_SPLIT_UNITS))
+    if parts > 1:
+        # longest units first; cut where this part holds about 1/parts of the tokens
+        chosen = sorted(chosen, key=lambda i: -window[i])
+        part_lens = [window[i] for i in chosen]
+        target = sum(part_lens) / parts
+        acc, k = 0, 0
+        while k < len(part_lens) - 1 and acc + part_lens[k] <= target:
+            acc += part_lens[k]
+            k += 1
+        chosen = chosen[: max(1, k)]
+    return Decision(take=tuple(chosen))
