@@ -386,6 +386,18 @@ async def test_failing_batch_fails_only_its_request(
     assert err["request_id"]
 
 
+async def test_fault_header_is_honoured_only_with_fault_injection(models: dict[str, OnnxModel]) -> None:
+    """``X-Encapure-Fault`` is a test hook: it acts with ``fault_injection`` on, never otherwise."""
+    body = {"query": "q", "documents": ["d"]}
+    fault = {"X-Encapure-Fault": "fail_batch"}
+    async with InProcessServer(models, Settings(fault_injection=True)) as srv:
+        err = assert_error(await srv.client.post("/rerank", json=body, headers=fault), 500, "model_error")
+        assert "fault injection" in err["message"]
+        assert (await srv.client.post("/rerank", json=body)).status_code == 200
+    async with InProcessServer(models, Settings()) as srv:
+        assert (await srv.client.post("/rerank", json=body, headers=fault)).status_code == 200
+
+
 async def test_long_documents_window_and_error(client: httpx.AsyncClient, engine_reranker: Any) -> None:
     long_doc = " ".join(["filler words about nothing in particular"] * 80) + " Paris is the capital of France."
     docs = [long_doc, "Berlin is in Germany."]
