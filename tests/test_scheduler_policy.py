@@ -28,6 +28,7 @@ class Case:
     size: int = 32
     split: bool = True
     max_wait: float = WAIT
+    queued: int | None = None  # the whole queue's length when ``lengths`` is only its oldest part
     note: str = field(default="", repr=False)
 
 
@@ -91,6 +92,14 @@ CASES = [
         size=2,
         note="the 1-token unit behind the window would otherwise make the first batch",
     ),
+    Case(
+        "more queued behind the given window: full, no waiting, no split",
+        [10] * 8,
+        take(*range(8)),
+        idle=2,
+        preparing=True,
+        queued=500,
+    ),
     Case("two idle workers share a lone request", [10] * 16, take(*range(8)), idle=2),
     Case(
         "split by tokens, longest first",
@@ -113,7 +122,9 @@ def test_next_batch(case: Case) -> None:
     limits = Limits(
         max_batch_tokens=case.tokens, max_batch_size=case.size, max_wait_s=case.max_wait, split_idle=case.split
     )
-    got = next_batch(case.lengths, waited, idle_workers=case.idle, preparing=case.preparing, limits=limits)
+    got = next_batch(
+        case.lengths, waited, idle_workers=case.idle, preparing=case.preparing, limits=limits, queued=case.queued
+    )
     assert got.take == case.want.take
     if case.want.wait_s is None:
         assert got.wait_s is None

@@ -49,7 +49,7 @@ from encapure.scheduler.admission import Admission
 from encapure.scheduler.faults import FaultyRunner
 from encapure.scheduler.metrics import SchedulerMetrics
 from encapure.scheduler.pending import Batch, Item, PendingUnits, Request
-from encapure.scheduler.policy import Limits, next_batch
+from encapure.scheduler.policy import Limits, next_batch, window_size
 from encapure.scheduler.results import settle
 from encapure.scheduler.workers import Rows, Runner, WorkerPool
 from encapure.settings import Settings
@@ -433,15 +433,18 @@ class Scheduler:
             self._sweep(now)
         s = self.settings
         limits = Limits(s.max_batch_tokens, s.max_batch_size, s.max_wait_ms / 1000.0, self.split_idle)
+        n_window = window_size(limits)
         wake_at = math.inf
         while self.workers.idle > 0 and (model := self.pending.oldest_model()) is not None:
             pend = self.pending.by_model[model]
+            window = pend[:n_window]  # the policy looks at no more than this
             decision = next_batch(
-                [it.length for it in pend],
-                [now - it.req.admitted for it in pend],
+                [it.length for it in window],
+                [now - it.req.admitted for it in window],
                 idle_workers=self.workers.idle,
                 preparing=self._preparing > 0,
                 limits=limits,
+                queued=len(pend),
             )
             if not decision.take:
                 if decision.wait_s is not None:

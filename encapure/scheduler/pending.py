@@ -100,7 +100,8 @@ class PendingUnits:
         pend = self.by_model[model]
         picked = set(positions)
         items = [pend[i] for i in positions]
-        self.by_model[model] = [it for i, it in enumerate(pend) if i not in picked]
+        end = max(picked) + 1 if picked else 0
+        pend[:end] = [it for i, it in enumerate(pend[:end]) if i not in picked]  # the tail stays put
         for it in items:
             it.req.queued -= 1
         return items

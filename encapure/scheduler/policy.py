@@ -49,6 +49,11 @@ class Decision:
     wait_s: float | None = None
 
 
+def window_size(limits: Limits) -> int:
+    """How many of the oldest queued units one decision looks at."""
+    return limits.max_batch_size * WINDOW_BATCHES
+
+
 def next_batch(
     lengths: Sequence[int],
     waited_s: Sequence[float],
@@ -56,16 +61,19 @@ def next_batch(
     idle_workers: int,
     preparing: bool,
     limits: Limits,
+    queued: int | None = None,
 ) -> Decision:
     """The next batch for one idle worker, from one model's queue.
 
     ``lengths[i]`` and ``waited_s[i]`` describe the i-th queued unit, oldest first (admission
-    order); ``preparing`` says whether another request is being tokenized right now.
+    order); they may stop after the first ``window_size(limits)`` units when ``queued`` gives the
+    queue's whole length (a long queue need not be copied). ``preparing`` says whether another
+    request is being tokenized right now.
     """
     if idle_workers <= 0 or not lengths:
         return Decision()
     size = limits.max_batch_size
-    window = list(lengths[: size * WINDOW_BATCHES])
+    window = list(lengths[: window_size(limits)])
     if len(window) <= size and len(window) * max(window) <= limits.max_batch_tokens:
         plan = [list(range(len(window)))]  # it all fits one batch: nothing to plan
     else:
@@ -73,7 +81,7 @@ def next_batch(
     ages = waited_s[: len(window)]
     oldest = max(range(len(window)), key=ages.__getitem__)  # the first of equals: queue order
     oldest_age = ages[oldest]
-    full = len(plan) > 1 or len(window) < len(lengths)
+    full = len(plan) > 1 or len(window) < (len(lengths) if queued is None else queued)
     if not full and oldest_age < limits.max_wait_s and preparing:
         return Decision(wait_s=limits.max_wait_s - oldest_age)
     if oldest_age >= limits.max_wait_s or not full:
