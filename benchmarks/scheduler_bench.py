@@ -1,4 +1,4 @@
-"""Scheduler measurements (not a test): ``python -m encapure.scheduler.bench [--model FOLDER]``.
+"""Scheduler measurements (not a test): ``python -m benchmarks.scheduler_bench [--model FOLDER]``.
 
 0. The scheduler's own cost with a fixed-cost stand-in model (no ONNX Runtime noise).
 1. Latency at concurrency 1: the engine called directly vs the scheduler at several
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from encapure.engine import load_model
-from encapure.scheduler.core import Scheduler
+from encapure.scheduler import Scheduler
 from encapure.settings import Settings
 
 _WORD_TEXT = (
@@ -173,13 +173,8 @@ def throughput(
 
 
 class _FixedCostModel:
-    """Stands in for a model whose forward costs a fixed time and releases the GIL (as ORT does),
-    so the scheduler's own cost is measured without ONNX Runtime's noise on a shared machine."""
-
-    name = "fixed"
-    manifest = None
-    task = "rerank"
-    max_length = 512
+    """A ``Runner`` whose forward costs a fixed time and releases the GIL (as ORT does), so the
+    scheduler's own cost is measured without ONNX Runtime's noise on a shared machine."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -206,7 +201,7 @@ def overhead(rounds: int) -> None:
         model = _FixedCostModel(0.005)
         scheds = {}
         for w in (0.0, 2.0, 50.0):
-            sch = Scheduler({"m": model}, Settings(workers=1, max_wait_ms=w))  # type: ignore[dict-item]
+            sch = Scheduler({"m": model}, Settings(workers=1, max_wait_ms=w))
             await sch.start()
             scheds[f"sched max_wait={w:g}ms"] = sch
         times: dict[str, list[float]] = {"direct forward": [], **{k: [] for k in scheds}}
@@ -232,7 +227,7 @@ def overhead(rounds: int) -> None:
         print(f"  {k:24s} median {med * 1e3:7.3f} ms   (+{(med - base) * 1e3:6.3f} ms)")
 
     async def flood(conc: int, n_req: int, units: int) -> float:
-        sch = Scheduler({"m": _FixedCostModel(0.0)}, Settings(workers=1, max_wait_ms=0))  # type: ignore[dict-item]
+        sch = Scheduler({"m": _FixedCostModel(0.0)}, Settings(workers=1, max_wait_ms=0))
         await sch.start()
         preps = [prep(units) for _ in range(n_req)]
         sem = asyncio.Semaphore(conc)
@@ -266,10 +261,12 @@ def main() -> None:
     ap.add_argument("--docs", default="1-8", help="documents per request, MIN-MAX (default 1-8)")
     ap.add_argument("--only", choices=["overhead", "latency", "throughput"], default=None)
     args = ap.parse_args()
-    model_dir = args.model or _default_model()
-    print(f"model: {model_dir}")
     if args.only in (None, "overhead"):
         overhead(max(args.rounds, 100))
+    if args.only == "overhead":
+        return  # no model needed
+    model_dir = args.model or _default_model()
+    print(f"model: {model_dir}")
     if args.only in (None, "latency"):
         latency(model_dir, args.rounds)
     if args.only in (None, "throughput"):
