@@ -34,6 +34,7 @@ from encapure.errors import (
     WorkerDiedError,
 )
 from encapure.scheduler import Scheduler, SchedulerMetrics, faults
+from encapure.scheduler.pending import InProgress
 from encapure.settings import Settings
 
 pytestmark = pytest.mark.timeout(60)
@@ -520,16 +521,16 @@ def test_shutdown_timeout_fails_the_rest(model: Any) -> None:
 def test_internal_error_in_the_batcher_fails_requests_instead_of_hanging(
     model: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = Scheduler._live_items
+    real = InProgress.live_items
     calls = {"n": 0}
 
-    def broken(self: Scheduler, *a: Any) -> Any:
+    def broken(self: InProgress, *a: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("batcher bug")
         return real(self, *a)
 
-    monkeypatch.setattr(Scheduler, "_live_items", broken)
+    monkeypatch.setattr(InProgress, "live_items", broken)
 
     async def main() -> None:
         sched = await started(model, settings())

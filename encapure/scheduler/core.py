@@ -5,16 +5,13 @@ throughput that padding-aware batching gives. The scheduler pools the *units* (t
 sequences) of every concurrent request, cuts them into length-sorted batches under the token
 budget, runs those batches on worker threads and routes each row back to its request.
 
-The parts: ``admission`` (capacity, Retry-After), ``pending`` (requests and their queued units),
-``policy`` (a pure function: which units go next), ``workers`` (threads, liveness). This module
-wires them together on the event loop thread, so the bookkeeping needs no locks:
-
-- There is no batcher task that could die silently: ``_pump`` is a plain function called whenever
-  something changes (a request arrives, a batch finishes, a request gives up, a timer fires).
-  A failure inside it fails the queued requests instead of leaving them pending.
-- Every request has a deadline timer; every path that ends a request (result, model error,
-  deadline, cancellation, worker death, shutdown, internal error) goes through ``_finish``, which
-  releases its admission slot exactly once and answers its future unless the caller already left.
+The parts: ``admission`` (capacity, Retry-After), ``pending`` (requests, their queued units and
+the one exit every request takes), ``policy`` (a pure function: which units go next),
+``workers`` (threads, liveness), ``results`` (rows back to their requests). This module wires them
+together on the event loop thread, so the bookkeeping needs no locks. There is no batcher task
+that could die silently: ``_pump`` is a plain function called whenever something changes (a
+request arrives, a batch finishes, a request gives up, a timer fires), and a failure inside it
+fails the queued requests instead of leaving them pending.
 """
 
 from __future__ import annotations
@@ -36,9 +33,7 @@ import numpy as np
 
 from encapure.engine.types import Prepared
 from encapure.errors import (
-    CancelledRequestError,
     DeadlineExceededError,
-    EncapureError,
     ModelError,
     ModelNotFoundError,
     NotReadyError,
@@ -48,9 +43,9 @@ from encapure.errors import (
 from encapure.scheduler.admission import Admission
 from encapure.scheduler.faults import FaultyRunner
 from encapure.scheduler.metrics import SchedulerMetrics
-from encapure.scheduler.pending import Batch, Item, PendingUnits, Request
+from encapure.scheduler.pending import Batch, InProgress
 from encapure.scheduler.policy import Limits, next_batch, window_size
-from encapure.scheduler.results import settle
+from encapure.scheduler.results import Totals, settle
 from encapure.scheduler.workers import Rows, Runner, WorkerPool
 from encapure.settings import Settings
 
@@ -60,6 +55,16 @@ T = TypeVar("T")
 
 # How often queued requests are asked whether their client is still there.
 _CANCEL_SWEEP_S = 0.05
+# The settings that shape scheduling, as stats() reports them.
+_LIMITS = (
+    "max_batch_tokens",
+    "max_batch_size",
+    "max_wait_ms",
+    "max_concurrent_requests",
+    "max_queued_items",
+    "admission_timeout_s",
+    "request_timeout_s",
+)
 
 
 class Phase(enum.Enum):
@@ -73,8 +78,9 @@ class Scheduler:
     """Queues the units of concurrent requests and runs them in shared batches on worker threads.
 
     One scheduler serves several models (batches never mix models); ``Settings.workers`` threads
-    take batches of any model. ``Settings`` has already checked the knobs' ranges. Use from one event loop: ``await start()``, then ``run`` (or
-    ``prepare`` + ``submit``) from request handlers, ``await shutdown(timeout)`` at the end.
+    take batches of any model (``Settings`` has checked the knobs' ranges). Use from one event
+    loop: ``await start()``, then ``run`` (or ``prepare`` + ``submit``) from request handlers,
+    ``await shutdown(timeout)`` at the end.
     """
 
     def __init__(
@@ -93,14 +99,10 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.workers = WorkerPool(runners, settings.workers, self._on_batch_done, self._on_worker_exit)
         self._prep_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self.admission = Admission(
-            settings.max_concurrent_requests,
-            settings.max_queued_items,
-            settings.admission_timeout_s,
-            self.metrics,
-        )
-        self.pending = PendingUnits(list(self.models))
-        self._requests: set[Request] = set()
+        s = settings
+        self.admission = Admission(s.max_concurrent_requests, s.max_queued_items, s.admission_timeout_s, self.metrics)
+        self.inprogress = InProgress(list(self.models), self.admission, self.metrics, s.request_timeout_s)
+        self.pending = self.inprogress.pending
         # Prepared objects whose tokenization began before shutdown: still admitted while draining
         # (keyed by id: Prepared is an unhashable dataclass; an entry dies with its object)
         self._grace: weakref.WeakValueDictionary[int, Prepared] = weakref.WeakValueDictionary()
@@ -110,9 +112,7 @@ class Scheduler:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._last_sweep = 0.0
-        self._n_batches = 0
-        self._n_units = 0
-        self._n_cross_batches = 0
+        self.totals = Totals()
         self.metrics.workers_alive.set(0)
         for name in self.models:
             self.metrics.queue_depth.labels(model=name).set(0)
@@ -144,11 +144,11 @@ class Scheduler:
         end = time.monotonic() + max(0.0, timeout)
         adm = self.admission
         while time.monotonic() < end and (
-            self._requests or adm.waiters or adm.reserved or self._preparing or len(self._grace)
+            self.inprogress.requests or adm.waiters or adm.reserved or self._preparing or len(self._grace)
         ):
             await asyncio.sleep(0.005)
         adm.fail_waiters(lambda: ShuttingDownError("the server is shutting down", retry_after=None))
-        self._fail_all(
+        self.inprogress.fail_all(
             lambda: ShuttingDownError("the server shut down before this request finished", retry_after=None),
             "shutdown",
         )
@@ -199,25 +199,17 @@ class Scheduler:
             "workers_alive": w.alive,
             "workers_idle": w.idle,
             "inflight_batches": w.inflight,
-            "active_requests": len(self._requests),
+            "active_requests": len(self.inprogress.requests),
             "waiting_admission": len(adm.waiters),
             "items_in_system": adm.items,
             "queued_items": self.pending.queued,
             "queued_by_model": {m: len(p) for m, p in self.pending.by_model.items()},
             "preparing": self._preparing,
-            "batches": self._n_batches,
-            "units_computed": self._n_units,
-            "cross_request_batches": self._n_cross_batches,
+            "batches": self.totals.batches,
+            "units_computed": self.totals.units,
+            "cross_request_batches": self.totals.cross_request_batches,
             "units_per_second": round(adm.rate, 1),
-            "limits": {
-                "max_batch_tokens": s.max_batch_tokens,
-                "max_batch_size": s.max_batch_size,
-                "max_wait_ms": s.max_wait_ms,
-                "max_concurrent_requests": s.max_concurrent_requests,
-                "max_queued_items": s.max_queued_items,
-                "admission_timeout_s": s.admission_timeout_s,
-                "request_timeout_s": s.request_timeout_s,
-            },
+            "limits": {k: getattr(s, k) for k in _LIMITS},
         }
 
     # ------------------------------------------------------------------ public API
@@ -324,28 +316,15 @@ class Scheduler:
             if self.workers.alive == 0:
                 raise WorkerDiedError("every inference worker has died; the server must be restarted")
             raise ShuttingDownError("the server is shutting down", retry_after=None)
-        req = Request(
-            model=model,
-            prepared=prepared,
-            future=loop.create_future(),
-            deadline=deadline,
-            is_cancelled=is_cancelled,
-            admitted=now,
-            n_units=n,
-            remaining=n,
-            timings=timings,
+        req = self.inprogress.open(
+            loop, model, prepared, deadline=deadline, is_cancelled=is_cancelled, timings=timings, now=now
         )
-        self._requests.add(req)
-        self.metrics.requests_in_scheduler.set(len(self._requests))
-        req.timer = loop.call_later(max(0.0, deadline - now), self._expire, req)
-        self.pending.add(req)
-        self.metrics.queue_depth.labels(model=model).set(len(self.pending.by_model[model]))
         self._pump()
         try:
             return await req.future
         except asyncio.CancelledError:
             # the awaiting task was cancelled (client went away): drop what is not computed yet
-            self._finish(req, error=None, reason="cancelled")
+            self.inprogress.finish(req, error=None, reason="cancelled")
             raise
 
     def _take_grace(self, prepared: Prepared) -> bool:
@@ -353,66 +332,6 @@ class Scheduler:
             del self._grace[id(prepared)]
             return True
         return False
-
-    # ------------------------------------------------------------------ ending requests
-    def _expire(self, req: Request) -> None:
-        req.timer = None
-        if not req.done:
-            self._finish(
-                req,
-                error=DeadlineExceededError(
-                    f"the request did not finish within its deadline "
-                    f"({self.settings.request_timeout_s:g} s by default)"
-                ),
-                reason="deadline",
-            )
-
-    def _finish(
-        self,
-        req: Request,
-        *,
-        error: BaseException | None,
-        reason: str = "error",
-        result: Rows | None = None,
-    ) -> None:
-        """The one exit of every request: drop its queued units, release capacity, answer it."""
-        if req.done:
-            return
-        req.done = True
-        req.drop_reason = reason
-        # answer first: whatever the bookkeeping below does, the caller is never left waiting
-        # (the awaiting coroutine resumes only after this callback returns, timings included)
-        fut = req.future
-        if not fut.done():
-            if error is not None:
-                fut.set_exception(error)
-            elif result is not None:
-                fut.set_result(result)
-            else:
-                fut.cancel()
-        if req.timer is not None:
-            req.timer.cancel()
-            req.timer = None
-        if req.queued:
-            dropped = self.pending.drop(req)
-            self.metrics.queue_depth.labels(model=req.model).set(len(self.pending.by_model[req.model]))
-            if dropped and result is None:
-                self.metrics.dropped_items.labels(reason=reason).inc(dropped)
-        self._requests.discard(req)
-        self.metrics.requests_in_scheduler.set(len(self._requests))
-        self.admission.release(req.n_units)
-        if result is not None:
-            queue_s = max(0.0, req.last_start - req.admitted)
-            if req.timings is not None:
-                req.timings["queue_s"] = queue_s
-                req.timings["inference_s"] = max(0.0, time.monotonic() - req.first_start)
-                req.timings["forward_s"] = req.forward_s
-                req.timings["batches"] = float(req.batches)
-            self.metrics.queue_seconds.labels(model=req.model).observe(queue_s)
-
-    def _fail_all(self, error_factory: Callable[[], EncapureError], reason: str) -> None:
-        for req in list(self._requests):
-            self._finish(req, error=error_factory(), reason=reason)
 
     # ------------------------------------------------------------------ batching
     def _pump(self) -> None:
@@ -425,12 +344,12 @@ class Scheduler:
             # A bug here may have taken units off the queue without dispatching them; which ones is
             # unknowable, so every request in progress is failed rather than any left pending.
             log.exception("scheduler error; failing every request in progress")
-            self._fail_all(lambda: ModelError("internal scheduler error"), "error")
+            self.inprogress.fail_all(lambda: ModelError("internal scheduler error"), "error")
 
     def _pump_inner(self) -> None:
         now = time.monotonic()
         if self.pending.queued and now - self._last_sweep >= _CANCEL_SWEEP_S:
-            self._sweep(now)
+            self.inprogress.sweep(now)
         s = self.settings
         limits = Limits(s.max_batch_tokens, s.max_batch_size, s.max_wait_ms / 1000.0, self.split_idle)
         n_window = window_size(limits)
@@ -452,7 +371,7 @@ class Scheduler:
                 break
             items = self.pending.take(model, decision.take)
             self.metrics.queue_depth.labels(model=model).set(len(self.pending.by_model[model]))
-            items = self._live_items(items, now)
+            items = self.inprogress.live_items(items, now)
             if items:
                 self.workers.dispatch(Batch(model, items))
                 self.metrics.inflight_batches.set(self.workers.inflight)
@@ -460,43 +379,6 @@ class Scheduler:
             # keep polling is_cancelled while units wait for a worker
             wake_at = min(wake_at, now + _CANCEL_SWEEP_S)
         self._arm(wake_at)
-
-    def _live_items(self, items: list[Item], now: float) -> list[Item]:
-        """Drop units whose request ended, expired or was abandoned by its client."""
-        checked: dict[int, bool] = {}
-        live = []
-        for it in items:
-            req = it.req
-            ok = checked.get(id(req))
-            if ok is None:
-                ok = checked[id(req)] = self._still_wanted(req, now)
-            if ok:
-                live.append(it)
-            else:
-                self.metrics.dropped_items.labels(reason=req.drop_reason).inc()
-        return live
-
-    def _still_wanted(self, req: Request, now: float) -> bool:
-        if req.done:
-            return False
-        if now >= req.deadline:
-            self._expire(req)
-            return False
-        if req.is_cancelled is not None:
-            try:
-                gone = bool(req.is_cancelled())
-            except Exception:
-                log.exception("is_cancelled callback raised; treating the request as cancelled")
-                gone = True
-            if gone:
-                self._finish(req, error=CancelledRequestError("the client went away"), reason="cancelled")
-                return False
-        return True
-
-    def _sweep(self, now: float) -> None:
-        self._last_sweep = now
-        for req in self.pending.requests():
-            self._still_wanted(req, now)
 
     def _arm(self, at: float) -> None:
         if at == math.inf:
@@ -518,18 +400,13 @@ class Scheduler:
     def _on_batch_done(self, batch: Batch, rows: Rows | None, error: BaseException | None) -> None:
         self.metrics.inflight_batches.set(self.workers.inflight)
         try:
-            n = settle(batch, rows, error, self.metrics, self._finish)
-            if batch.ran:
-                self._n_batches += 1
-                if len({id(it.req) for it in batch.ran}) > 1:
-                    self._n_cross_batches += 1
+            n = settle(batch, rows, error, self.metrics, self.totals, self.inprogress.finish)
             if n:
-                self._n_units += n
                 self.admission.observe(n, batch.elapsed, self.workers.alive)
         except Exception:
             log.exception("scheduler error while routing batch results")
             for req in batch.requests():
-                self._finish(req, error=ModelError("internal scheduler error"), reason="error")
+                self.inprogress.finish(req, error=ModelError("internal scheduler error"), reason="error")
         self._pump()
 
     def _on_worker_exit(self, wid: int, batch: Batch | None, clean: bool) -> None:
@@ -539,14 +416,14 @@ class Scheduler:
         if batch is not None:
             self.metrics.inflight_batches.set(self.workers.inflight)
             for req in batch.requests():
-                self._finish(
+                self.inprogress.finish(
                     req,
                     error=WorkerDiedError(f"inference worker {wid} died while running this request"),
                     reason="worker_died",
                 )
         if self.workers.alive <= 0 and self.phase is not Phase.STOPPED:
             log.error("every inference worker has died; failing all queued requests")
-            self._fail_all(
+            self.inprogress.fail_all(
                 lambda: WorkerDiedError("every inference worker has died; the server must be restarted"),
                 "worker_died",
             )

@@ -1,4 +1,5 @@
-"""What the scheduler holds between admission and answer: requests, their queued units, batches.
+"""What the scheduler holds between admission and answer: requests, their queued units, batches,
+and the one exit every request takes.
 
 All of it is touched on the event loop thread only; a worker reads the batch it was handed (and
 each unit's ``req.done``, a benign race: a stale read only costs one wasted row).
@@ -7,7 +8,9 @@ each unit's ``req.done``, a benign race: a stale read only costs one wasted row)
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -15,6 +18,11 @@ import numpy as np
 import numpy.typing as npt
 
 from encapure.engine.types import Prepared, Unit
+from encapure.errors import CancelledRequestError, DeadlineExceededError, EncapureError
+from encapure.scheduler.admission import Admission
+from encapure.scheduler.metrics import SchedulerMetrics
+
+log = logging.getLogger("encapure.scheduler")
 
 
 @dataclass(eq=False)
@@ -114,3 +122,146 @@ class PendingUnits:
                 if id(it.req) not in seen:
                     seen.add(id(it.req))
                     yield it.req
+
+
+class InProgress:
+    """The admitted requests: registering them, their deadlines and cancellation, and ``finish``,
+    the one exit of every request (result, model error, deadline, cancellation, worker death,
+    shutdown, internal error), which releases its admission exactly once and answers it unless
+    the caller already left."""
+
+    def __init__(
+        self, models: Sequence[str], admission: Admission, metrics: SchedulerMetrics, default_timeout_s: float
+    ) -> None:
+        self.pending = PendingUnits(models)
+        self.requests: set[Request] = set()
+        self.admission = admission
+        self.metrics = metrics
+        self.default_timeout_s = default_timeout_s
+
+    def open(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        model: str,
+        prepared: Prepared,
+        *,
+        deadline: float,
+        is_cancelled: Callable[[], bool] | None,
+        timings: dict[str, float] | None,
+        now: float,
+    ) -> Request:
+        """Register an admitted request, arm its deadline and queue its units."""
+        n = len(prepared.units)
+        req = Request(
+            model=model,
+            prepared=prepared,
+            future=loop.create_future(),
+            deadline=deadline,
+            is_cancelled=is_cancelled,
+            admitted=now,
+            n_units=n,
+            remaining=n,
+            timings=timings,
+        )
+        self.requests.add(req)
+        self.metrics.requests_in_scheduler.set(len(self.requests))
+        req.timer = loop.call_later(max(0.0, deadline - now), self.expire, req)
+        self.pending.add(req)
+        self.metrics.queue_depth.labels(model=model).set(len(self.pending.by_model[model]))
+        return req
+
+    def expire(self, req: Request) -> None:
+        req.timer = None
+        if not req.done:
+            self.finish(
+                req,
+                error=DeadlineExceededError(
+                    f"the request did not finish within its deadline ({self.default_timeout_s:g} s by default)"
+                ),
+                reason="deadline",
+            )
+
+    def finish(
+        self,
+        req: Request,
+        *,
+        error: BaseException | None,
+        reason: str = "error",
+        result: npt.NDArray[np.float32] | None = None,
+    ) -> None:
+        """The one exit of every request: drop its queued units, release capacity, answer it."""
+        if req.done:
+            return
+        req.done = True
+        req.drop_reason = reason
+        # answer first: whatever the bookkeeping below does, the caller is never left waiting
+        # (the awaiting coroutine resumes only after this callback returns, timings included)
+        fut = req.future
+        if not fut.done():
+            if error is not None:
+                fut.set_exception(error)
+            elif result is not None:
+                fut.set_result(result)
+            else:
+                fut.cancel()
+        if req.timer is not None:
+            req.timer.cancel()
+            req.timer = None
+        if req.queued:
+            dropped = self.pending.drop(req)
+            self.metrics.queue_depth.labels(model=req.model).set(len(self.pending.by_model[req.model]))
+            if dropped and result is None:
+                self.metrics.dropped_items.labels(reason=reason).inc(dropped)
+        self.requests.discard(req)
+        self.metrics.requests_in_scheduler.set(len(self.requests))
+        self.admission.release(req.n_units)
+        if result is not None:
+            queue_s = max(0.0, req.last_start - req.admitted)
+            if req.timings is not None:
+                req.timings["queue_s"] = queue_s
+                req.timings["inference_s"] = max(0.0, time.monotonic() - req.first_start)
+                req.timings["forward_s"] = req.forward_s
+                req.timings["batches"] = float(req.batches)
+            self.metrics.queue_seconds.labels(model=req.model).observe(queue_s)
+
+    def fail_all(self, error_factory: Callable[[], EncapureError], reason: str) -> None:
+        for req in list(self.requests):
+            self.finish(req, error=error_factory(), reason=reason)
+
+    def still_wanted(self, req: Request, now: float) -> bool:
+        """False (and the request ended) when it is done, expired or its client went away."""
+        if req.done:
+            return False
+        if now >= req.deadline:
+            self.expire(req)
+            return False
+        if req.is_cancelled is not None:
+            try:
+                gone = bool(req.is_cancelled())
+            except Exception:
+                log.exception("is_cancelled callback raised; treating the request as cancelled")
+                gone = True
+            if gone:
+                self.finish(req, error=CancelledRequestError("the client went away"), reason="cancelled")
+                return False
+        return True
+
+    def live_items(self, items: list[Item], now: float) -> list[Item]:
+        """Drop units whose request ended, expired or was abandoned by its client."""
+        checked: dict[int, bool] = {}
+        live = []
+        for it in items:
+            req = it.req
+            ok = checked.get(id(req))
+            if ok is None:
+                ok = checked[id(req)] = self.still_wanted(req, now)
+            if ok:
+                live.append(it)
+            else:
+                self.metrics.dropped_items.labels(reason=req.drop_reason).inc()
+        return live
+
+    def sweep(self, now: float) -> None:
+        """Ask every queued request whether it is still wanted."""
+        for req in self.pending.requests():
+            self.still_wanted(req, now)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,11 +22,21 @@ from encapure.scheduler.workers import Rows
 log = logging.getLogger("encapure.scheduler")
 
 
+@dataclass
+class Totals:
+    """Counters since start, for ``Scheduler.stats()``."""
+
+    batches: int = 0
+    units: int = 0  # units computed
+    cross_request_batches: int = 0  # batches that held units of more than one request
+
+
 def settle(
     batch: Batch,
     rows: Rows | None,
     error: BaseException | None,
     metrics: SchedulerMetrics,
+    totals: Totals,
     finish: Callable[..., Any],
 ) -> int:
     """Observe the batch, fail its requests or hand them their rows; returns the units computed.
@@ -46,6 +57,9 @@ def settle(
         m.batch_tokens.labels(model=model).observe(len(ran) * max(it.length for it in ran))
         m.batch_requests.labels(model=model).observe(len(reqs))
         m.inference_seconds.labels(model=model).observe(batch.elapsed)
+        totals.batches += 1
+        if len(reqs) > 1:
+            totals.cross_request_batches += 1
     if error is not None:
         m.failed_batches.labels(model=model).inc()
         log.error(
@@ -62,6 +76,7 @@ def settle(
         return 0
     if rows is None:
         return 0
+    totals.units += len(ran)
     for k, it in enumerate(ran):
         req = it.req
         if req.done:
