@@ -131,7 +131,9 @@ ModelOutput = RerankOutput | EmbedOutput | ClassifyOutput
 
 @runtime_checkable
 class InferenceModel(Protocol):
-    """A loaded model. Implemented by ``encapure.engine.model.OnnxModel``."""
+    """A loaded model, as the HTTP layer and the user APIs see it. Implemented by
+    ``encapure.engine.model.OnnxModel``. The scheduler needs only ``forward`` (its one-method
+    ``encapure.scheduler.workers.Runner``)."""
 
     name: str
     manifest: Manifest
