@@ -136,7 +136,8 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         default=30.0, ge=0, description="seconds before a request's queued work is dropped (503)"
     )
-    # Tests only: honour Prepared.options["fault"] = "fail_batch" | "kill_worker" | "slow:<ms>".
+    # Tests only: wrap each model in scheduler.faults.FaultyRunner; faults.mark(prepared, ...) (the
+    # x-encapure-fault header) then acts: "fail_batch" | "kill_worker" | "slow:<ms>".
     fault_injection: bool = Field(
         default=False, description="tests only: honour fault headers", json_schema_extra=_doc(flag=False)
     )
