@@ -1,11 +1,22 @@
 """Cross-request dynamic batching, bounded admission and deadlines. Knows nothing of HTTP.
 
-``Scheduler`` and ``SchedulerMetrics`` are what the server builds on; ``AsyncReranker``,
-``AsyncEmbedder`` and ``AsyncClassifier`` give Python users the same batching in-process.
+``Scheduler`` (with ``SchedulerMetrics``) is what the server builds on; it needs of a model only
+a ``Runner`` (``forward(units) -> rows``). ``AsyncReranker``, ``AsyncEmbedder`` and
+``AsyncClassifier`` give Python users the same batching in-process. The parts are described in
+``docs/scheduler.md``.
 """
 
 from encapure.scheduler.asyncapi import AsyncClassifier, AsyncEmbedder, AsyncReranker
-from encapure.scheduler.core import Scheduler
+from encapure.scheduler.core import Phase, Scheduler
 from encapure.scheduler.metrics import SchedulerMetrics
+from encapure.scheduler.workers import Runner
 
-__all__ = ["AsyncClassifier", "AsyncEmbedder", "AsyncReranker", "Scheduler", "SchedulerMetrics"]
+__all__ = [
+    "AsyncClassifier",
+    "AsyncEmbedder",
+    "AsyncReranker",
+    "Phase",
+    "Runner",
+    "Scheduler",
+    "SchedulerMetrics",
+]
