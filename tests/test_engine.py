@@ -12,9 +12,10 @@ import pytest
 from conftest import RERANKER_FIXTURE, WIKIQA_TEST, need
 
 from encapure.engine import InferenceModel, OnnxModel, Reranker, load_model
-from encapure.evaluation.datasets import load_dataset
-from encapure.evaluation.run import evaluate_reranker
 from encapure.errors import InvalidInputError, WrongTaskError
+from encapure.evaluation.datasets import load_dataset
+from encapure.evaluation.ranking import evaluate_flat
+from encapure.evaluation.run import evaluate_reranker
 from encapure.settings import Settings
 
 
@@ -216,10 +217,21 @@ def test_workers_pool_same_scores(reranker_fp32_dir: Path, fp32: Reranker) -> No
 
 @pytest.mark.slow
 def test_wikiqa_int8_map_within_half_percent(fp32: Reranker, int8: Reranker) -> None:
+    """Default int8 keeps >= 99.5% of fp32 MAP, batched over the whole corpus and per query alike.
+
+    Dynamic int8 failed this on AVX-512 VNNI machines (99.05%, corpus batches) while passing on AVX2:
+    its scores depended on batch-mates and on the CPU's int8 kernel. Static int8 must give every pair
+    the same score however it is batched.
+    """
     groups = load_dataset(need(WIKIQA_TEST))
     assert len(groups) == 243 and sum(len(g.documents) for g in groups) == 2351
     m32 = evaluate_reranker(fp32, groups).metrics
-    m8 = evaluate_reranker(int8, groups).metrics
-    print(f"\nWikiQA-test-gold MAP fp32={m32.map:.4f} int8={m8.map:.4f} ratio={m8.map / m32.map:.4f}")
+    corpus = evaluate_reranker(int8, groups)
+    per_query = np.concatenate([int8.score([(g.query, d) for d in g.documents], raw_scores=True) for g in groups])
+    m_pq = evaluate_flat([g.labels for g in groups], per_query)
+    print(f"\nWikiQA-test-gold MAP fp32={m32.map:.4f} int8 corpus={corpus.metrics.map:.4f} "
+          f"per-query={m_pq.map:.4f} ratio={corpus.metrics.map / m32.map:.4f}")
     assert m32.map == pytest.approx(0.678, abs=0.005)  # the fixture's documented MAP
-    assert m8.map >= 0.995 * m32.map
+    np.testing.assert_allclose(per_query, np.concatenate(corpus.scores), atol=1e-5, rtol=0)
+    assert corpus.metrics.map >= 0.995 * m32.map
+    assert m_pq.map >= 0.995 * m32.map

@@ -35,7 +35,7 @@ from encapure.manifest import MANIFEST_NAME, Manifest
 from encapure.settings import PRECISIONS
 
 # Bump when the exporter's output changes (the test fixture cache keys on it).
-EXPORT_VERSION = "4"
+EXPORT_VERSION = "5"
 
 
 @dataclass
@@ -63,11 +63,13 @@ def export_model(
     check_parity: bool = True,
     progress: bool | Progress = False,
     overwrite: bool = True,
+    calibration: str | Path | None = None,
 ) -> ExportResult:
     """Export ``source`` (folder, hub id, or in-memory transformers model) into ``output``.
 
     ``tokenizer`` is a transformers/tokenizers object or a folder; required for in-memory models.
     ``optimize``: "auto" (fuse where it measured faster for this precision), "on", "off".
+    ``calibration``: a JSONL/text file for static int8 (default: the set shipped in encapure/data).
     Raises ExportError subclasses with one-line messages; ParityError when fp32 does not match.
     """
     prog = progress if isinstance(progress, Progress) else Progress(bool(progress))
@@ -79,7 +81,8 @@ def export_model(
     _check_output(output, overwrite)
     try:
         return _export(source, output, task=task, precision=precision, max_length=max_length,
-                       tokenizer=tokenizer, optimize=optimize, check_parity=check_parity, prog=prog)
+                       tokenizer=tokenizer, optimize=optimize, check_parity=check_parity, prog=prog,
+                       calibration=calibration)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ExportError(f"disk full while writing the export next to {output}: free some space") from e
@@ -130,6 +133,7 @@ def _export(
     optimize: str,
     check_parity: bool,
     prog: Progress,
+    calibration: str | Path | None = None,
 ) -> ExportResult:
     t_start = time.perf_counter()
     in_memory = not isinstance(source, (str, Path))
@@ -191,7 +195,7 @@ def _export(
         rust_tok = write_tokenizer(tok_obj, work)
         pad_id = pad_token_id(tok_obj, config)
         result = _build(model, info, work, rust_tok, pad_id, precision=precision, optimize=optimize,
-                        check_parity=check_parity, prog=prog)
+                        check_parity=check_parity, prog=prog, calibration=calibration)
         manifest, report = result
         manifest.source = src_label
         manifest.tool_versions = _versions()
@@ -292,6 +296,7 @@ def _build(
     optimize: str,
     check_parity: bool,
     prog: Progress,
+    calibration: str | Path | None = None,
 ) -> tuple[Manifest, dict[str, Any]]:
     from encapure.export import optimize as opt
     from encapure.export import quantize as qz
@@ -316,8 +321,17 @@ def _build(
 
     quant: dict[str, Any] = {}
     if precision == "int8":
-        with prog.step("Quantizing (int8)"):
-            quant = qz.quantize_int8(fp32_path, final, qz.int8_recipe(info.task, info.model_type))
+        recipe = qz.int8_recipe(info.task, info.model_type)
+        with prog.step(f"Quantizing (int8, {recipe['method']})"):
+            if recipe["method"] == "static":
+                from encapure.export import calibration as cal
+
+                items = cal.load_items(calibration, info.task)
+                feeds = cal.feeds(rust_tok, items, input_names, min(info.max_length, 512), pad_id)
+                quant = qz.quantize_int8_static(fp32_path, final, recipe, feeds)
+                quant["calibration"] = str(calibration) if calibration else "encapure/data/calibration.jsonl"
+            else:
+                quant = qz.quantize_int8(fp32_path, final, recipe)
     elif precision == "int4":
         with prog.step("Quantizing (int4)"):
             quant = qz.quantize_int4(fp32_path, final)
