@@ -92,6 +92,13 @@ class Settings(BaseSettings):
     )
 
     # --- runtime ----------------------------------------------------------------------------
+    backend: Literal["onnxruntime", "openvino"] = Field(
+        default="onnxruntime",
+        description="what runs the exported ONNX graph: onnxruntime, or openvino (pip install openvino)",
+    )
+    openvino_device: str = Field(
+        default="CPU", min_length=1, description="OpenVINO device name for --backend openvino (CPU, GPU, AUTO:...)"
+    )
     # Inference workers (threads sharing one ORT session). Measured on the 2-core dev machine
     # (scripts/bench_engine.py --sections threads): 2 single-thread workers beat one 2-thread run
     # for throughput, both for bulk scoring and for streams of small requests.
@@ -158,6 +165,11 @@ class Settings(BaseSettings):
     )
     max_client_batch_size: int = Field(
         default=1024, ge=1, description="most documents/texts in one request (else 413)"
+    )
+    strict_model_names: bool = Field(
+        default=False,
+        description="404 for a model name not served here (by default the one loaded model that can "
+        "answer serves it, as TEI does, since clients send hard-coded names)",
     )
     shutdown_timeout_s: float = Field(
         default=30.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM"

@@ -176,7 +176,7 @@ async def test_native_rerank_aliases_and_documents(client: httpx.AsyncClient, en
     docs = ["Paris is the capital of France.", {"text": "The cat sat on the mat.", "id": "d2"}, "Berlin."]
     r = await client.post(
         "/rerank",
-        json={"query": "capital of France", "texts": docs, "top_k": 2, "return_text": True},
+        json={"query": "capital of France", "documents": docs, "top_k": 2, "return_text": True},
     )
     assert r.status_code == 200, r.text
     body = r.json()
@@ -187,6 +187,9 @@ async def test_native_rerank_aliases_and_documents(client: httpx.AsyncClient, en
     top = body["results"][0]
     assert top["index"] == int(np.argmax(expected))
     assert top["document"] == docs[top["index"]]
+    assert top["relevance_score"] == top["score"]  # Infinity's and vLLM's name for it
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"]
+    assert body["object"] == "rerank"
     assert all(0.0 <= s <= 1.0 for s in body["scores"])
     for h in ("x-request-id", "x-queue-time", "x-inference-time", "x-total-time", "x-total-tokens"):
         assert h in r.headers
@@ -195,6 +198,121 @@ async def test_native_rerank_aliases_and_documents(client: httpx.AsyncClient, en
     raw = (await client.post("/rerank", json={"query": "capital of France", "documents": texts, "raw_scores": True})).json()
     np.testing.assert_allclose(raw["scores"], engine_scores(engine_reranker, "capital of France", texts, raw=True),
                                atol=2e-4)
+
+
+async def test_tei_rerank_shape(client: httpx.AsyncClient, engine_reranker: Any) -> None:
+    """``texts`` is TEI's request: the answer is TEI's bare list sorted by score, ``text`` only
+    with ``return_text``; ``raw_scores``, ``truncate: null`` and ``truncation_direction`` as TEI."""
+    q, texts = "capital of France", ["The cat sat.", "Paris is the capital of France.", "Berlin."]
+    expected = engine_scores(engine_reranker, q, texts)
+    r = await client.post("/rerank", json={"query": q, "texts": texts, "truncate": None})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert isinstance(body, list) and [set(x) for x in body] == [{"index", "score"}] * 3
+    assert [x["index"] for x in body] == np.argsort(-expected, kind="stable").tolist()
+    np.testing.assert_allclose([x["score"] for x in body], np.sort(expected)[::-1], atol=2e-5)
+    with_text = (await client.post("/rerank", json={"query": q, "texts": texts, "return_text": True,
+                                                     "raw_scores": True})).json()
+    assert all(x["text"] == texts[x["index"]] for x in with_text)
+    raw = engine_scores(engine_reranker, q, texts, raw=True)
+    np.testing.assert_allclose(sorted(x["score"] for x in with_text), np.sort(raw), atol=2e-4)
+    both = await client.post("/rerank", json={"query": q, "texts": texts, "documents": texts})
+    assert "exactly one" in assert_error(both, 400)["message"]
+
+
+async def test_truncation_direction_left_keeps_the_end(client: httpx.AsyncClient, engine_reranker: Any,
+                                                       engine_embedder: Any) -> None:
+    """TEI's ``truncation_direction: "Left"`` on a right-truncating model cuts the start instead."""
+    tail = "Paris is the capital of France."
+    long_doc = " ".join(["filler words about nothing"] * 150) + " " + tail
+    q = "capital of France"
+    left = (await client.post("/rerank", json={"query": q, "texts": [long_doc], "truncation_direction": "Left"})).json()
+    right = (await client.post("/rerank", json={"query": q, "texts": [long_doc]})).json()
+    assert left[0]["score"] != pytest.approx(right[0]["score"], abs=1e-6)
+    right2 = (await client.post("/rerank", json={"query": q, "texts": [long_doc], "truncation_direction": "Right"})).json()
+    assert right2[0]["score"] == pytest.approx(right[0]["score"], abs=1e-7)
+    # the left cut is what the model gives for the document's end
+    enc = engine_reranker.encode_batch([long_doc], "raw", add_special_tokens=False)[0]
+    q_len = len(engine_reranker.encode_batch([q], "raw", add_special_tokens=False)[0].ids)
+    room = engine_reranker.max_length - 3 - q_len
+    end_part = long_doc[enc.offsets[len(enc.ids) - room][0]:]
+    assert left[0]["score"] == pytest.approx(float(engine_scores(engine_reranker, q, [end_part])[0]), abs=2e-5)
+    e_left = (await client.post("/embed", json={"inputs": long_doc, "truncation_direction": "Left"})).json()
+    e_right = (await client.post("/embed", json={"inputs": long_doc})).json()
+    assert not np.allclose(e_left, e_right)
+    enc_e = engine_embedder.encode_batch([long_doc], "raw", add_special_tokens=False)[0]
+    end_e = long_doc[enc_e.offsets[len(enc_e.ids) - (engine_embedder.max_length - 2)][0]:]
+    np.testing.assert_allclose(e_left, engine_embed(engine_embedder, [end_e]), atol=1e-5)
+
+
+async def test_unknown_model_name_served_by_the_one_able_model(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/rerank", json={"model": "rerank-english-v3.0", "query": "q", "documents": ["d"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "rr"  # the answer names the model that answered
+    e = await client.post("/v1/embeddings", json={"model": "text-embedding-3-small", "input": "hi"})
+    assert e.status_code == 200 and e.json()["model"] == "emb"
+
+
+async def test_strict_model_names_404(models: dict[str, OnnxModel]) -> None:
+    async with InProcessServer(models, Settings(strict_model_names=True)) as srv:
+        r = await srv.client.post("/v1/rerank", json={"model": "rerank-english-v3.0", "query": "q", "documents": ["d"]})
+        assert "rerank-english-v3.0" in assert_error(r, 404, "not_found_error")["message"]
+        assert (await srv.client.post("/v1/rerank", json={"model": "rr", "query": "q", "documents": ["d"]})).status_code == 200
+
+
+async def test_two_able_models_unknown_name_404(anyio_backend: str) -> None:
+    two = {"a": fake_model("rerank", name="a"), "b": fake_model("rerank", name="b", seed=1)}
+    async with InProcessServer(two, Settings()) as srv:
+        r = await srv.client.post("/rerank", json={"model": "nope", "query": "q", "documents": ["d"]})
+        assert "2 loaded models" in assert_error(r, 404, "not_found_error")["message"]
+
+
+async def test_cohere_v2_max_tokens_per_doc_is_honoured(client: httpx.AsyncClient, engine_reranker: Any) -> None:
+    q, doc = "capital", "Paris is the capital of France and a large city on the Seine."
+    r = (await client.post("/v2/rerank", json={"query": q, "documents": [doc], "max_tokens_per_doc": 3})).json()
+    enc = engine_reranker.encode_batch([doc], "raw", add_special_tokens=False)[0]
+    cut = doc[: enc.offsets[2][1]]
+    assert cut == "Paris is the"
+    assert r["results"][0]["relevance_score"] == pytest.approx(float(engine_scores(engine_reranker, q, [cut])[0]),
+                                                               abs=2e-5)
+    assert r["usage"]["total_tokens"] == len(engine_reranker.encode_batch([(q, cut)], "raw")[0].ids)
+
+
+async def test_cohere_v1_rank_fields_and_max_chunks(client: httpx.AsyncClient, engine_reranker: Any) -> None:
+    docs = [{"title": "France", "body": "Paris is the capital."}, {"title": "Cats", "body": "They sit on mats."}]
+    r = await client.post("/v1/rerank", json={"query": "capital", "documents": docs, "rank_fields": ["title", "body"],
+                                              "return_documents": True})
+    assert r.status_code == 200, r.text
+    scored = ["title: France\nbody: Paris is the capital.", "title: Cats\nbody: They sit on mats."]
+    expected = engine_scores(engine_reranker, "capital", scored)
+    got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+    np.testing.assert_allclose([got[0], got[1]], expected, atol=2e-5)
+    assert r.json()["results"][0]["document"] == docs[r.json()["results"][0]["index"]]
+    missing = await client.post("/v1/rerank", json={"query": "q", "documents": docs, "rank_fields": ["nope"]})
+    assert "nope" in assert_error(missing, 400)["message"]
+    no_text = await client.post("/v1/rerank", json={"query": "q", "documents": docs})
+    assert "rank_fields" in assert_error(no_text, 400)["message"]
+    # max_chunks_per_doc: 1 is plain truncation; N > 1 scores the best of at most N windows
+    long_doc = " ".join(["filler words about nothing"] * 150) + " Paris is the capital of France."
+    q = "capital of France"
+    one = (await client.post("/v1/rerank", json={"query": q, "documents": [long_doc], "max_chunks_per_doc": 1})).json()
+    assert one["results"][0]["relevance_score"] == pytest.approx(float(engine_scores(engine_reranker, q, [long_doc])[0]),
+                                                                 abs=2e-5)
+    many = (await client.post("/v1/rerank", json={"query": q, "documents": [long_doc], "max_chunks_per_doc": 50})).json()
+    p = engine_reranker.prepare_pairs(q, [long_doc], long_documents="window")
+    windows = engine_reranker.finish(p, engine_reranker.forward(p.units)).scores
+    assert many["results"][0]["relevance_score"] == pytest.approx(float(windows[0]), abs=2e-5)
+    two = (await client.post("/v1/rerank", json={"query": q, "documents": [long_doc], "max_chunks_per_doc": 2})).json()
+    assert one["usage"]["total_tokens"] < two["usage"]["total_tokens"] <= 2 * engine_reranker.max_length
+    assert two["usage"]["total_tokens"] < many["usage"]["total_tokens"]
+
+
+async def test_prompt_name_and_user(client: httpx.AsyncClient) -> None:
+    bad = await client.post("/embed", json={"inputs": "hi", "prompt_name": "classification"})
+    assert "classification" in assert_error(bad, 400)["message"]
+    assert (await client.post("/embed", json={"inputs": "hi", "prompt_name": "query"})).status_code == 200
+    ok = await client.post("/v1/embeddings", json={"input": "hi", "user": "user-1234"})
+    assert ok.status_code == 200, ok.text
 
 
 async def test_empty_documents_is_200(client: httpx.AsyncClient) -> None:
@@ -301,7 +419,6 @@ async def test_request_id_is_honoured(client: httpx.AsyncClient) -> None:
         ("POST", "/v1/embeddings", {"json": {"input": "x", "model": "rr"}}, 400, "invalid_request_error"),
         ("POST", "/v1/embeddings", {"json": {"input": "x", "dimensions": 100000}}, 400, "invalid_request_error"),
         ("POST", "/v1/embeddings", {"json": {"input": [[10**9]]}}, 400, "invalid_request_error"),
-        ("POST", "/rerank", {"json": {"query": "q", "documents": ["d"], "model": "nope"}}, 404, "not_found_error"),
         ("GET", "/no/such/route", {}, 404, "not_found_error"),
         ("GET", "/rerank", {}, 405, "invalid_request_error"),
         ("POST", "/rerank", {"json": {"query": "q", "documents": ["d"] * 65}}, 413, "payload_too_large"),

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -26,6 +27,7 @@ from encapure.engine.types import (
     Prepared,
     RerankOutput,
     RerankResult,
+    Side,
 )
 from encapure.errors import (
     InvalidInputError,
@@ -45,6 +47,7 @@ from encapure.server.schemas import (
     TEIEmbedRequest,
     TEIPredictRequest,
     TEITokenizeRequest,
+    TruncationDirection,
 )
 from encapure.server.state import ServerState
 
@@ -78,7 +81,13 @@ def pick_model(
         if model is None:
             if state.phase == "starting":
                 state.require_scheduler()  # 503 not ready: the model may be on its way
-            raise ModelNotFoundError(f"model {name!r} is not served here; loaded: {loaded}")
+            able = [(n, m) for n, m in state.models.items() if m.task in tasks]
+            # Clients send hard-coded names (rerank-english-v3.0, text-embedding-3-small) and TEI
+            # ignores the name: with exactly one model that can answer, it answers and says its name.
+            if len(able) == 1 and not state.settings.strict_model_names:
+                return able[0]
+            why = f"{len(able)} loaded models can answer {route}" if able else f"none can answer {route}"
+            raise ModelNotFoundError(f"model {name!r} is not served here ({why}); loaded: {loaded}")
         if model.task not in tasks:
             raise WrongTaskError(
                 f"model {name!r} does {_TASK_WORDS[model.task]}; {route} needs a {wanted} model "
@@ -191,8 +200,108 @@ def _check_batch(state: ServerState, n: int, what: str) -> None:
         )
 
 
-def _doc_text(d: Document) -> str:
-    return d if isinstance(d, str) else d.text
+def _doc_texts(documents: Sequence[Document], rank_fields: list[str] | None = None) -> list[str]:
+    """What is scored of each document: a string as is; of an object its ``text``, or with Cohere
+    v1's ``rank_fields`` those fields as ``name: value`` lines (``["text"]`` alone is ``text``)."""
+    fields = rank_fields if rank_fields and rank_fields != ["text"] else None
+    out: list[str] = []
+    for i, d in enumerate(documents):
+        if isinstance(d, str):
+            out.append(d)
+            continue
+        if fields is None:
+            if d.text is None:
+                raise InvalidInputError(
+                    f"documents[{i}]: an object document needs a `text` field (or name the fields "
+                    "to score with rank_fields on /v1/rerank)"
+                )
+            out.append(d.text)
+            continue
+        values = d.model_dump(exclude_none=True)
+        missing = [f for f in fields if f not in values]
+        if missing:
+            raise InvalidInputError(f"documents[{i}] lacks the rank_fields {missing}")
+        out.append("\n".join(f"{f}: {values[f]}" for f in fields))
+    return out
+
+
+# --- cutting texts to a token budget (TEI truncation_direction, Cohere's per-document limits) ------
+def _side(direction: TruncationDirection | None) -> Side | None:
+    return None if direction is None else ("left" if direction.lower() == "left" else "right")
+
+
+def _clip(model: InferenceModel, texts: list[str], limits: Sequence[int | None], side: Side) -> list[str]:
+    """Cut each text to at most ``limits[i]`` tokens of the model's tokenizer (no specials), keeping
+    its start (side ``right``) or its end (``left``), at token boundaries of the original text.
+    Runs in the request's prepare step, off the event loop."""
+    encs = model.encode_batch(texts, "raw", add_special_tokens=False)
+    out = []
+    for text, enc, limit in zip(texts, encs, limits, strict=True):
+        n = len(enc.ids)
+        if limit is None or n <= limit or limit <= 0:
+            out.append(text)
+        elif side == "right":
+            out.append(text[: enc.offsets[limit - 1][1]])
+        else:
+            out.append(text[enc.offsets[n - limit][0] :])
+    return out
+
+
+def _specials(model: InferenceModel, pair: bool) -> int:
+    item: Any = ("", "") if pair else ""
+    return len(model.encode_batch([item], "raw")[0].ids)
+
+
+def _model_side(model: InferenceModel) -> Side:
+    side: Side = getattr(model, "truncation_side", "right")
+    return side
+
+
+def _prepare_rerank(
+    model: InferenceModel,
+    query: str,
+    texts: list[str],
+    *,
+    truncate: bool,
+    raw: bool,
+    long_documents: LongDocuments,
+    side: Side | None = None,
+    max_tokens_per_doc: int | None = None,
+    max_chunks: int | None = None,
+) -> Prepared:
+    """``model.prepare_pairs`` after the per-request cuts the engine has no option for: a
+    truncation side other than the model's, Cohere v2's ``max_tokens_per_doc`` and v1's
+    ``max_chunks_per_doc`` (the document is cut to what that many overlapping windows cover)."""
+    if max_tokens_per_doc is not None:
+        texts = _clip(model, texts, [max_tokens_per_doc] * len(texts), "right")
+    needs_room = (side is not None and side != _model_side(model) and truncate) or (max_chunks or 0) > 1
+    if needs_room and texts:
+        q_len = len(model.encode_batch([query], "raw", add_special_tokens=False)[0].ids)
+        room = model.max_length - _specials(model, pair=True) - q_len
+        if room > 0 and max_chunks is not None and max_chunks > 1:
+            overlap = min(int(getattr(model, "window_overlap", 0)), room // 2)
+            texts = _clip(model, texts, [room + (max_chunks - 1) * (room - overlap)] * len(texts), "right")
+            long_documents = "window"
+        elif room > 0 and side is not None:
+            texts = _clip(model, texts, [room] * len(texts), side)
+    return model.prepare_pairs(query, texts, truncate=truncate, raw_scores=raw, long_documents=long_documents)
+
+
+def _prepare_embed(
+    model: InferenceModel,
+    texts: list[str],
+    *,
+    truncate: bool,
+    side: Side | None,
+    kind: Any,
+    dimensions: int | None,
+    normalize: bool | None,
+) -> Prepared:
+    """``model.prepare_texts``, cutting from the requested side first when it is not the model's."""
+    if side is not None and side != _model_side(model) and truncate and texts:
+        room = model.max_length - _specials(model, pair=False)
+        texts = _clip(model, texts, [room] * len(texts), side)
+    return model.prepare_texts(texts, truncate=truncate, kind=kind, dimensions=dimensions, normalize=normalize)
 
 
 # --- rerank ----------------------------------------------------------------------------------------
@@ -200,21 +309,32 @@ async def _rerank(
     request: Request,
     model_name: str | None,
     query: str,
-    documents: list[Document],
+    texts: list[str],
     *,
     raw: bool = False,
     truncate: bool = True,
     long_documents: LongDocuments = "truncate",
+    side: Side | None = None,
+    max_tokens_per_doc: int | None = None,
+    max_chunks: int | None = None,
     route: str,
 ) -> tuple[str, RerankOutput, dict[str, str]]:
     state = _state(request)
     name, model = pick_model(state, model_name, ("rerank",), route)
-    _check_batch(state, len(documents), "documents")
-    request.scope["state"]["info"]["items"] = len(documents)
-    state.http_metrics.items.labels(route).inc(len(documents))
-    texts = [_doc_text(d) for d in documents]
+    _check_batch(state, len(texts), "documents")
+    request.scope["state"]["info"]["items"] = len(texts)
+    state.http_metrics.items.labels(route).inc(len(texts))
     prepare = functools.partial(
-        model.prepare_pairs, query, texts, truncate=truncate, raw_scores=raw, long_documents=long_documents
+        _prepare_rerank,
+        model,
+        query,
+        texts,
+        truncate=truncate,
+        raw=raw,
+        long_documents=long_documents,
+        side=side,
+        max_tokens_per_doc=max_tokens_per_doc,
+        max_chunks=max_chunks,
     )
     out, headers = await run_inference(request, name, model, prepare)
     assert isinstance(out, RerankOutput)
@@ -230,33 +350,50 @@ def _tokens(out: ModelOutput) -> int:
 
 
 def _as_object(d: Document) -> dict[str, Any]:
-    return {"text": d} if isinstance(d, str) else d.model_dump()
+    return {"text": d} if isinstance(d, str) else d.model_dump(exclude_none=True)
 
 
-@router.post("/rerank", summary="Rerank documents for a query (native shape)")
+@router.post("/rerank", summary="Rerank documents for a query (native, Infinity and TEI shapes)")
 async def rerank(body: RerankRequest, request: Request) -> Response:
+    """``documents``: the native answer (an object; Infinity's clients read it too). ``texts``:
+    TEI's answer, a bare list of ``{"index", "score", "text"?}`` sorted by score."""
+    tei = body.texts is not None
+    docs: list[Document] = list(body.texts) if body.texts is not None else list(body.documents or [])
     name, out, headers = await _rerank(
         request,
         body.model,
         body.query,
-        body.documents,
+        _doc_texts(docs),
         raw=body.raw_scores,
-        truncate=body.truncate,
+        truncate=body.truncate is not False,
         long_documents=body.long_documents,
+        side=_side(body.truncation_direction),
         route="/rerank",
     )
     ranked = out.ranked(body.top_n)
-    if body.return_documents:
-        docs = body.documents
-        results = [
-            {"index": r.index, "score": r.score, "document": d if isinstance(d, str) else d.model_dump()}
-            for r in ranked
-            for d in (docs[r.index],)
-        ]
-    else:
-        results = [{"index": r.index, "score": r.score} for r in ranked]
+    if tei:
+        texts = body.texts or []
+        if body.return_documents:
+            return _json([{"index": r.index, "score": r.score, "text": texts[r.index]} for r in ranked], headers)
+        return _json([{"index": r.index, "score": r.score} for r in ranked], headers)
+    results: list[dict[str, Any]] = []
+    for r in ranked:
+        item: dict[str, Any] = {"index": r.index, "score": r.score, "relevance_score": r.score}
+        if body.return_documents:
+            d = docs[r.index]
+            item["document"] = d if isinstance(d, str) else d.model_dump(exclude_none=True)
+        results.append(item)
+    tokens = _tokens(out)
     return _json(
-        {"model": name, "results": results, "scores": _scores(out), "usage": {"total_tokens": _tokens(out)}},
+        {
+            "object": "rerank",
+            "id": request.scope["state"]["request_id"],
+            "created": int(time.time()),
+            "model": name,
+            "results": results,
+            "scores": _scores(out),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        },
         headers,
     )
 
@@ -270,9 +407,25 @@ def _cohere_results(ranked: list[RerankResult], docs: list[Document], with_docs:
 async def _cohere_rerank(
     request: Request, body: CohereV1RerankRequest | CohereV2RerankRequest, version: str
 ) -> Response:
-    """Cohere v1 (also Jina) and v2 differ on the wire only in the reported API version."""
+    """Cohere v1 (also Jina, vLLM, Infinity under /v1) and v2 differ on the wire only in the
+    reported API version, and in their per-document options."""
     route = f"/v{version}/rerank"
-    name, out, headers = await _rerank(request, body.model, body.query, body.documents, route=route)
+    rank_fields = max_chunks = max_tokens = None
+    raw = False
+    if isinstance(body, CohereV1RerankRequest):
+        rank_fields, max_chunks, raw = body.rank_fields, body.max_chunks_per_doc, body.raw_scores
+    else:
+        max_tokens = body.max_tokens_per_doc
+    name, out, headers = await _rerank(
+        request,
+        body.model,
+        body.query,
+        _doc_texts(body.documents, rank_fields),
+        raw=raw,
+        max_tokens_per_doc=max_tokens,
+        max_chunks=max_chunks,
+        route=route,
+    )
     tokens = _tokens(out)
     return _json(
         {
@@ -318,10 +471,14 @@ async def _embed(
     dimensions: int | None = None,
     normalize: bool | None = None,
     truncate: bool = True,
+    side: Side | None = None,
     kind: Any = None,
+    prompt_name: str | None = None,
 ) -> tuple[str, EmbedOutput, dict[str, str]]:
     state = _state(request)
     name, model = pick_model(state, model_name, ("embed",), route)
+    if prompt_name is not None:
+        kind = _prompt_kind(name, model, prompt_name)
     if isinstance(inputs, str):
         texts: list[str] = [inputs]
     elif inputs and isinstance(inputs[0], int):
@@ -337,20 +494,45 @@ async def _embed(
     if not texts:
         raise InvalidInputError("input: give at least one text")
     prepare = functools.partial(
-        model.prepare_texts, texts, truncate=truncate, kind=kind, dimensions=dimensions, normalize=normalize
+        _prepare_embed,
+        model,
+        texts,
+        truncate=truncate,
+        side=side,
+        kind=kind,
+        dimensions=dimensions,
+        normalize=normalize,
     )
     out, headers = await run_inference(request, name, model, prepare)
     assert isinstance(out, EmbedOutput)
     return name, out, headers
 
 
+_PROMPTS = {"query": "query", "document": "document", "passage": "document"}
+
+
+def _prompt_kind(name: str, model: InferenceModel, prompt_name: str) -> Literal["query", "document"]:
+    """TEI's ``prompt_name``: the model's query or document prefix; any other name is a 400, as in
+    TEI (a prompt the model does not have would otherwise be silently skipped)."""
+    kind = _PROMPTS.get(prompt_name)
+    if kind is None:
+        raise InvalidInputError(
+            f"prompt_name {prompt_name!r} is not a prompt of model {name!r}; it has: query, document (passage)"
+        )
+    return "query" if kind == "query" else "document"
+
+
 @router.post("/v1/embeddings", summary="Embeddings (OpenAI shape; float or base64)")
+@router.post("/embeddings", summary="Embeddings (OpenAI shape; the path without /v1)")
 async def embeddings(body: OpenAIEmbeddingsRequest, request: Request) -> Response:
+    """``user`` is OpenAI's opaque end-user id: written to the request's log line, never interpreted."""
+    if body.user is not None:
+        request.scope["state"]["info"]["user"] = body.user
     kind = None
     if body.input_type is not None:
         kind = "query" if body.input_type in ("query", "search_query") else "document"
     name, out, headers = await _embed(
-        request, body.model, body.input, route="/v1/embeddings", dimensions=body.dimensions, kind=kind
+        request, body.model, body.input, route=request.scope["path"], dimensions=body.dimensions, kind=kind
     )
     emb = np.ascontiguousarray(out.embeddings, dtype=np.float32)
     if body.encoding_format == "base64":
@@ -392,9 +574,8 @@ async def list_models(request: Request) -> Response:
     )
 
 
-@router.post("/embed", summary="Embeddings (TEI shape)")
+@router.post("/embed", summary="Embeddings (TEI shape; texts or token ids)")
 async def tei_embed(body: TEIEmbedRequest, request: Request) -> Response:
-    kind = body.prompt_name if body.prompt_name in ("query", "document") else None
     _, out, headers = await _embed(
         request,
         body.model,
@@ -402,10 +583,31 @@ async def tei_embed(body: TEIEmbedRequest, request: Request) -> Response:
         route="/embed",
         dimensions=body.dimensions,
         normalize=body.normalize,
-        truncate=body.truncate,
-        kind=kind,
+        truncate=body.truncate is not False,
+        side=_side(body.truncation_direction),
+        prompt_name=body.prompt_name,
     )
     return _json(np.ascontiguousarray(out.embeddings, dtype=np.float32), headers)
+
+
+def _prepare_classify(
+    model: InferenceModel, texts: list[str], *, truncate: bool, raw: bool, side: Side | None
+) -> Prepared:
+    if side is not None and side != _model_side(model) and truncate and texts:
+        texts = _clip(model, texts, [model.max_length - _specials(model, pair=False)] * len(texts), side)
+    return model.prepare_texts(texts, truncate=truncate, raw_scores=raw)
+
+
+def _prepare_pair_list(
+    model: InferenceModel, pairs: list[tuple[str, str]], *, truncate: bool, raw: bool, side: Side | None
+) -> Prepared:
+    """Pairs cut on the requested side: the second text gives way, as in the model's own mode."""
+    if side is not None and side != _model_side(model) and truncate and pairs:
+        firsts = model.encode_batch([a for a, _ in pairs], "raw", add_special_tokens=False)
+        room = model.max_length - _specials(model, pair=True)
+        seconds = _clip(model, [b for _, b in pairs], [room - len(e.ids) for e in firsts], side)
+        pairs = [(a, b) for (a, _), b in zip(pairs, seconds, strict=True)]
+    return model.prepare_pair_list(pairs, truncate=truncate, raw_scores=raw)
 
 
 @router.post("/predict", summary="Classification scores (TEI shape)")
@@ -431,13 +633,17 @@ async def tei_predict(body: TEIPredictRequest, request: Request) -> Response:
     if model.task == "rerank" and any(len(item) != 2 for item in batch):
         raise WrongTaskError(f"model {name!r} is a reranker: /predict needs [text, text_pair] inputs for it")
     prepare: Callable[[], Prepared]
+    truncate = body.truncate is not False
+    side = _side(body.truncation_direction)
     if all(len(item) == 1 for item in batch):
         texts = [item[0] for item in batch]
-        prepare = functools.partial(model.prepare_texts, texts, truncate=body.truncate, raw_scores=body.raw_scores)
+        prepare = functools.partial(
+            _prepare_classify, model, texts, truncate=truncate, raw=body.raw_scores, side=side
+        )
     elif all(len(item) == 2 for item in batch):
         pairs = [(a, b) for a, b in batch]
         prepare = functools.partial(
-            model.prepare_pair_list, pairs, truncate=body.truncate, raw_scores=body.raw_scores
+            _prepare_pair_list, model, pairs, truncate=truncate, raw=body.raw_scores, side=side
         )
     else:
         raise InvalidInputError("inputs: mix of single texts and pairs in one batch; send them separately")

@@ -2,14 +2,15 @@
 
 Responses are built as plain dicts and serialized with orjson: per-item pydantic models on
 score and embedding lists cost more than the rest of the HTTP layer put together.
-Unknown fields are ignored so that clients sending newer options are not refused.
+Unknown fields are ignored so that clients sending newer options are not refused; every field
+declared here is either honoured or refused with 400, never silently dropped.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 
 class _Req(BaseModel):
@@ -17,42 +18,56 @@ class _Req(BaseModel):
 
 
 class TextDocument(BaseModel):
-    """A document given as an object; only ``text`` is read (Cohere v1, Jina)."""
+    """A document given as an object. ``text`` is what is scored, unless Cohere v1's
+    ``rank_fields`` names other fields to score (then ``text`` may be absent)."""
 
     model_config = ConfigDict(extra="allow")
-    text: str
+    text: str | None = None
 
 
 Document = str | TextDocument
 
+# TEI spells the side "Left"/"Right"; lower case is accepted too.
+TruncationDirection = Literal["Left", "Right", "left", "right"]
+
 
 class RerankRequest(_Req):
-    """Native rerank (``/rerank``)."""
+    """``/rerank``: the native shape (``documents``), or TEI's (``texts``: then the answer is TEI's
+    bare, score-sorted list of ``{"index", "score", "text"?}``). Infinity posts the native shape."""
 
     query: str = Field(min_length=1)
-    documents: list[Document] = Field(validation_alias=AliasChoices("documents", "texts"))
+    documents: list[Document] | None = None
+    texts: list[str] | None = None
     top_n: int | None = Field(default=None, ge=1, validation_alias=AliasChoices("top_n", "top_k"))
     return_documents: bool = Field(
         default=False, validation_alias=AliasChoices("return_documents", "return_text")
     )
     raw_scores: bool = False
-    truncate: bool = True
+    truncate: bool | None = True  # TEI sends null for "the server's default" (= true)
+    truncation_direction: TruncationDirection | None = None
     # A document longer than the model's window: cut it, score it by its best overlapping window,
     # or refuse it (400).
     long_documents: Literal["truncate", "window", "error"] = "truncate"
     model: str | None = None
 
+    @model_validator(mode="after")
+    def _one_list(self) -> RerankRequest:
+        if (self.documents is None) == (self.texts is None):
+            raise ValueError("give the documents as `documents` (native) or `texts` (TEI), exactly one of them")
+        return self
+
 
 class CohereV1RerankRequest(_Req):
-    """Cohere v1 (and Jina) ``/v1/rerank``."""
+    """Cohere v1 (and Jina, vLLM, Infinity) ``/v1/rerank``."""
 
     query: str = Field(min_length=1)
     documents: list[Document]
     model: str | None = None
     top_n: int | None = Field(default=None, ge=1)
     return_documents: bool = False
-    rank_fields: list[str] | None = None
-    max_chunks_per_doc: int | None = None
+    rank_fields: list[str] | None = Field(default=None, min_length=1)
+    max_chunks_per_doc: int | None = Field(default=None, ge=1)
+    raw_scores: bool = False  # Infinity's
 
 
 class CohereV2RerankRequest(_Req):
@@ -66,6 +81,9 @@ class CohereV2RerankRequest(_Req):
     return_documents: bool = False
 
 
+TokenIds = list[int]
+
+
 class OpenAIEmbeddingsRequest(_Req):
     """OpenAI ``/v1/embeddings``: text, texts, token ids or lists of token ids."""
 
@@ -73,15 +91,19 @@ class OpenAIEmbeddingsRequest(_Req):
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
+    # An opaque end-user id for the provider's abuse monitoring: written to the request's log line.
     user: str | None = None
     # Not OpenAI's, but what asymmetric models (e5, bge, nomic) need: which prefix to apply.
     input_type: Literal["query", "document", "passage", "search_query", "search_document"] | None = None
 
 
 class TEIEmbedRequest(_Req):
-    inputs: str | list[str]
+    """TEI ``/embed``: a text, texts, token ids or lists of token ids."""
+
+    inputs: str | list[str] | list[int] | list[list[int]]
     normalize: bool = True
-    truncate: bool = True
+    truncate: bool | None = True
+    truncation_direction: TruncationDirection | None = None
     dimensions: int | None = Field(default=None, ge=1)
     prompt_name: str | None = None
     model: str | None = None
@@ -92,7 +114,8 @@ class TEIPredictRequest(_Req):
 
     inputs: str | list[str] | list[list[str]]
     raw_scores: bool = False
-    truncate: bool = True
+    truncate: bool | None = True
+    truncation_direction: TruncationDirection | None = None
     model: str | None = None
 
 
@@ -100,3 +123,36 @@ class TEITokenizeRequest(_Req):
     inputs: str | list[str]
     add_special_tokens: bool = True
     model: str | None = None
+
+
+class TEIDecodeRequest(_Req):
+    """TEI ``/decode``: token ids back to text."""
+
+    ids: list[int] | list[list[int]]
+    skip_special_tokens: bool = True
+    model: str | None = None
+
+
+class SimilarityInputs(BaseModel):
+    source_sentence: str
+    sentences: list[str]
+
+
+class SimilarityParameters(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    truncate: bool | None = True
+    truncation_direction: TruncationDirection | None = None
+    prompt_name: str | None = None
+
+
+class TEISimilarityRequest(_Req):
+    """TEI ``/similarity`` (the hub's sentence-similarity task): cosine of each sentence to the source."""
+
+    inputs: SimilarityInputs
+    parameters: SimilarityParameters | None = None
+    model: str | None = None
+
+
+def describe_keys(body: Any) -> str:
+    """For an error message: the top-level keys a request sent."""
+    return ", ".join(sorted(body)) if isinstance(body, dict) else type(body).__name__
