@@ -315,6 +315,68 @@ async def test_prompt_name_and_user(client: httpx.AsyncClient) -> None:
     assert ok.status_code == 200, ok.text
 
 
+async def test_root_and_invocations_dispatch_by_shape(client: httpx.AsyncClient, engine_embedder: Any,
+                                                      engine_reranker: Any) -> None:
+    """TEI's ``POST /`` (and SageMaker's ``/invocations``) answer as the route the request's shape
+    and the models' tasks mean; GET / and /ping answer too."""
+    for path in ("/", "/invocations"):
+        e = await client.post(path, json={"inputs": ["hello world", "bye"]})
+        assert e.status_code == 200, e.text
+        np.testing.assert_allclose(e.json(), engine_embed(engine_embedder, ["hello world", "bye"]), atol=1e-5)
+        r = (await client.post(path, json={"query": "capital", "texts": ["a", "Paris capital"]})).json()
+        assert isinstance(r, list) and {x["index"] for x in r} == {0, 1}
+        n = (await client.post(path, json={"query": "capital", "documents": ["a"]})).json()
+        assert n["model"] == "rr"
+        p = (await client.post(path, json={"inputs": [["capital", "Paris"]]})).json()
+        expected = engine_scores(engine_reranker, "capital", ["Paris"])
+        assert p[0][0]["score"] == pytest.approx(float(expected[0]), abs=2e-5)
+        o = (await client.post(path, json={"input": "hello world"})).json()
+        assert o["object"] == "list"
+        sim = (await client.post(path, json={"inputs": {"source_sentence": "hello", "sentences": ["hello", "cat"]}}))
+        assert sim.status_code == 200 and sim.json()[0] == pytest.approx(1.0, abs=1e-5)
+        assert "inputs" in assert_error(await client.post(path, json={"what": 1}), 400)["message"]
+        assert_error(await client.post(path, content=b"{nope"), 400)
+        assert_error(await client.post(path, json={"inputs": 3}), 400)
+    root = (await client.get("/")).json()
+    assert root["models"] == {"rr": "rerank", "emb": "embed"}
+    assert (await client.get("/ping")).status_code == 200
+
+
+async def test_tei_extras_decode_similarity_ids_aliases(client: httpx.AsyncClient, engine_embedder: Any,
+                                                        srv: InProcessServer) -> None:
+    toks = (await client.post("/tokenize", json={"inputs": "hello world", "model": "emb"})).json()[0]
+    ids = [t["id"] for t in toks]
+    assert (await client.post("/decode", json={"ids": ids})).json() == ["hello world"]
+    assert (await client.post("/decode", json={"ids": [ids, ids[1:2]]})).json() == ["hello world", "hello"]
+    assert_error(await client.post("/decode", json={"ids": [10**9]}), 400)
+    by_ids = (await client.post("/embed", json={"inputs": [ids[1:-1]]})).json()
+    np.testing.assert_allclose(by_ids, engine_embed(engine_embedder, ["hello world"]), atol=1e-5)
+    sentences = ["hello there", "quantum physics"]
+    sim = (await client.post("/similarity", json={"inputs": {"source_sentence": "hello", "sentences": sentences}})).json()
+    v = engine_embed(engine_embedder, ["hello", *sentences])
+    np.testing.assert_allclose(sim, v[1:] @ v[0], atol=1e-5)
+    assert (await client.post("/similarity", json={"inputs": {"source_sentence": "x", "sentences": []}})).json() == []
+    alias = (await client.post("/embeddings", json={"input": "hello world"})).json()
+    np.testing.assert_allclose(alias["data"][0]["embedding"], engine_embed(engine_embedder, ["hello world"])[0],
+                               atol=1e-5)
+    assert (await client.get("/models")).json() == (await client.get("/v1/models")).json()
+    one = (await client.get("/v1/models/emb")).json()
+    assert one["id"] == "emb" and one["object"] == "model"
+    assert_error(await client.get("/v1/models/text-embedding-3-small"), 404, "not_found_error")
+    assert (await srv.new_client().get("/ping")).status_code == 200  # a probe: no key
+
+
+async def test_info_has_tei_fields(client: httpx.AsyncClient) -> None:
+    info = (await client.get("/info")).json()
+    assert info["model_id"] == "rr"
+    assert info["model_type"] == {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
+    assert info["model_dtype"] == "float32" and info["max_input_length"] == 256
+    for key in ("max_concurrent_requests", "max_batch_tokens", "max_client_batch_size", "tokenization_workers",
+                "version", "auto_truncate"):
+        assert key in info, key
+    assert info["max_client_batch_size"] == 64
+
+
 async def test_empty_documents_is_200(client: httpx.AsyncClient) -> None:
     for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
         r = await client.post(path, json={"query": "q", "documents": [], "model": "rr"})

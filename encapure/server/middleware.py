@@ -24,7 +24,7 @@ from encapure.server.state import ServerState
 log = logging.getLogger("encapure.server.access")
 
 # Probes and the API docs work without credentials; everything else needs the key when one is set.
-OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/ping", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 

@@ -14,7 +14,9 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from encapure import __version__
@@ -44,10 +46,14 @@ from encapure.server.schemas import (
     Document,
     OpenAIEmbeddingsRequest,
     RerankRequest,
+    SimilarityParameters,
+    TEIDecodeRequest,
     TEIEmbedRequest,
     TEIPredictRequest,
+    TEISimilarityRequest,
     TEITokenizeRequest,
     TruncationDirection,
+    describe_keys,
 )
 from encapure.server.state import ServerState
 
@@ -559,19 +565,26 @@ async def embeddings(body: OpenAIEmbeddingsRequest, request: Request) -> Respons
     )
 
 
+def _model_card(state: ServerState, name: str, model: InferenceModel) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": int(state.started_at), "owned_by": "encapure",
+            "task": model.task}
+
+
 @router.get("/v1/models", summary="Served models (OpenAI shape)")
+@router.get("/models", summary="Served models (OpenAI shape; the path without /v1)")
 async def list_models(request: Request) -> Response:
     state = _state(request)
-    created = int(state.started_at)
-    return _json(
-        {
-            "object": "list",
-            "data": [
-                {"id": n, "object": "model", "created": created, "owned_by": "encapure", "task": m.task}
-                for n, m in state.models.items()
-            ],
-        }
-    )
+    return _json({"object": "list", "data": [_model_card(state, n, m) for n, m in state.models.items()]})
+
+
+@router.get("/v1/models/{model_id:path}", summary="One served model (OpenAI shape)")
+async def get_model(model_id: str, request: Request) -> Response:
+    """Metadata of a model by its exact name: unlike inference, no other model stands in for it."""
+    state = _state(request)
+    model = state.models.get(model_id)
+    if model is None:
+        raise ModelNotFoundError(f"model {model_id!r} is not served here; loaded: {', '.join(state.models)}")
+    return _json(_model_card(state, model_id, model))
 
 
 @router.post("/embed", summary="Embeddings (TEI shape; texts or token ids)")
@@ -689,6 +702,115 @@ async def tei_tokenize(body: TEITokenizeRequest, request: Request) -> Response:
     return _json(result)
 
 
+@router.post("/decode", summary="Token ids to text (TEI shape)")
+async def tei_decode(body: TEIDecodeRequest, request: Request) -> Response:
+    state = _state(request)
+    _, model = pick_model(state, body.model, ("rerank", "embed", "classify"), "/decode")
+    raw: list[Any] = list(body.ids)
+    batch: list[list[int]] = [raw] if raw and isinstance(raw[0], int) else raw
+    _check_batch(state, len(batch), "inputs")
+    if any(not ids for ids in batch):
+        raise InvalidInputError("ids: an empty list of token ids")
+    vocab = model.vocab_size
+    if any(min(ids) < 0 or max(ids) >= vocab for ids in batch):
+        raise InvalidInputError(f"ids: token ids must lie in [0, {vocab})")
+
+    def work() -> list[str]:
+        return [model.decode(ids, skip_special_tokens=body.skip_special_tokens) for ids in batch]
+
+    return _json(await asyncio.to_thread(work))
+
+
+@router.post("/similarity", summary="Cosine similarity of sentences to a source sentence (TEI shape)")
+async def tei_similarity(body: TEISimilarityRequest, request: Request) -> Response:
+    """The hub's sentence-similarity task: one embedding request for the source and the sentences."""
+    params = body.parameters or SimilarityParameters()
+    if not body.inputs.sentences:
+        return _json([])
+    _, out, headers = await _embed(
+        request,
+        body.model,
+        [body.inputs.source_sentence, *body.inputs.sentences],
+        route="/similarity",
+        normalize=True,
+        truncate=params.truncate is not False,
+        side=_side(params.truncation_direction),
+        prompt_name=params.prompt_name,
+    )
+    emb = out.embeddings.astype(np.float64)
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return _json((emb[1:] @ emb[0]).tolist(), headers)
+
+
+# --- the root: TEI's and SageMaker's one inference route ------------------------------------------
+def _root_route(state: ServerState, data: dict[str, Any]) -> str:
+    """Which route a request to ``POST /`` means, from its shape and the models' tasks: TEI serves
+    one model and answers by its task; with several, the request's shape (and ``model``) decides."""
+    if "query" in data and ("texts" in data or "documents" in data):
+        return "/rerank"
+    if "input" in data:
+        return "/v1/embeddings"
+    inputs = data.get("inputs")
+    if isinstance(inputs, dict) and "source_sentence" in inputs:
+        return "/similarity"
+    if "inputs" not in data:
+        raise InvalidInputError(
+            "POST / takes a TEI request: {'inputs': ...} (embed or predict), {'query', 'texts'} (rerank) "
+            "or {'inputs': {'source_sentence', 'sentences'}} (similarity); got keys: " + describe_keys(data)
+        )
+    named = state.models.get(data["model"]) if isinstance(data.get("model"), str) else None
+    tasks = {named.task} if named is not None else {m.task for m in state.models.values()}
+    pairs = isinstance(inputs, list) and bool(inputs) and isinstance(inputs[0], list) and all(
+        isinstance(x, str) for x in inputs[0]
+    )
+    if "embed" in tasks and not pairs and ("parameters" not in data or tasks == {"embed"}):
+        return "/embed"
+    return "/predict"
+
+
+_ROOT_HANDLERS: dict[str, tuple[type[BaseModel], Callable[[Any, Request], Any]]] = {}
+
+
+@router.post("/", summary="Inference by the model's task and the request's shape (TEI)")
+@router.post("/invocations", summary="Inference by the model's task and the request's shape (SageMaker)")
+async def root_inference(request: Request) -> Response:
+    """``huggingface_hub.InferenceClient(base_url=...)`` and SageMaker post here. The body is
+    validated by the schema of the route it is dispatched to, and answered as that route answers."""
+    try:
+        data = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as e:
+        raise InvalidInputError(f"invalid request: malformed JSON body: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidInputError("invalid request: the body must be a JSON object")
+    state = _state(request)
+    state.require_scheduler()
+    route = _root_route(state, data)
+    if "parameters" in data and route == "/predict" and isinstance(data["parameters"], dict):
+        # the hub's text-classification task nests TEI's options under "parameters"
+        params = data["parameters"]
+        data = {**{k: params[k] for k in ("truncate", "truncation_direction", "raw_scores") if k in params}, **data}
+    schema, handler = _ROOT_HANDLERS[route]
+    try:
+        body = schema.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+    request.scope["state"]["info"]["route"] = route
+    response: Response = await handler(body, request)
+    return response
+
+
+@router.get("/", summary="Service name, version, models and where the docs are")
+async def root_info(request: Request) -> Response:
+    state = _state(request)
+    return _json({"name": "encapure", "version": __version__, "phase": state.phase, "docs": "/docs",
+                  "models": {n: m.task for n, m in state.models.items()}})
+
+
+@router.get("/ping", summary="Readiness (SageMaker's and TEI's ping)")
+async def ping(request: Request) -> Response:
+    return await ready(request)
+
+
 # --- operations -----------------------------------------------------------------------------------
 @router.get("/health", summary="Liveness: the inference workers are alive")
 async def health(request: Request) -> Response:
@@ -712,7 +834,22 @@ async def ready(request: Request) -> Response:
     return _json({"status": "ready", "models": list(state.models)})
 
 
-@router.get("/info", summary="Models, limits and version")
+_DTYPES = {"fp32": "float32", "fp16": "float16"}
+
+
+def _tei_model_type(model: InferenceModel) -> dict[str, Any]:
+    """TEI's ``model_type``: ``{"embedding": {"pooling"}}``, ``{"reranker"|"classifier": {"id2label",
+    "label2id"}}``."""
+    man = model.manifest
+    if model.task == "embed":
+        return {"embedding": {"pooling": man.pooling or "mean"}}
+    labels = list(man.labels or ["LABEL_0"])
+    kind = "reranker" if model.task == "rerank" else "classifier"
+    return {kind: {"id2label": {str(i): lab for i, lab in enumerate(labels)},
+                   "label2id": {lab: i for i, lab in enumerate(labels)}}}
+
+
+@router.get("/info", summary="Models, limits and version (TEI's Info fields first)")
 async def info(request: Request) -> Response:
     state = _state(request)
     s = state.settings
@@ -732,11 +869,32 @@ async def info(request: Request) -> Response:
                 "load_seconds": round(state.load_seconds.get(n, 0.0), 3),
             }
         )
+    first = next(iter(state.models.items()), None)
+    tei: dict[str, Any] = {}
+    if first is not None:
+        n, m = first
+        tei = {
+            "model_id": n,
+            "model_sha": None,
+            "model_dtype": _DTYPES.get(m.manifest.precision, m.manifest.precision),
+            "model_type": _tei_model_type(m),
+            "max_input_length": m.max_length,
+        }
     return _json(
         {
+            # TEI's Info fields (of the first model; TEI serves one), then ours
+            "model_id": None,
+            **tei,
+            "max_concurrent_requests": s.max_concurrent_requests,
+            "max_batch_tokens": s.max_batch_tokens,
+            "max_batch_requests": None,
+            "max_client_batch_size": s.max_client_batch_size,
+            "auto_truncate": True,
+            "tokenization_workers": 1,
+            "sha": None,
+            "docker_label": None,
             "version": __version__,
             "phase": state.phase,
-            "model_id": next(iter(state.models), None),
             "models": models,
             "startup_seconds": state.ready_after_s,
             "limits": {
@@ -761,3 +919,14 @@ async def info(request: Request) -> Response:
 @router.get("/metrics", summary="Prometheus metrics")
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(_state(request).registry), media_type=CONTENT_TYPE_LATEST)
+
+
+_ROOT_HANDLERS.update(
+    {
+        "/rerank": (RerankRequest, rerank),
+        "/v1/embeddings": (OpenAIEmbeddingsRequest, embeddings),
+        "/embed": (TEIEmbedRequest, tei_embed),
+        "/predict": (TEIPredictRequest, tei_predict),
+        "/similarity": (TEISimilarityRequest, tei_similarity),
+    }
+)
