@@ -342,6 +342,24 @@ async def test_root_and_invocations_dispatch_by_shape(client: httpx.AsyncClient,
     assert (await client.get("/ping")).status_code == 200
 
 
+async def test_root_hub_classification_and_predict_batches(client: httpx.AsyncClient, engine_reranker: Any) -> None:
+    """The hub's text-classification request (``parameters``) gets the hub's list-per-input shape;
+    ``function_to_apply`` and ``top_k`` are honoured or refused. /predict reads a list of strings
+    other than two as a batch of texts, as TEI does."""
+    q = {"inputs": [["capital", "Paris"]], "parameters": {"top_k": 1, "function_to_apply": "sigmoid"}}
+    r = (await client.post("/", json=q)).json()
+    assert r == [[{"label": "LABEL_0", "score": pytest.approx(float(engine_scores(engine_reranker, "capital",
+                                                                                  ["Paris"])[0]), abs=2e-5)}]]
+    raw = (await client.post("/", json={**q, "parameters": {"function_to_apply": "none"}})).json()
+    assert raw[0][0]["score"] == pytest.approx(float(engine_scores(engine_reranker, "capital", ["Paris"], raw=True)[0]),
+                                               abs=2e-4)
+    bad = await client.post("/", json={**q, "parameters": {"function_to_apply": "softmax"}})
+    assert "sigmoid" in assert_error(bad, 400)["message"]
+    assert_error(await client.post("/", json={**q, "parameters": {"top_k": 0}}), 400)
+    three = await client.post("/predict", json={"inputs": ["a", "b", "c"]})
+    assert "reranker" in assert_error(three, 400)["message"]  # a batch of 3 texts, which a reranker cannot score
+
+
 async def test_tei_extras_decode_similarity_ids_aliases(client: httpx.AsyncClient, engine_embedder: Any,
                                                         srv: InProcessServer) -> None:
     toks = (await client.post("/tokenize", json={"inputs": "hello world", "model": "emb"})).json()[0]

@@ -625,21 +625,32 @@ def _prepare_pair_list(
 
 @router.post("/predict", summary="Classification scores (TEI shape)")
 async def tei_predict(body: TEIPredictRequest, request: Request) -> Response:
+    preds, single, headers = await _predict(body, request)
+    return _json(preds[0] if single else preds, headers)
+
+
+async def _predict(
+    body: TEIPredictRequest, request: Request, raw: bool | None = None
+) -> tuple[list[list[dict[str, Any]]], bool, dict[str, str]]:
+    """Per input, its labels and scores best first; and whether the request was one input.
+    As TEI reads ``inputs``: a text, a ``[text, pair]``, or a batch of either (a list of strings
+    other than two is a batch of texts)."""
     state = _state(request)
     name, model = pick_model(state, body.model, ("classify", "rerank"), "/predict")
     inputs = body.inputs
-    single = isinstance(inputs, str) or (bool(inputs) and isinstance(inputs[0], str))
+    raw_scores = body.raw_scores if raw is None else raw
     batch: list[list[str]]
     if isinstance(inputs, str):
-        batch = [[inputs]]
-    elif single:
-        batch = [[str(x) for x in inputs]]
+        single, batch = True, [[inputs]]
+    elif inputs and all(isinstance(x, str) for x in inputs):
+        single = len(inputs) == 2
+        batch = [[str(x) for x in inputs]] if single else [[str(x)] for x in inputs]
     else:
-        batch = [list(x) for x in inputs]
+        single, batch = False, [list(x) if isinstance(x, list) else [x] for x in inputs]
     _check_batch(state, len(batch), "inputs")
     request.scope["state"]["info"]["items"] = len(batch)
     if not batch:
-        return _json([])
+        return [], False, {}
     for item in batch:
         if len(item) not in (1, 2):
             raise InvalidInputError("inputs: each item is a text or a [text, text_pair]")
@@ -651,12 +662,12 @@ async def tei_predict(body: TEIPredictRequest, request: Request) -> Response:
     if all(len(item) == 1 for item in batch):
         texts = [item[0] for item in batch]
         prepare = functools.partial(
-            _prepare_classify, model, texts, truncate=truncate, raw=body.raw_scores, side=side
+            _prepare_classify, model, texts, truncate=truncate, raw=raw_scores, side=side
         )
     elif all(len(item) == 2 for item in batch):
         pairs = [(a, b) for a, b in batch]
         prepare = functools.partial(
-            _prepare_pair_list, model, pairs, truncate=truncate, raw=body.raw_scores, side=side
+            _prepare_pair_list, model, pairs, truncate=truncate, raw=raw_scores, side=side
         )
     else:
         raise InvalidInputError("inputs: mix of single texts and pairs in one batch; send them separately")
@@ -668,7 +679,34 @@ async def tei_predict(body: TEIPredictRequest, request: Request) -> Response:
         preds = [[{"label": label, "score": s}] for s in out.scores.astype(np.float64).tolist()]
     else:  # pragma: no cover
         raise InvalidInputError(f"model {name!r} cannot predict")
-    return _json(preds[0] if single else preds, headers)
+    return preds, single, headers
+
+
+async def _hub_classification(data: dict[str, Any], request: Request) -> Response:
+    """The hub's text-classification request (``{"inputs", "parameters": {"top_k",
+    "function_to_apply"}}``), answered in the hub's shape: one list of labels per input."""
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInputError("parameters must be an object")
+    top_k = params.get("top_k")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise InvalidInputError("parameters.top_k must be a positive integer")
+    fn = params.get("function_to_apply")
+    body = _validate(TEIPredictRequest, {k: v for k, v in data.items() if k != "parameters"})
+    raw: bool | None = None
+    if fn is not None:
+        _, model = pick_model(_state(request), body.model, ("classify", "rerank"), "/predict")
+        own = model.manifest.score_activation
+        if fn == "none":
+            raw = True
+        elif fn != own:
+            raise InvalidInputError(
+                f"parameters.function_to_apply {fn!r}: this model's scores are {own} (or 'none' for raw scores)"
+            )
+    preds, _, headers = await _predict(body, request, raw=raw)
+    if top_k is not None:
+        preds = [p[:top_k] for p in preds]
+    return _json(preds, headers)
 
 
 @router.post("/tokenize", summary="Tokenize (TEI shape)")
@@ -785,18 +823,20 @@ async def root_inference(request: Request) -> Response:
     state = _state(request)
     state.require_scheduler()
     route = _root_route(state, data)
-    if "parameters" in data and route == "/predict" and isinstance(data["parameters"], dict):
-        # the hub's text-classification task nests TEI's options under "parameters"
-        params = data["parameters"]
-        data = {**{k: params[k] for k in ("truncate", "truncation_direction", "raw_scores") if k in params}, **data}
+    request.scope["state"]["info"]["route"] = route
+    if route == "/predict" and "parameters" in data:
+        return await _hub_classification(data, request)
     schema, handler = _ROOT_HANDLERS[route]
+    response: Response = await handler(_validate(schema, data), request)
+    return response
+
+
+def _validate(schema: type[BaseModel], data: Any) -> Any:
+    """A schema's validation outside FastAPI's, with the same 400 message."""
     try:
-        body = schema.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from None
-    request.scope["state"]["info"]["route"] = route
-    response: Response = await handler(body, request)
-    return response
 
 
 @router.get("/", summary="Service name, version, models and where the docs are")

@@ -112,7 +112,7 @@ class TEIEmbedRequest(_Req):
 class TEIPredictRequest(_Req):
     """``inputs``: a text, a [text, text_pair], or a batch of either."""
 
-    inputs: str | list[str] | list[list[str]]
+    inputs: str | list[str] | list[str | list[str]]
     raw_scores: bool = False
     truncate: bool | None = True
     truncation_direction: TruncationDirection | None = None
