@@ -25,6 +25,7 @@ import pytest
 from fakes import FAIL_WORD, fake_model
 
 from encapure.engine.model import OnnxModel
+from encapure.errors import InvalidInputError
 from encapure.server.testing import InProcessServer, ServerProcess, ThreadedServer
 from encapure.settings import Settings
 
@@ -258,6 +259,23 @@ async def test_strict_model_names_404(models: dict[str, OnnxModel]) -> None:
         r = await srv.client.post("/v1/rerank", json={"model": "rerank-english-v3.0", "query": "q", "documents": ["d"]})
         assert "rerank-english-v3.0" in assert_error(r, 404, "not_found_error")["message"]
         assert (await srv.client.post("/v1/rerank", json={"model": "rr", "query": "q", "documents": ["d"]})).status_code == 200
+
+
+async def test_model_aliases(models: dict[str, OnnxModel]) -> None:
+    """``--model NAME,ALIAS=...``: an alias answers even with --strict-model-names."""
+    from encapure.server.loading import parse_specs
+
+    specs = parse_specs(Settings(model=["rerank-english-v3.0,rr=/models/x", "emb=/models/y"]))
+    assert [(s.name, s.aliases) for s in specs] == [("rerank-english-v3.0", ("rr",)), ("emb", ())]
+    with pytest.raises(InvalidInputError, match="two models"):
+        parse_specs(Settings(model=["a,b=/x", "b=/y"]))
+    with pytest.raises(InvalidInputError, match="empty name"):
+        parse_specs(Settings(model=["a,=/x"]))
+    async with InProcessServer(models, Settings(strict_model_names=True), aliases={"rerank-english-v3.0": "rr"}) as srv:
+        r = await srv.client.post("/v1/rerank", json={"model": "rerank-english-v3.0", "query": "q", "documents": ["d"]})
+        assert r.status_code == 200 and r.json()["model"] == "rr"
+        card = (await srv.client.get("/v1/models/rerank-english-v3.0")).json()
+        assert card["id"] == "rr" and card["aliases"] == ["rerank-english-v3.0"]
 
 
 async def test_two_able_models_unknown_name_404(anyio_backend: str) -> None:

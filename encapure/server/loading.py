@@ -1,6 +1,8 @@
 """Which models to serve and how to load them (the engine does the loading itself).
 
-``--model`` values are ``ID_OR_PATH`` or ``name=ID_OR_PATH``. The default model is the hub's
+``--model`` values are ``ID_OR_PATH``, ``name=ID_OR_PATH`` or ``name,alias,...=ID_OR_PATH`` (aliases
+are further names requests may use, e.g. the hard-coded ``rerank-english-v3.0`` of a Cohere
+client). The default model is the hub's
 bge-reranker-v2-m3; on a machine that cannot reach the hub (and has not cached it) we fall back to
 the small local reranker fixture so that ``make serve`` still starts a working server, and say so.
 """
@@ -27,6 +29,7 @@ class ModelSpec:
     name: str
     source: str
     is_default: bool = False
+    aliases: tuple[str, ...] = ()
 
 
 def parse_specs(settings: Settings) -> list[ModelSpec]:
@@ -42,14 +45,23 @@ def parse_specs(settings: Settings) -> list[ModelSpec]:
         if not sep or not name or "/" in name or os.sep in name:
             name, source = "", v
         source = source.strip()
-        if not name:
+        names = [n.strip() for n in name.split(",")] if name else []
+        if any(not n for n in names):
+            raise InvalidInputError(f"--model {v!r}: an empty name; write NAME[,ALIAS...]=ID_OR_PATH")
+        if not names:
             path = Path(source).expanduser()
-            name = path.resolve().name if path.exists() else source
-        if name in seen:
-            raise InvalidInputError(f"two models are named {name!r}; name them with --model NAME=ID_OR_PATH")
-        seen.add(name)
+            names = [path.resolve().name if path.exists() else source]
+        for n in names:
+            if n in seen:
+                raise InvalidInputError(f"two models are named {n!r}; name them with --model NAME=ID_OR_PATH")
+            seen.add(n)
         specs.append(
-            ModelSpec(name=name, source=source, is_default=source == DEFAULT_RERANKER and not explicit)
+            ModelSpec(
+                name=names[0],
+                source=source,
+                is_default=source == DEFAULT_RERANKER and not explicit,
+                aliases=tuple(names[1:]),
+            )
         )
     return specs
 

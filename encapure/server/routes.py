@@ -83,6 +83,7 @@ def pick_model(
     wanted = " or ".join(_TASK_WORDS[t] for t in tasks)
     loaded = ", ".join(f"{n} ({m.task})" for n, m in state.models.items()) or "none yet"
     if name:
+        name = state.resolve(name)
         model = state.models.get(name)
         if model is None:
             if state.phase == "starting":
@@ -567,7 +568,7 @@ async def embeddings(body: OpenAIEmbeddingsRequest, request: Request) -> Respons
 
 def _model_card(state: ServerState, name: str, model: InferenceModel) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(state.started_at), "owned_by": "encapure",
-            "task": model.task}
+            "task": model.task, "aliases": sorted(a for a, n in state.aliases.items() if n == name)}
 
 
 @router.get("/v1/models", summary="Served models (OpenAI shape)")
@@ -581,10 +582,11 @@ async def list_models(request: Request) -> Response:
 async def get_model(model_id: str, request: Request) -> Response:
     """Metadata of a model by its exact name: unlike inference, no other model stands in for it."""
     state = _state(request)
-    model = state.models.get(model_id)
+    name = state.resolve(model_id)
+    model = state.models.get(name)
     if model is None:
         raise ModelNotFoundError(f"model {model_id!r} is not served here; loaded: {', '.join(state.models)}")
-    return _json(_model_card(state, model_id, model))
+    return _json(_model_card(state, name, model))
 
 
 @router.post("/embed", summary="Embeddings (TEI shape; texts or token ids)")
@@ -796,7 +798,7 @@ def _root_route(state: ServerState, data: dict[str, Any]) -> str:
             "POST / takes a TEI request: {'inputs': ...} (embed or predict), {'query', 'texts'} (rerank) "
             "or {'inputs': {'source_sentence', 'sentences'}} (similarity); got keys: " + describe_keys(data)
         )
-    named = state.models.get(data["model"]) if isinstance(data.get("model"), str) else None
+    named = state.models.get(state.resolve(data["model"])) if isinstance(data.get("model"), str) else None
     tasks = {named.task} if named is not None else {m.task for m in state.models.values()}
     pairs = isinstance(inputs, list) and bool(inputs) and isinstance(inputs[0], list) and all(
         isinstance(x, str) for x in inputs[0]

@@ -28,11 +28,18 @@ Phase = Literal["starting", "ready", "draining", "stopped", "failed"]
 
 
 class ServerState:
-    def __init__(self, settings: Settings, models: Mapping[str, InferenceModel] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        models: Mapping[str, InferenceModel] | None = None,
+        aliases: Mapping[str, str] | None = None,
+    ) -> None:
         """``models``: already loaded models to serve under these names instead of loading
-        ``settings.model`` (tests serve stand-in models this way, without any ONNX file)."""
+        ``settings.model`` (tests serve stand-in models this way, without any ONNX file);
+        ``aliases``: further names of those models (``--model NAME,ALIAS=...`` gives them otherwise)."""
         self.settings = settings
         self._given = dict(models) if models is not None else None
+        self.aliases: dict[str, str] = dict(aliases or {})
         self.registry = CollectorRegistry()
         self.http_metrics = HttpMetrics(self.registry)
         self.sched_metrics = SchedulerMetrics(self.registry)
@@ -50,6 +57,10 @@ class ServerState:
         self.ready_after_s: float | None = None
         self.drain_deadline: float | None = None  # monotonic; the shutdown budget is shared by every step
         self.fault_injection = bool(getattr(settings, "fault_injection", False))
+
+    def resolve(self, name: str) -> str:
+        """A model's name from one of its aliases (other names as they are)."""
+        return self.aliases.get(name, name)
 
     # --- admission of inference work --------------------------------------------------------
     def require_scheduler(self) -> Any:
@@ -88,6 +99,7 @@ class ServerState:
                 self.models[spec.name] = model
                 self.specs[spec.name] = spec
                 self.load_seconds[spec.name] = seconds
+                self.aliases.update(dict.fromkeys(spec.aliases, spec.name))
             self.scheduler = Scheduler(self.models, self.settings, self.sched_metrics)
             await self.scheduler.start()
             for name, model in self.models.items():

@@ -150,10 +150,14 @@ class InProcessServer:
     """
 
     def __init__(
-        self, models: Mapping[str, InferenceModel], settings: Settings | None = None, ready_timeout: float = 60.0
+        self,
+        models: Mapping[str, InferenceModel],
+        settings: Settings | None = None,
+        ready_timeout: float = 60.0,
+        aliases: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings or Settings()
-        self.state = ServerState(self.settings, models=models)
+        self.state = ServerState(self.settings, models=models, aliases=aliases)
         self.app = create_app(self.settings, self.state)
         self.ready_timeout = ready_timeout
         self._lifespan: AbstractAsyncContextManager[Any] | None = None
@@ -206,10 +210,14 @@ class ThreadedServer:
     """
 
     def __init__(
-        self, models: Mapping[str, InferenceModel], settings: Settings | None = None, ready_timeout: float = 60.0
+        self,
+        models: Mapping[str, InferenceModel],
+        settings: Settings | None = None,
+        ready_timeout: float = 60.0,
+        aliases: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings or Settings()
-        self.state = ServerState(self.settings, models=models)
+        self.state = ServerState(self.settings, models=models, aliases=aliases)
         self.app = create_app(self.settings, self.state)
         self.ready_timeout = ready_timeout
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
