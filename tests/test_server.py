@@ -374,8 +374,30 @@ async def test_root_hub_classification_and_predict_batches(client: httpx.AsyncCl
     bad = await client.post("/", json={**q, "parameters": {"function_to_apply": "softmax"}})
     assert "sigmoid" in assert_error(bad, 400)["message"]
     assert_error(await client.post("/", json={**q, "parameters": {"top_k": 0}}), 400)
-    three = await client.post("/predict", json={"inputs": ["a", "b", "c"]})
-    assert "reranker" in assert_error(three, 400)["message"]  # a batch of 3 texts, which a reranker cannot score
+
+
+async def test_predict_single_texts_and_mixed_batches_on_a_reranker(client: httpx.AsyncClient,
+                                                                    engine_reranker: Any) -> None:
+    """As TEI: a reranker scores a single text (the cross-encoder on one sequence), and a batch may
+    mix texts and pairs; each answer is what that input gets alone."""
+    from encapure.engine.types import Unit
+
+    def alone(text: str) -> float:
+        enc = engine_reranker.encode_batch([text], "single")[0]
+        row = engine_reranker.forward([Unit(ids=np.asarray(enc.ids), type_ids=np.asarray(enc.type_ids))])
+        return float(1 / (1 + np.exp(-row[0, 0])))
+
+    one = (await client.post("/predict", json={"inputs": "Paris is the capital of France"})).json()
+    assert one == [{"label": "LABEL_0", "score": pytest.approx(alone("Paris is the capital of France"), abs=2e-5)}]
+    three = (await client.post("/predict", json={"inputs": ["a cat", "b dog", "c"]})).json()
+    assert [x[0]["score"] for x in three] == [pytest.approx(alone(t), abs=2e-5) for t in ("a cat", "b dog", "c")]
+    mixed = (await client.post("/predict", json={"inputs": [["capital", "Paris"], ["a cat"], ["q", "d"]]})).json()
+    pair_scores = engine_scores(engine_reranker, "capital", ["Paris"]).tolist() + \
+        engine_scores(engine_reranker, "q", ["d"]).tolist()
+    assert [x[0]["score"] for x in mixed] == [pytest.approx(pair_scores[0], abs=2e-5),
+                                             pytest.approx(alone("a cat"), abs=2e-5),
+                                             pytest.approx(pair_scores[1], abs=2e-5)]
+    assert_error(await client.post("/predict", json={"inputs": [["a", "b", "c"]]}), 400)
 
 
 async def test_tei_extras_decode_similarity_ids_aliases(client: httpx.AsyncClient, engine_embedder: Any,

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,6 +31,7 @@ from encapure.engine.types import (
     RerankOutput,
     RerankResult,
     Side,
+    Unit,
 )
 from encapure.errors import (
     InvalidInputError,
@@ -625,6 +627,57 @@ def _prepare_pair_list(
     return model.prepare_pair_list(pairs, truncate=truncate, raw_scores=raw)
 
 
+def _prepare_single_on_reranker(
+    model: InferenceModel, texts: list[str], *, truncate: bool, raw: bool, side: Side | None
+) -> Prepared:
+    """A reranker scoring single texts, as TEI's /predict does (a cross-encoder run on one
+    sequence): the model's own tokenizer and truncation, one unit per text."""
+    if side is not None and side != _model_side(model) and truncate and texts:
+        texts = _clip(model, texts, [model.max_length - _specials(model, pair=False)] * len(texts), side)
+    encs = model.encode_batch(texts, "single")
+    truncated = [bool(e.overflowing) for e in encs]
+    if not truncate and any(truncated):
+        raise InvalidInputError(
+            f"input {truncated.index(True)} is longer than the model's maximum of {model.max_length} tokens "
+            "(allow truncation)"
+        )
+    # type ids always given (zeros for one sequence): units share batches with other requests' pairs
+    units = [Unit(ids=np.asarray(e.ids, dtype=np.int64), type_ids=np.asarray(e.type_ids, dtype=np.int64))
+             for e in encs]
+    return Prepared(units=units, owners=np.arange(len(units), dtype=np.int64), n_inputs=len(units),
+                    tokens=[len(u) for u in units], truncated=truncated, options={"raw_scores": raw})
+
+
+def _prepare_predict(
+    model: InferenceModel, batch: list[list[str]], *, truncate: bool, raw: bool, side: Side | None
+) -> Prepared:
+    """TEI's /predict batch: single texts and pairs, mixed in any order, as one prepared request."""
+    singles = [i for i, item in enumerate(batch) if len(item) == 1]
+    pairs = [i for i, item in enumerate(batch) if len(item) == 2]
+    parts: list[tuple[list[int], Prepared]] = []
+    if singles:
+        texts = [batch[i][0] for i in singles]
+        single_prepare = _prepare_single_on_reranker if model.task == "rerank" else _prepare_classify
+        parts.append((singles, single_prepare(model, texts, truncate=truncate, raw=raw, side=side)))
+    if pairs:
+        two = [(batch[i][0], batch[i][1]) for i in pairs]
+        parts.append((pairs, _prepare_pair_list(model, two, truncate=truncate, raw=raw, side=side)))
+    if len(parts) == 1 and len(parts[0][0]) == len(batch):
+        return parts[0][1]
+    units: list[Unit] = []
+    owners: list[npt.NDArray[np.int64]] = []
+    tokens = [0] * len(batch)
+    truncated = [False] * len(batch)
+    for where, prep in parts:
+        index = np.asarray(where, dtype=np.int64)
+        units += prep.units
+        owners.append(index[prep.owners])
+        for j, i in enumerate(where):
+            tokens[i], truncated[i] = prep.tokens[j], prep.truncated[j]
+    return Prepared(units=units, owners=np.concatenate(owners), n_inputs=len(batch), tokens=tokens,
+                    truncated=truncated, options=parts[0][1].options)
+
+
 @router.post("/predict", summary="Classification scores (TEI shape)")
 async def tei_predict(body: TEIPredictRequest, request: Request) -> Response:
     preds, single, headers = await _predict(body, request)
@@ -656,23 +709,14 @@ async def _predict(
     for item in batch:
         if len(item) not in (1, 2):
             raise InvalidInputError("inputs: each item is a text or a [text, text_pair]")
-    if model.task == "rerank" and any(len(item) != 2 for item in batch):
-        raise WrongTaskError(f"model {name!r} is a reranker: /predict needs [text, text_pair] inputs for it")
-    prepare: Callable[[], Prepared]
-    truncate = body.truncate is not False
-    side = _side(body.truncation_direction)
-    if all(len(item) == 1 for item in batch):
-        texts = [item[0] for item in batch]
-        prepare = functools.partial(
-            _prepare_classify, model, texts, truncate=truncate, raw=raw_scores, side=side
-        )
-    elif all(len(item) == 2 for item in batch):
-        pairs = [(a, b) for a, b in batch]
-        prepare = functools.partial(
-            _prepare_pair_list, model, pairs, truncate=truncate, raw=raw_scores, side=side
-        )
-    else:
-        raise InvalidInputError("inputs: mix of single texts and pairs in one batch; send them separately")
+    prepare = functools.partial(
+        _prepare_predict,
+        model,
+        batch,
+        truncate=body.truncate is not False,
+        raw=raw_scores,
+        side=_side(body.truncation_direction),
+    )
     out, headers = await run_inference(request, name, model, prepare)
     if isinstance(out, ClassifyOutput):
         preds = [[{"label": lab, "score": s} for lab, s in row] for row in out.top()]
