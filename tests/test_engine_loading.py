@@ -180,7 +180,7 @@ def test_registry_fills_missing_prefixes_only() -> None:
 def test_session_options_and_provider_fallback(caplog: pytest.LogCaptureFixture) -> None:
     import onnxruntime as ort
 
-    from encapure.engine.runtime import resolve_providers, session_options
+    from encapure.engine.backends.onnxruntime import resolve_providers, session_options
 
     so = session_options(Settings(graph_optimization="basic", memory_arena=False, workers=1, threads_per_worker=3))
     assert so.intra_op_num_threads == 3 and so.inter_op_num_threads == 1

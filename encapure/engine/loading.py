@@ -14,8 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from encapure.engine.backends import create_session
 from encapure.engine.model import OnnxModel
-from encapure.engine.runtime import create_session
 from encapure.errors import InvalidInputError, ModelError, ModelNotFoundError
 from encapure.hub import Exporter, cached_export, is_hub_id
 from encapure.manifest import MANIFEST_NAME, Manifest

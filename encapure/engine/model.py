@@ -19,8 +19,8 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Encoding, Tokenizer
 
+from encapure.engine.backends import create_session
 from encapure.engine.batching import plan_batches
-from encapure.engine.runtime import create_session
 from encapure.engine.types import (
     ClassifyOutput,
     EmbedOutput,

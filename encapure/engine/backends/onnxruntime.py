@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions: every session option lives here and comes from ``Settings``.
+"""The ONNX Runtime backend: every session option lives here and comes from ``Settings``.
 
 Providers are resolved against what the installed onnxruntime build offers: asking for CUDA on a
 CPU-only wheel falls back to CPU with a warning instead of failing at load time, because a model
