@@ -409,6 +409,8 @@ async def test_tei_extras_decode_similarity_ids_aliases(client: httpx.AsyncClien
     assert_error(await client.post("/decode", json={"ids": [10**9]}), 400)
     by_ids = (await client.post("/embed", json={"inputs": [ids[1:-1]]})).json()
     np.testing.assert_allclose(by_ids, engine_embed(engine_embedder, ["hello world"]), atol=1e-5)
+    mixed = (await client.post("/embed", json={"inputs": ["bye", ids[1:-1]]})).json()
+    np.testing.assert_allclose(mixed, engine_embed(engine_embedder, ["bye", "hello world"]), atol=1e-5)
     sentences = ["hello there", "quantum physics"]
     sim = (await client.post("/similarity", json={"inputs": {"source_sentence": "hello", "sentences": sentences}})).json()
     v = engine_embed(engine_embedder, ["hello", *sentences])
@@ -422,6 +424,72 @@ async def test_tei_extras_decode_similarity_ids_aliases(client: httpx.AsyncClien
     assert one["id"] == "emb" and one["object"] == "model"
     assert_error(await client.get("/v1/models/text-embedding-3-small"), 404, "not_found_error")
     assert (await srv.new_client().get("/ping")).status_code == 200  # a probe: no key
+
+
+# The response schemas of text-embeddings-inference's OpenAPI document (docs/openapi.json, 1.7),
+# written out as JSON Schema: what TEI's clients may rely on.
+_NUM = {"type": "number"}
+_PREDICTION = {"type": "object", "required": ["score", "label"],
+               "properties": {"label": {"type": "string"}, "score": _NUM}}
+TEI_SCHEMAS: dict[str, dict[str, Any]] = {
+    "/rerank": {"type": "array", "items": {
+        "type": "object", "required": ["index", "score"],
+        "properties": {"index": {"type": "integer", "minimum": 0}, "score": _NUM,
+                       "text": {"type": ["string", "null"]}}}},
+    "/embed": {"type": "array", "items": {"type": "array", "items": _NUM}},
+    "/predict": {"oneOf": [{"type": "array", "items": _PREDICTION},
+                           {"type": "array", "items": {"type": "array", "items": _PREDICTION}}]},
+    "/similarity": {"type": "array", "items": _NUM},
+    "/decode": {"type": "array", "items": {"type": "string"}},
+    "/tokenize": {"type": "array", "items": {"type": "array", "items": {
+        "type": "object", "required": ["id", "text", "special"],
+        "properties": {"id": {"type": "integer", "minimum": 0}, "text": {"type": "string"},
+                       "special": {"type": "boolean"}, "start": {"type": ["integer", "null"]},
+                       "stop": {"type": ["integer", "null"]}}}}},
+    "/info": {"type": "object", "required": ["model_id", "model_dtype", "model_type", "max_concurrent_requests",
+                                             "max_input_length", "max_batch_tokens", "max_client_batch_size",
+                                             "auto_truncate", "tokenization_workers", "version"],
+              "properties": {
+                  "model_id": {"type": "string"}, "model_dtype": {"type": "string"},
+                  "model_sha": {"type": ["string", "null"]}, "sha": {"type": ["string", "null"]},
+                  "docker_label": {"type": ["string", "null"]}, "auto_truncate": {"type": "boolean"},
+                  "max_batch_requests": {"type": ["integer", "null"], "minimum": 0},
+                  "max_concurrent_requests": {"type": "integer", "minimum": 0},
+                  "max_input_length": {"type": "integer", "minimum": 0},
+                  "max_batch_tokens": {"type": "integer", "minimum": 0},
+                  "max_client_batch_size": {"type": "integer", "minimum": 0},
+                  "tokenization_workers": {"type": "integer", "minimum": 0},
+                  "version": {"type": "string"},
+                  "model_type": {"oneOf": [
+                      {"type": "object", "required": [k], "properties": {k: {
+                          "type": "object", "required": ["id2label", "label2id"]}}}
+                      for k in ("classifier", "reranker")
+                  ] + [{"type": "object", "required": ["embedding"], "properties": {"embedding": {
+                      "type": "object", "required": ["pooling"], "properties": {"pooling": {"type": "string"}}}}}]},
+              }},
+}
+
+
+async def test_tei_shaped_answers_validate_against_tei_schemas(client: httpx.AsyncClient) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    calls = [
+        ("/rerank", {"query": "q", "texts": ["a", "b"], "return_text": True}),
+        ("/rerank", {"query": "q", "texts": ["a", "b"], "raw_scores": True, "truncate": None}),
+        ("/embed", {"inputs": ["hello", [7592, 2088]], "truncation_direction": "Left"}),
+        ("/predict", {"inputs": "a text"}),
+        ("/predict", {"inputs": [["q", "d"], ["a text"]]}),
+        ("/similarity", {"inputs": {"source_sentence": "a", "sentences": ["b", "c"]}}),
+        ("/decode", {"ids": [[7592, 2088]]}),
+        ("/tokenize", {"inputs": ["hello world"]}),
+    ]
+    for path, body in calls:
+        r = await client.post(path, json=body)
+        assert r.status_code == 200, (path, r.text)
+        jsonschema.validate(r.json(), TEI_SCHEMAS[path])
+    jsonschema.validate((await client.get("/info")).json(), TEI_SCHEMAS["/info"])
+    with pytest.raises(jsonschema.ValidationError):  # the check can fail: the native answer is not TEI's
+        jsonschema.validate((await client.post("/rerank", json={"query": "q", "documents": ["a"]})).json(),
+                            TEI_SCHEMAS["/rerank"])
 
 
 async def test_info_has_tei_fields(client: httpx.AsyncClient) -> None:

@@ -488,15 +488,20 @@ async def _embed(
     name, model = pick_model(state, model_name, ("embed",), route)
     if prompt_name is not None:
         kind = _prompt_kind(name, model, prompt_name)
+    texts: list[str]
     if isinstance(inputs, str):
-        texts: list[str] = [inputs]
+        texts = [inputs]
     elif inputs and isinstance(inputs[0], int):
         texts = await asyncio.to_thread(_decode_ids, model, [inputs])
-    elif inputs and isinstance(inputs[0], list):
-        _check_batch(state, len(inputs), "inputs")
-        texts = await asyncio.to_thread(_decode_ids, model, inputs)
-    else:
-        texts = list(inputs)
+    else:  # texts and lists of token ids, mixed as TEI allows
+        items = list(inputs)
+        _check_batch(state, len(items), "inputs")
+        id_at = [i for i, x in enumerate(items) if isinstance(x, list)]
+        if id_at:
+            decoded = await asyncio.to_thread(_decode_ids, model, [items[i] for i in id_at])
+            for i, text in zip(id_at, decoded, strict=True):
+                items[i] = text
+        texts = items
     _check_batch(state, len(texts), "inputs")
     request.scope["state"]["info"]["items"] = len(texts)
     state.http_metrics.items.labels(route).inc(len(texts))

@@ -98,9 +98,9 @@ class OpenAIEmbeddingsRequest(_Req):
 
 
 class TEIEmbedRequest(_Req):
-    """TEI ``/embed``: a text, texts, token ids or lists of token ids."""
+    """TEI ``/embed``: a text, token ids, or a list mixing texts and lists of token ids."""
 
-    inputs: str | list[str] | list[int] | list[list[int]]
+    inputs: str | list[int] | list[str | list[int]]
     normalize: bool = True
     truncate: bool | None = True
     truncation_direction: TruncationDirection | None = None
