@@ -325,12 +325,19 @@ async def test_cohere_v1_rank_fields_and_max_chunks(client: httpx.AsyncClient, e
     assert two["usage"]["total_tokens"] < many["usage"]["total_tokens"]
 
 
-async def test_prompt_name_and_user(client: httpx.AsyncClient) -> None:
+async def test_prompt_name_and_user(client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
     bad = await client.post("/embed", json={"inputs": "hi", "prompt_name": "classification"})
     assert "classification" in assert_error(bad, 400)["message"]
     assert (await client.post("/embed", json={"inputs": "hi", "prompt_name": "query"})).status_code == 200
-    ok = await client.post("/v1/embeddings", json={"input": "hi", "user": "user-1234"})
+    with caplog.at_level(logging.INFO, logger="encapure"):
+        ok = await client.post("/v1/embeddings", json={"input": "hi", "user": "user-1234"})
+        await client.post("/", json={"inputs": "hi"})
+        await client.get("/v1/models/emb")
     assert ok.status_code == 200, ok.text
+    lines = [r for r in caplog.records if r.getMessage() == "request"]
+    assert any(getattr(r, "user", None) == "user-1234" for r in lines)  # OpenAI's user id: logged, nothing else
+    assert any(getattr(r, "route", None) == "/" and getattr(r, "dispatched_to", None) == "/embed" for r in lines)
+    assert 'route="/v1/models/{model_id:path}"' in (await client.get("/metrics")).text  # not "unmatched"
 
 
 async def test_root_and_invocations_dispatch_by_shape(client: httpx.AsyncClient, engine_embedder: Any,

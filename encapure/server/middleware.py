@@ -43,6 +43,8 @@ class ServiceMiddleware:
         self.app = app
         self.state = state
         self.routes = routes
+        # routes with a path parameter (/v1/models/{model_id}) are labelled by their template
+        self.templates = [(r.split("{", 1)[0], r) for r in sorted(routes) if "{" in r]
         self.limit = state.settings.max_request_bytes
         key = state.settings.api_key
         self.expected_auth = f"Bearer {key}".encode() if key else None
@@ -76,7 +78,7 @@ class ServiceMiddleware:
             scope["headers"] = headers
         token = request_id_var.set(rid)
         path: str = scope["path"]
-        route = path if path in self.routes else "unmatched"
+        route = path if path in self.routes else self._template(path)
         info: dict[str, Any] = {}
         info_token = request_info_var.set(info)
         st = scope.setdefault("state", {})
@@ -168,6 +170,12 @@ class ServiceMiddleware:
                 )
             request_id_var.reset(token)
             request_info_var.reset(info_token)
+
+    def _template(self, path: str) -> str:
+        for prefix, template in self.templates:
+            if path.startswith(prefix) and len(path) > len(prefix):
+                return template
+        return "unmatched"
 
     def _too_large_message(self) -> str:
         return f"request body is larger than the server's limit of {self.limit} bytes (--max-request-bytes)"

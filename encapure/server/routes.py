@@ -874,7 +874,7 @@ async def root_inference(request: Request) -> Response:
     state = _state(request)
     state.require_scheduler()
     route = _root_route(state, data)
-    request.scope["state"]["info"]["route"] = route
+    request.scope["state"]["info"]["dispatched_to"] = route
     if route == "/predict" and "parameters" in data:
         return await _hub_classification(data, request)
     schema, handler = _ROOT_HANDLERS[route]
