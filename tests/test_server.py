@@ -723,3 +723,55 @@ async def test_long_documents_window_and_error(client: httpx.AsyncClient, engine
     assert win.json()["usage"]["total_tokens"] > cut["usage"]["total_tokens"]  # every window was computed
     assert cut["usage"]["total_tokens"] <= 2 * engine_reranker.max_length
     assert_error(await client.post("/rerank", json={"query": q, "documents": docs, "long_documents": "error"}), 400)
+
+
+# --- the front door: models that need exporting -----------------------------------------------------
+def test_preflight_says_what_to_install_before_listening(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """On the serving install (no torch), a model that must be exported stops the start with one
+    actionable line, before the server listens; exported folders and cached exports start."""
+    from conftest import RERANKER_FIXTURE, need
+
+    from encapure.server import loading, run
+
+    hf_folder = str(need(RERANKER_FIXTURE))
+    monkeypatch.setattr(loading, "missing_export_modules", lambda: ["torch", "transformers"])
+    settings = Settings(model=[f"rr={hf_folder}"], cache_dir=tmp_path)
+    msg = loading.preflight(settings)
+    assert msg is not None and "\n" not in msg
+    assert "pip install 'encapure[export]'" in msg and "encapure export" in msg and hf_folder in msg
+    assert run.serve(settings) == 2
+    assert capsys.readouterr().err.strip() == msg
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    (exported / "encapure.json").write_text("{}")
+    assert loading.preflight(Settings(model=[str(exported)], cache_dir=tmp_path)) is None
+    cached = tmp_path / loading.cache_key(hf_folder, "int8")
+    cached.mkdir()
+    (cached / "encapure.json").write_text("{}")
+    assert loading.preflight(settings) is None  # already exported into the cache: nothing to do
+    with pytest.raises(Exception, match="pip install 'encapure\\[export\\]'"):
+        loading.export_in_child(hf_folder, settings=Settings(cache_dir=tmp_path / "empty"))
+
+
+@pytest.mark.slow
+def test_first_serve_exports_in_a_child_process(tmp_path: Path) -> None:
+    """A first start on a Hugging Face folder exports in a child process: the server never loads
+    torch, and stays small at ready (the fixture: < 300 MB RSS)."""
+    from conftest import RERANKER_FIXTURE, need
+
+    src = need(RERANKER_FIXTURE)
+    with ServerProcess(["--model", f"rr={src}", "--cache-dir", str(tmp_path), "--workers", "1"],
+                       ready_timeout=600) as server:
+        assert server.proc is not None
+        status = Path(f"/proc/{server.proc.pid}/status").read_text()
+        rss_mb = int(next(ln for ln in status.splitlines() if ln.startswith("VmRSS")).split()[1]) / 1024
+        maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+        r = httpx.post(server.url + "/rerank", json={"query": "q", "documents": ["d"]}, timeout=60)
+        log = server.log_text()
+    assert r.status_code == 200, r.text
+    assert "libtorch" not in maps, "torch was loaded by the serving process"
+    assert "in a child process" in log
+    assert any(p.name.endswith("int8") or "--int8--" in p.name for p in tmp_path.iterdir())
+    print(f"RSS at ready after a first (child) export: {rss_mb:.0f} MB")
+    assert rss_mb < 300, rss_mb

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Generator
 from types import FrameType
@@ -21,6 +22,7 @@ from types import FrameType
 import uvicorn
 
 from encapure.server.app import create_app
+from encapure.server.loading import preflight
 from encapure.server.logs import setup_logging
 from encapure.server.state import ServerState
 from encapure.settings import Settings
@@ -90,6 +92,10 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: Settings) -> int:
     """Start the server (blocking). Returns the process exit status."""
     setup_logging(settings.log_format, settings.log_level)
+    problem = preflight(settings)
+    if problem is not None:  # say so before listening, not as a traceback after "Uvicorn running"
+        print(problem, file=sys.stderr)
+        return 2
     state = ServerState(settings)
     app = create_app(settings, state)
     config = uvicorn.Config(
