@@ -85,7 +85,8 @@ CONFIGS: dict[str, ClientConfig] = {
         ClientConfig(
             "infinity_client", "infinity-client", "infinity_client", "",
             'Client(base_url="{URL}", headers={{"Authorization": "Bearer {KEY}"}}); rerank.sync(client=..., '
-            "body=RerankInput(query=..., documents=..., model=...))",
+            "body=RerankInput(query=..., documents=..., model=...)), embeddings.sync(client=..., "
+            "body=OpenAIEmbeddingInputText(input_=texts))",
             "needs httpx<0.28 by its metadata; works with 0.28 (install it with --no-deps)",
         ),
         ClientConfig(
@@ -295,6 +296,19 @@ def test_infinity_client_rerank(server: ThreadedServer, engine: dict[str, Any]) 
     np.testing.assert_allclose([got[i] for i in range(len(DOCS))], expected, atol=1e-5)
     assert all(r.document == DOCS[r.index] for r in out.results)  # type: ignore[union-attr]
     assert out.model == "rr" and out.usage.prompt_tokens > 0  # type: ignore[union-attr]
+
+
+def test_infinity_client_embeddings(server: ThreadedServer, engine: dict[str, Any]) -> None:
+    cfg = need("infinity_client")
+    from infinity_client import Client
+    from infinity_client.api.default import embeddings
+    from infinity_client.models import OpenAIEmbeddingInputText
+
+    client = Client(base_url=base_url(server, cfg), headers={"Authorization": f"Bearer {KEY}"})
+    out = embeddings.sync(client=client, body=OpenAIEmbeddingInputText(input_=TEXTS))  # sends dimensions=0
+    assert out is not None and hasattr(out, "data"), out
+    got = [d.embedding for d in out.data]  # type: ignore[union-attr]
+    np.testing.assert_allclose(got, embed(engine["emb"], TEXTS), atol=1e-5)
 
 
 def test_langchain_infinity_rerank(server: ThreadedServer, engine: dict[str, Any]) -> None:

@@ -550,6 +550,8 @@ async def test_openai_embeddings_float_base64_ids_dimensions(client: httpx.Async
     d = (await client.post("/v1/embeddings", json={"input": texts, "dimensions": 32})).json()
     v = np.array([x["embedding"] for x in d["data"]])
     assert v.shape == (2, 32)
+    zero = (await client.post("/v1/embeddings", json={"input": texts, "dimensions": 0})).json()  # Infinity's "all"
+    np.testing.assert_allclose([x["embedding"] for x in zero["data"]], expected, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     ids = (await client.post("/tokenize", json={"inputs": "hello world", "add_special_tokens": False, "model": "emb"})).json()
     token_ids = [t["id"] for t in ids[0]]
@@ -614,6 +616,8 @@ async def test_request_id_is_honoured(client: httpx.AsyncClient) -> None:
         ("POST", "/v1/embeddings", {"json": {"input": "x", "model": "rr"}}, 400, "invalid_request_error"),
         ("POST", "/v1/embeddings", {"json": {"input": "x", "dimensions": 100000}}, 400, "invalid_request_error"),
         ("POST", "/v1/embeddings", {"json": {"input": [[10**9]]}}, 400, "invalid_request_error"),
+        ("POST", "/embeddings", {"json": {"input": ["http://x/cat.png"], "modality": "image"}}, 400,
+         "invalid_request_error"),
         ("GET", "/no/such/route", {}, 404, "not_found_error"),
         ("GET", "/rerank", {}, 405, "invalid_request_error"),
         ("POST", "/rerank", {"json": {"query": "q", "documents": ["d"] * 65}}, 413, "payload_too_large"),

@@ -546,7 +546,7 @@ async def embeddings(body: OpenAIEmbeddingsRequest, request: Request) -> Respons
     if body.input_type is not None:
         kind = "query" if body.input_type in ("query", "search_query") else "document"
     name, out, headers = await _embed(
-        request, body.model, body.input, route=request.scope["path"], dimensions=body.dimensions, kind=kind
+        request, body.model, body.input, route=request.scope["path"], dimensions=body.dimensions or None, kind=kind
     )
     emb = np.ascontiguousarray(out.embeddings, dtype=np.float32)
     if body.encoding_format == "base64":

@@ -90,9 +90,12 @@ class OpenAIEmbeddingsRequest(_Req):
     input: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, ge=1)
+    # 0 is Infinity's "all of them" (its client sends 0 by default)
+    dimensions: int | None = Field(default=None, ge=0)
     # An opaque end-user id for the provider's abuse monitoring: written to the request's log line.
     user: str | None = None
+    # Infinity's: only text is embedded here (an image or audio URL must not be embedded as text)
+    modality: Literal["text"] | None = None
     # Not OpenAI's, but what asymmetric models (e5, bge, nomic) need: which prefix to apply.
     input_type: Literal["query", "document", "passage", "search_query", "search_document"] | None = None
 
