@@ -7,7 +7,7 @@ closed loop of ``--concurrency`` clients for ``--seconds`` after a warm-up, on a
 with ``--cpus`` CPUs on 127.0.0.1. ``encapure serve`` on the same model and threads is the
 baseline without Ray. Then, with 2 replicas under the same load, one replica's actor is killed
 and every answer's status is counted (Ray Serve replaces the replica; what the clients saw is the
-point), and likewise while the deployment is scaled from 2 replicas to 1 (a graceful stop). Needs ``pip install 'encapure[ray]'``; not part of the test suite (minutes, all the cores).
+point: with encapure.deploy.ray.proxy_middlewares, unless --no-retry), and likewise while the deployment is scaled from 2 replicas to 1 (a graceful stop). Needs ``pip install 'encapure[ray]'``; not part of the test suite (minutes, all the cores).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import collections
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -84,12 +85,15 @@ def main() -> int:
     cli.add_argument("--concurrency", type=int, default=16)
     cli.add_argument("--cpus", type=int, default=2)
     cli.add_argument("--dataset", type=Path, default=WIKIQA)
+    cli.add_argument("--failures-only", action="store_true", help="skip the throughput runs")
+    cli.add_argument("--no-retry", action="store_true",
+                     help="without the proxy middleware that retries requests of a lost replica")
     args = cli.parse_args()
 
     import ray
     from ray import serve
 
-    from encapure.deploy.ray import build_app
+    from encapure.deploy.ray import PROXY_CALLBACK, PROXY_CALLBACK_ENV, build_app
     from encapure.server.testing import ServerProcess
 
     bodies = requests_from_wikiqa(args.dataset)
@@ -97,11 +101,15 @@ def main() -> int:
                               "requests": len(bodies)}
 
     # Baseline: the plain server, 2 single-thread workers (the default on 2 cores).
-    with ServerProcess(["--model", args.model, "--workers", "2", "--threads-per-worker", "1"]) as server:
-        asyncio.run(load(server.url, bodies, 3, args.concurrency))
-        report["encapure serve"] = asyncio.run(load(server.url, bodies, args.seconds, args.concurrency))
+    if not args.failures_only:
+        with ServerProcess(["--model", args.model, "--workers", "2", "--threads-per-worker", "1"]) as server:
+            asyncio.run(load(server.url, bodies, 3, args.concurrency))
+            report["encapure serve"] = asyncio.run(load(server.url, bodies, args.seconds, args.concurrency))
     print(json.dumps(report), flush=True)
 
+    if not args.no_retry:  # read by the proxy actor, which inherits this environment
+        os.environ[PROXY_CALLBACK_ENV] = PROXY_CALLBACK
+    report["proxy retry middleware"] = not args.no_retry
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
              object_store_memory=80 * 1024 * 1024, log_to_driver=False)
     from encapure.server.testing import free_port
@@ -117,10 +125,14 @@ def main() -> int:
             "ray 2 replicas": {"num_replicas": 2, "workers": 1, "threads_per_worker": 1},
         }
         for name, extra in configs.items():
+            if args.failures_only and name != "ray 2 replicas":
+                continue
             t0 = time.perf_counter()
             serve.run(build_app({"model": args.model, **extra}), name="bench", route_prefix="/")
             wait_ready(url)
             startup = round(time.perf_counter() - t0, 2)
+            if args.failures_only:
+                continue
             asyncio.run(load(url, bodies, 3, args.concurrency))
             report[name] = {"startup_s": startup, **asyncio.run(load(url, bodies, args.seconds, args.concurrency))}
             print(json.dumps(report), flush=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -221,6 +222,11 @@ def ray_serve() -> Any:
     import ray
     from ray import serve
 
+    from encapure.deploy.ray import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+
+    # The proxy actor reads this at start; it inherits the environment of the local cluster.
+    before = os.environ.get(PROXY_CALLBACK_ENV)
+    os.environ[PROXY_CALLBACK_ENV] = PROXY_CALLBACK
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              object_store_memory=80 * 1024 * 1024, log_to_driver=False)
     port = free_port()
@@ -230,6 +236,10 @@ def ray_serve() -> Any:
     finally:
         serve.shutdown()
         ray.shutdown()
+        if before is None:
+            os.environ.pop(PROXY_CALLBACK_ENV, None)
+        else:
+            os.environ[PROXY_CALLBACK_ENV] = before
 
 
 def test_ray_args_are_checked_on_the_driver() -> None:
@@ -284,4 +294,67 @@ def test_ray_serve_two_replicas_answer_like_the_library(ray_serve: Any, reranker
 
     assert len(asyncio.run(burst())) == 2, "both replicas serve"
     print(f"2 replicas ready in {startup:.1f} s")
+
+    # One replica killed under load: its in-flight requests are retried by the proxy middleware
+    # (Ray alone answers them 500), so every client gets its answer or our 503 with Retry-After.
+    import ray
+
+    async def under_load(seconds: float) -> list[httpx.Response]:
+        stop = time.monotonic() + seconds
+        answers: list[httpx.Response] = []
+
+        async def client(http: httpx.AsyncClient) -> None:
+            while time.monotonic() < stop:
+                answers.append(await http.post("/rerank", json={"query": QUERY, "documents": DOCUMENTS * 8}))
+
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            tasks = [asyncio.create_task(client(http)) for _ in range(16)]
+            await asyncio.sleep(seconds / 3)
+            victim = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                            if a["name"].startswith("SERVE_REPLICA::"))[0]
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            await asyncio.gather(*tasks)
+        return answers
+
+    answers = asyncio.run(under_load(9.0))
+    codes = sorted({a.status_code for a in answers})
+    assert set(codes) <= {200, 503}, codes
+    assert all("retry-after" in a.headers for a in answers if a.status_code == 503)
+    print(f"replica killed under load: {len(answers)} answers, statuses {codes}")
     serve.delete("encapure-test")
+
+
+def test_retry_middleware_replays_lost_requests_only() -> None:
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'encapure[ray]')")
+    from encapure.deploy.ray import RetryLostRequests
+
+    calls: list[bytes] = []
+
+    def toy(behaviour: list[str]) -> Any:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            message = await receive()
+            calls.append(message["body"])
+            what = behaviour[min(len(calls), len(behaviour)) - 1]
+            if what == "lost":  # what Ray's proxy does when the replica died: nothing
+                return
+            status, ctype = {"ok": (200, b"application/json"), "ray500": (500, b"text/plain"),
+                             "app500": (500, b"application/json")}[what]
+            await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", ctype)]})
+            await send({"type": "http.response.body", "body": what.encode()})
+        return app
+
+    async def post(behaviour: list[str]) -> httpx.Response:
+        calls.clear()
+        app = RetryLostRequests(toy(behaviour), retries=2, backoff_s=0)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.post("/rerank", content=b"payload")
+
+    r = asyncio.run(post(["lost", "ok"]))
+    assert (r.status_code, r.text, calls) == (200, "ok", [b"payload", b"payload"])
+    r = asyncio.run(post(["ray500", "ok"]))
+    assert (r.status_code, len(calls)) == (200, 2)
+    r = asyncio.run(post(["app500"]))  # our own errors are answers, never replayed
+    assert (r.status_code, r.text, len(calls)) == (500, "app500", 1)
+    r = asyncio.run(post(["lost"]))
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and len(calls) == 3
+    assert r.json()["error"]["type"] == "service_unavailable"

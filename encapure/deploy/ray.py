@@ -18,6 +18,14 @@ are loaded in the replica's constructor, so a replica only counts as started onc
 loaded; the scheduler is then started and warmed by the app's own lifespan (milliseconds), and a
 request that arrives in that moment gets our usual 503 with ``Retry-After``.
 
+A replica that dies (killed, out of memory) takes its in-flight requests with it, and Ray's proxy
+answers those 500 without retrying. :func:`proxy_middlewares` adds a proxy middleware that sends
+such a request once more (to a live replica: the router has marked the dead one) and, if that
+fails too, answers our 503 with ``Retry-After``. Reranking and embedding are pure, so a retry is
+safe. Enable it where the proxies start (every node of the cluster)::
+
+    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=encapure.deploy.ray:proxy_middlewares serve run ...
+
 ``args`` (strings from ``serve run k=v``, or typed values from Python): the deployment options of
 :class:`RayArgs` and any ``Settings`` field (``model``, ``precision``, ``workers``,
 ``max_batch_tokens``, ...). Fields not given come from the replicas' ``ENCAPURE_*`` environment.
@@ -40,6 +48,8 @@ except ImportError as e:  # pragma: no cover - exercised where ray is absent
     raise ImportError("encapure.deploy.ray needs Ray Serve: pip install 'encapure[ray]'") from e
 
 REPLICA_HEADER = "x-encapure-replica"
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "encapure.deploy.ray:proxy_middlewares"
 
 
 class RayArgs(BaseModel):
@@ -130,6 +140,94 @@ class EncapureReplica:
             raise RuntimeError("encapure: models failed to load")
         if state.phase == "ready" and state.scheduler is not None and not state.scheduler.is_healthy():
             raise RuntimeError("encapure: an inference worker died")
+
+
+class RetryLostRequests:
+    """Ray proxy middleware (pure ASGI): retry a request whose replica was lost, else a clear 503.
+
+    Our app answers every error as JSON; a 5xx without a JSON body, or no response at all (what
+    Ray's proxy sends when the replica died: uvicorn then writes a bare 500), comes from Ray itself. Such a request is replayed from its buffered body up
+    to ``retries`` times, ``backoff_s`` apart; if every try is lost the client gets our 503 with
+    ``Retry-After`` instead of Ray's text 500. Bodies above ``max_buffer_bytes`` pass through
+    untouched (our server refuses them anyway, 413).
+    """
+
+    def __init__(self, app: Any, retries: int = 2, backoff_s: float = 0.2,
+                 max_buffer_bytes: int = 16 * 1024 * 1024) -> None:
+        self.app = app
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_buffer_bytes = max_buffer_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_buffer_bytes:
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(self.backoff_s)
+            if await self._try(scope, body, receive, send):
+                return
+        from encapure.errors import UnavailableError
+        from encapure.server.errors import error_response
+
+        lost = UnavailableError("the replica serving this request was lost; retry", retry_after=1.0)
+        await error_response(lost, request_id=None)(scope, receive, send)
+
+    async def _try(self, scope: Any, body: bytes, receive: Any, send: Any) -> bool:
+        """Run the request once; False (nothing sent to the client) when Ray lost it."""
+        replayed = False
+        lost = False
+        started = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later reads only wait for the client to disconnect
+
+        async def guarded_send(message: Any) -> None:
+            nonlocal lost, started
+            if message["type"] == "http.response.start" and not started:
+                headers = dict(message.get("headers") or [])
+                is_json = headers.get(b"content-type", b"").startswith(b"application/json")
+                if message["status"] >= 500 and not is_json:
+                    lost = True
+                    return
+                started = True
+            if not lost:
+                await send(message)
+
+        try:
+            await self.app(scope, replay, guarded_send)
+        except Exception:
+            if started:
+                raise
+            return False
+        # Ray's proxy answers a lost replica's 500 by sending nothing (uvicorn then writes a bare
+        # 500 outside of us): no response started means lost too.
+        return started and not lost
+
+
+def proxy_middlewares() -> list[Any]:
+    """The callback named by ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``: Ray's proxy calls it."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(RetryLostRequests)]
 
 
 def build_app(args: dict[str, Any]) -> Application:
