@@ -559,6 +559,18 @@ async def test_openai_embeddings_float_base64_ids_dimensions(client: httpx.Async
     np.testing.assert_allclose(by_ids["data"][0]["embedding"], one["data"][0]["embedding"], atol=1e-5)
     flat = (await client.post("/v1/embeddings", json={"input": token_ids, "model": "emb"})).json()
     np.testing.assert_allclose(flat["data"][0]["embedding"], one["data"][0]["embedding"], atol=1e-5)
+    with_specials = (await client.post("/tokenize", json={"inputs": "hello world", "model": "emb"})).json()
+    ids_sp = [t["id"] for t in with_specials[0]]
+    sp = (await client.post("/v1/embeddings", json={"input": [ids_sp], "model": "emb"})).json()
+    np.testing.assert_allclose(sp["data"][0]["embedding"], one["data"][0]["embedding"], atol=1e-5)
+    # ids that the model's tokenizer never makes (here: a word's tail pieces without its head, as
+    # another tokenizer's ids decode to) are refused, not embedded as garbage
+    pieces = (await client.post("/tokenize", json={"inputs": "antidisestablishmentarianism", "model": "emb",
+                                                  "add_special_tokens": False})).json()[0]
+    assert len(pieces) > 2
+    tail = [t["id"] for t in pieces[1:]]
+    err = assert_error(await client.post("/v1/embeddings", json={"input": [tail], "model": "emb"}), 400)
+    assert "check_embedding_ctx_length" in err["message"]
 
 
 async def test_tei_routes(client: httpx.AsyncClient, engine_embedder: Any, engine_reranker: Any) -> None:

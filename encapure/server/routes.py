@@ -460,15 +460,33 @@ async def rerank_v2(body: CohereV2RerankRequest, request: Request) -> Response:
 
 # --- embeddings ---------------------------------------------------------------------------------
 def _decode_ids(model: InferenceModel, batches: list[list[int]]) -> list[str]:
-    """Token-id input is in the model's own vocabulary; we decode it and tokenize again, which gives
-    the same ids back for ids the tokenizer itself produced."""
+    """Token-id input must be in the model's own vocabulary: we decode it and tokenize again. Ids
+    the tokenizer produced come back the same (special tokens aside); ids of another tokenizer
+    (langchain's OpenAIEmbeddings sends OpenAI's cl100k ids by default) decode to unrelated word
+    pieces that re-tokenize differently, and would embed garbage with a 200: they are refused."""
     vocab = model.vocab_size
     for ids in batches:
         if not ids:
             raise InvalidInputError("input: an empty list of token ids")
         if min(ids) < 0 or max(ids) >= vocab:
-            raise InvalidInputError(f"input: token ids must lie in [0, {vocab}) for model {model.name!r}")
+            raise InvalidInputError(
+                f"input: token ids must lie in [0, {vocab}) for model {model.name!r} ({_FOREIGN_IDS})"
+            )
+    shown = [model.decode(ids, skip_special_tokens=False) for ids in batches]  # "[CLS] ... [UNK] ..."
+    again = model.encode_batch(shown, "raw", add_special_tokens=False)
+    for i, (ids, enc) in enumerate(zip(batches, again, strict=True)):
+        if list(enc.ids) != list(ids):
+            raise InvalidInputError(
+                f"input[{i}]: these token ids are not what model {model.name!r}'s tokenizer makes of any "
+                f"text ({_FOREIGN_IDS})"
+            )
     return [model.decode(ids, skip_special_tokens=True) for ids in batches]
+
+
+_FOREIGN_IDS = (
+    "ids from another tokenizer embed unrelated text: send the text instead; langchain's OpenAIEmbeddings "
+    "sends OpenAI's token ids unless check_embedding_ctx_length=False"
+)
 
 
 async def _embed(
