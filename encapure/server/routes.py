@@ -878,8 +878,23 @@ def _root_route(state: ServerState, data: dict[str, Any]) -> str:
 _ROOT_HANDLERS: dict[str, tuple[type[BaseModel], Callable[[Any, Request], Any]]] = {}
 
 
-@router.post("/", summary="Inference by the model's task and the request's shape (TEI)")
-@router.post("/invocations", summary="Inference by the model's task and the request's shape (SageMaker)")
+_ROOT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"anyOf": [
+            {"$ref": f"#/components/schemas/{n}"}
+            for n in ("RerankRequest", "TEIEmbedRequest", "TEIPredictRequest", "TEISimilarityRequest",
+                      "OpenAIEmbeddingsRequest")
+        ]}}},
+    }
+}
+
+
+@router.post("/", summary="Inference by the model's task and the request's shape (TEI)", openapi_extra=_ROOT_BODY)
+@router.post(
+    "/invocations", summary="Inference by the model's task and the request's shape (SageMaker)",
+    openapi_extra=_ROOT_BODY,
+)
 async def root_inference(request: Request) -> Response:
     """``huggingface_hub.InferenceClient(base_url=...)`` and SageMaker post here. The body is
     validated by the schema of the route it is dispatched to, and answered as that route answers."""
