@@ -136,6 +136,13 @@ def _load(
     return model
 
 
+def _one_of(sentences: Any, inputs: Any) -> Any:
+    """sentence-transformers 5 names the first argument ``sentences``, 6 ``inputs``: take either."""
+    if (sentences is None) == (inputs is None):
+        raise InvalidInputError("pass the texts once, as the first argument (sentences= or inputs=)")
+    return sentences if sentences is not None else inputs
+
+
 def _chunks(order: list[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(order), size):
         yield order[start : start + size]
@@ -339,19 +346,22 @@ class CrossEncoder:
 
     def predict(
         self,
-        sentences: Sequence[Sequence[str]] | Sequence[str],
+        sentences: Sequence[Sequence[str]] | Sequence[str] | None = None,
         batch_size: int = 32,
         show_progress_bar: bool | None = None,
         activation_fn: Callable[..., Any] | None = None,
         apply_softmax: bool | None = False,
         convert_to_numpy: bool = True,
         convert_to_tensor: bool = False,
+        *,
+        inputs: Sequence[Sequence[str]] | Sequence[str] | None = None,
     ) -> Any:
         """Scores of (query, document) pairs: ``[n]`` for one-label models, ``[n, labels]`` otherwise.
 
         With the model's activation (sigmoid unless its config saved another) unless ``activation_fn``
         is given; a single pair gives a scalar, like sentence-transformers.
         """
+        sentences = _one_of(sentences, inputs)
         single = len(sentences) > 0 and isinstance(sentences[0], str)
         pairs = [sentences] if single else list(sentences)
         logits = self._logits(pairs, batch_size, show_progress_bar)  # type: ignore[arg-type]
@@ -518,7 +528,7 @@ class SentenceTransformer:
     # --- encoding ---------------------------------------------------------------------------
     def encode(
         self,
-        sentences: str | Sequence[str],
+        sentences: str | Sequence[str] | None = None,
         prompt_name: str | None = None,
         prompt: str | None = None,
         batch_size: int = 32,
@@ -530,6 +540,8 @@ class SentenceTransformer:
         device: str | None = None,
         normalize_embeddings: bool = False,
         truncate_dim: int | None = None,
+        *,
+        inputs: str | Sequence[str] | None = None,
     ) -> Any:
         """``[n, D]`` float32 (one text gives ``[D]``), as sentence-transformers: the model's own pooling
         and normalization, then ``truncate_dim``, then ``normalize_embeddings``."""
@@ -542,6 +554,7 @@ class SentenceTransformer:
         if device is not None and _providers(device) != self._settings.providers:
             raise InvalidInputError(f"encode(device={device!r}) differs from the model's device "
                                     f"{self.device!r}; load another instance for it")
+        sentences = _one_of(sentences, inputs)
         single = isinstance(sentences, str)
         texts: list[str] = [sentences] if isinstance(sentences, str) else list(sentences)
         for i, t in enumerate(texts):
@@ -570,14 +583,14 @@ class SentenceTransformer:
             return np.array([]) if convert_to_numpy else []
         return _to_output(out, single, convert_to_numpy, convert_to_tensor)
 
-    def encode_query(self, sentences: str | Sequence[str], prompt_name: str | None = None,
+    def encode_query(self, sentences: str | Sequence[str] | None = None, prompt_name: str | None = None,
                      prompt: str | None = None, **kwargs: Any) -> Any:
         """``encode`` with the ``"query"`` prompt when the model has one and no other was given."""
         if prompt_name is None and prompt is None and "query" in self.prompts:
             prompt_name = "query"
         return self.encode(sentences, prompt_name=prompt_name, prompt=prompt, **kwargs)
 
-    def encode_document(self, sentences: str | Sequence[str], prompt_name: str | None = None,
+    def encode_document(self, sentences: str | Sequence[str] | None = None, prompt_name: str | None = None,
                         prompt: str | None = None, **kwargs: Any) -> Any:
         """``encode`` with the first of the ``"document"``/``"passage"``/``"corpus"`` prompts the model has."""
         if prompt_name is None and prompt is None:

@@ -103,6 +103,7 @@ def test_predict_matches_sentence_transformers(st_ce: Any, ce32: CrossEncoder,
     _same(ce32.predict(pairs, activation_fn=ident), st_ce.predict(pairs, activation_fn=ident))
     _same(ce32.predict(pairs, apply_softmax=True), st_ce.predict(pairs, apply_softmax=True))
     _same(ce32.predict([]), st_ce.predict([]))
+    _same(ce32.predict(inputs=pairs[:2]), st_ce.predict(inputs=pairs[:2]))  # sentence-transformers 6's name
 
 
 def test_rank_matches_sentence_transformers(st_ce: Any, ce32: CrossEncoder) -> None:
@@ -152,6 +153,7 @@ def test_encode_matches_sentence_transformers(st_emb: Any, emb32: SentenceTransf
     _same(emb32.encode_query(texts[:4]), st_emb.encode_query(texts[:4]))
     _same(emb32.encode_document(texts[:4]), st_emb.encode_document(texts[:4]))
     _same(emb32.encode([]), st_emb.encode([]))
+    _same(emb32.encode(inputs=texts[:3]), st_emb.encode(inputs=texts[:3]))  # sentence-transformers 6's name
 
 
 def test_similarity_and_prompts_match(st_emb: Any, emb32: SentenceTransformer, texts: list[str],
