@@ -12,6 +12,7 @@ is generated from those (``python tests/test_client_compat.py`` rewrites it, and
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ from encapure.engine.model import OnnxModel
 from encapure.manifest import Manifest
 from encapure.server.testing import ThreadedServer
 from encapure.settings import Settings
+
+# litellm fetches its model price map from the internet at import unless told to use its own copy
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 KEY = "compat-key"
 DOC = Path(__file__).resolve().parent.parent / "docs" / "clients.md"
