@@ -8,7 +8,8 @@ or from Python: ``serve.run(build_app({"model": "/models/rr-int8", "num_replicas
 Each replica builds our own FastAPI app (``create_app``) with its own ``ServerState``: one loaded
 model set and one scheduler, so requests routed to a replica are batched across each other there,
 exactly as in ``encapure serve``; the routes, shapes and error bodies are the same because they are
-the same code. Ray Serve does the routing between replicas, the HTTP proxy and the autoscaling (by
+the same code. A replica stopped by Ray (scale-down, redeploy) gets no new requests and finishes
+its ongoing ones (``graceful_shutdown_timeout_s``) before the app's lifespan closes the scheduler. Ray Serve does the routing between replicas, the HTTP proxy and the autoscaling (by
 ongoing requests per replica); nothing here is cluster code of ours.
 
 Why the app is built in the replica (``serve.ingress()`` without an app, late-bound through
@@ -19,9 +20,9 @@ loaded; the scheduler is then started and warmed by the app's own lifespan (mill
 request that arrives in that moment gets our usual 503 with ``Retry-After``.
 
 A replica that dies (killed, out of memory) takes its in-flight requests with it, and Ray's proxy
-answers those 500 without retrying. :func:`proxy_middlewares` adds a proxy middleware that sends
-such a request once more (to a live replica: the router has marked the dead one) and, if that
-fails too, answers our 503 with ``Retry-After``. Reranking and embedding are pure, so a retry is
+answers those 500 without retrying. :func:`proxy_middlewares` adds a proxy middleware that replays
+such a request up to twice (to a live replica: the router has marked the dead one) and, if every
+try is lost, answers our 503 with ``Retry-After``. Reranking and embedding are pure, so a retry is
 safe. Enable it where the proxies start (every node of the cluster)::
 
     RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=encapure.deploy.ray:proxy_middlewares serve run ...
