@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: on these machines 2.13.0 is a local CPU build; anything else pulls CUDA wheels.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[export,test,bench,openvino,clients,deploy,compat-test]'
-	$(PY) -m pip install -q --no-deps infinity-client  # clients: it pins httpx<0.28, works with 0.28
+	$(PY) -m pip install -q --no-deps infinity-client langchain-cohere  # clients: they pin httpx<0.28, cohere<6; work with both
 	touch $(STAMP)
 
 serve: setup
