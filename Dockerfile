@@ -34,11 +34,14 @@ RUN /opt/venv/bin/pip install --only-binary=:all: --no-binary=encapure . \
 FROM builder AS models
 ARG EXPORT_MODEL=
 ARG EXPORT_PRECISION=int8
-# PyPI's default torch wheels pull the CUDA libraries; the CPU index keeps this stage small.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Where torch comes from: PyPI's default wheels pull the CUDA libraries, the CPU index keeps this
+# stage small. Offline: --build-arg TORCH_PIP_ARGS="--no-index --find-links /wheels" with the wheels
+# mounted into the build (podman build -v DIR:/wheels:ro). EXPORT_MODEL is a hub id, or a folder
+# mounted into the build the same way.
+ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 RUN mkdir -p /models \
  && if [ -n "${EXPORT_MODEL}" ]; then \
-        /opt/venv/bin/pip install --index-url "${TORCH_INDEX_URL}" torch \
+        /opt/venv/bin/pip install ${TORCH_PIP_ARGS} torch \
      && /opt/venv/bin/pip install ".[export]" \
      && /opt/venv/bin/encapure export "${EXPORT_MODEL}" --output /models/model --precision "${EXPORT_PRECISION}" \
      && chmod -R a+rX /models; \
@@ -46,7 +49,8 @@ RUN mkdir -p /models \
 
 # --- runtime -----------------------------------------------------------------------------------------
 FROM ${BASE} AS runtime
-RUN useradd --system --uid 10001 --user-group --home-dir /home/encapure --create-home encapure \
+RUN groupadd --system --gid 10001 encapure \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /home/encapure --create-home encapure \
  && mkdir -p /var/cache/encapure && chown encapure:encapure /var/cache/encapure
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=models /models /models
