@@ -119,10 +119,10 @@ def breakdown(model: Any, data: list[str]) -> dict[str, Any]:
     tok_s = time.perf_counter() - t0
     lengths = [len(u) for u in prepared.units]
     s = model.settings
-    order = sorted(range(len(data)), key=lambda i: -len(data[i]))
+    order = sorted(range(len(data)), key=lambda i: -lengths[i])
     padded = 0
     batches = 0
-    for start in range(0, len(order), 32):  # compat's chunks of batch_size, then the engine's plan
+    for start in range(0, len(order), 32):  # compat's chunks of batch_size by tokens, then the engine's plan
         chunk = [lengths[i] for i in order[start : start + 32]]
         for b in plan_batches(chunk, s.max_batch_tokens, min(32, s.max_batch_size)):
             padded += len(b) * max(chunk[i] for i in b)
