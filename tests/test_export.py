@@ -348,3 +348,13 @@ def test_cli_export_end_to_end(tmp_path: Path) -> None:
 def test_cli_hub_id_offline_gives_clear_error(tmp_path: Path) -> None:
     # HF_HUB_OFFLINE=1 (set by _cli): the download path runs and fails with one clear line.
     _assert_clean_error(_cli("BAAI/bge-reranker-v2-m3", "-o", str(tmp_path / "out")), "hub is unreachable")
+
+
+def test_int8_recipe_per_task_and_size() -> None:
+    """Static int8 by default; graphs over 2 GB keep dynamic int8 (static calibration ran out of memory)."""
+    from encapure.export import quantize as qz
+
+    assert qz.int8_recipe("rerank", "bert")["method"] == "static"
+    assert qz.int8_recipe("embed", "bert")["exclude"] == [qz.FFN_OUT, qz.FFN_UP]
+    big = qz.int8_recipe("rerank", "xlm-roberta", large=True)
+    assert big["method"] == "dynamic" and "Gather" in big["op_types"] and big["reduce_range"] is False

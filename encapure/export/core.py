@@ -321,7 +321,10 @@ def _build(
 
     quant: dict[str, Any] = {}
     if precision == "int8":
-        recipe = qz.int8_recipe(info.task, info.model_type)
+        large = fp32_path.with_name(fp32_path.name + ".data").exists()  # weights past the 2 GB protobuf limit
+        recipe = qz.int8_recipe(info.task, info.model_type, large=large)
+        if large:
+            prog.info("int8: the model is over 2 GB, so dynamic int8 (static calibration does not fit in memory yet)")
         with prog.step(f"Quantizing (int8, {recipe['method']})"):
             if recipe["method"] == "static":
                 from encapure.export import calibration as cal

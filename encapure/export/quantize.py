@@ -51,7 +51,7 @@ FFN_UP = r"layers?[./]\d+/intermediate/dense/MatMul"
 ATTN_OUT = r"attention/output/dense/MatMul"
 
 
-def int8_recipe(task: str, model_type: str) -> dict[str, Any]:
+def int8_recipe(task: str, model_type: str, *, large: bool = False) -> dict[str, Any]:
     """The int8 recipe per task: calibrated static int8, chosen from measurements.
 
     Static, because dynamic int8 computes each activation scale over the whole batch at run time, so
@@ -70,6 +70,11 @@ def int8_recipe(task: str, model_type: str) -> dict[str, Any]:
       >= 0.993 (mean 0.997), at 1.13x fp32 — chosen for accuracy at a smaller file, not for speed.
     The dynamic recipe (``method="dynamic"``) stays available to ``quantize_int8``.
 
+    ``large`` (an fp32 graph over 2 GB, e.g. bge-reranker-v2-m3): ONNX Runtime's static quantizer did
+    not fit such a model in memory here (calibrating it grew past 19 GB and was killed, on a 24 GB
+    machine), so those keep dynamic int8 (every MatMul + the word embeddings, per-channel s8) until
+    calibration runs within bounds; their scores still move slightly with batch-mates.
+
     Ranges are MinMax over every calibration batch. (ORT's ``CalibMaxIntermediateOutputs`` is not
     a memory knob: in onnxruntime 1.32 it drops the collected batches without folding their ranges,
     so only the last few batches would count.)
@@ -83,7 +88,10 @@ def int8_recipe(task: str, model_type: str) -> dict[str, Any]:
         "exclude": [],
         "u8_nodes": [],
     }
-    if task == "embed":
+    if large:
+        base.update(method="dynamic", reduce_range=False, name="dynamic-s8+int8-embeddings (model over 2 GB)",
+                    op_types=["MatMul", "Gather"] if task != "embed" else ["MatMul"])
+    elif task == "embed":
         base.update(exclude=[FFN_OUT, FFN_UP], name="static-s8w7-attention")
     else:
         base.update(name="static-s8w7-minmax+int8-embeddings", op_types=["MatMul", "Gather"])
