@@ -339,7 +339,7 @@ def test_cli_export_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "rr"
     proc = _cli(str(need(RERANKER_FIXTURE)), "-o", str(out), "--precision", "fp32", "--max-length", "128")
     assert proc.returncode == 0, proc.stderr
-    assert "parity (fp32" in proc.stdout and "ranking preserved" in proc.stdout
+    assert "parity (fp32" in proc.stdout and "candidate order identical to PyTorch" in proc.stdout
     m = json.loads((out / "encapure.json").read_text())
     assert m["max_length"] == 128 and m["precision"] == "fp32"
     assert sorted(p.name for p in out.iterdir()) == ["encapure.json", "model.onnx", "parity.json", "tokenizer.json"]

@@ -19,7 +19,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("model", help="local Hugging Face model folder or hub id")
     p.add_argument("--output", "-o", required=True, type=Path, help="output folder")
     p.add_argument("--task", choices=["auto", "rerank", "embed", "classify"], default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default="int8")
+    p.add_argument("--precision", choices=PRECISIONS, default="int8",
+                   help="int8 (default: calibrated static), fp32, fp16 (GPUs) or int4 (weight-only, smallest)")
     p.add_argument("--max-length", type=int, default=None, help="max tokens per input (default: from the model)")
     p.add_argument("--tokenizer", default=None, help="folder with the tokenizer when it is not beside the model")
     p.add_argument("--optimize", choices=["auto", "on", "off"], default="auto",

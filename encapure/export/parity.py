@@ -231,7 +231,8 @@ def summary_line(precision: str, report: dict[str, Any]) -> str:
     if "spearman" in report and not math.isnan(report["spearman"]):
         parts.append(f"Spearman {report['spearman']:.4f}")
     if "ranking_preserved" in report:
-        parts.append(f"ranking preserved {report['queries_ranking_preserved']} queries")
+        parts.append(f"candidate order identical to PyTorch for {report['queries_ranking_preserved']} sample "
+                     "queries (near-tied candidates may swap under int8/int4)")
     if "argmax_agreement" in report:
         parts.append(f"argmax agreement {report['argmax_agreement']:.3f}")
     return ", ".join(parts)
