@@ -63,9 +63,15 @@ def _torch_if_installed() -> Any | None:
 
 
 def _providers(device: Any) -> list[str]:
-    """sentence-transformers' ``device`` as ONNX Runtime execution providers; refuse what we cannot run."""
+    """sentence-transformers' ``device`` as ONNX Runtime execution providers; refuse what we cannot run.
+
+    ``None`` picks the GPU when there is one, as sentence-transformers does (CUDA provider, else CPU).
+    """
     if device is None:
-        return ["CPUExecutionProvider"]
+        import onnxruntime as ort
+
+        gpu = "CUDAExecutionProvider" in ort.get_available_providers()
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
     name = str(device).lower()
     if name == "cpu":
         return ["CPUExecutionProvider"]
@@ -317,7 +323,8 @@ class CrossEncoder:
         if precision is not None and mk_precision is not None and precision != mk_precision:
             raise InvalidInputError("precision given twice with different values (argument and model_kwargs)")
         base = settings or Settings()
-        updates: dict[str, Any] = {"providers": _providers(device)}
+        # An explicit device wins; without one, a caller's Settings(providers=...) stands.
+        updates: dict[str, Any] = {} if device is None and settings is not None else {"providers": _providers(device)}
         if cache_folder is not None:
             updates["cache_dir"] = Path(cache_folder)
         self._settings = base.model_copy(update=updates)
@@ -328,7 +335,7 @@ class CrossEncoder:
                                     "(a new classification head needs training, which Encapure does not do)")
         self.activation_fn: str | Callable[..., Any] = (
             activation_fn if activation_fn is not None else _default_activation(self.model))
-        self.device = str(device or "cpu")
+        self.device = "cuda" if "CUDAExecutionProvider" in self._settings.providers else "cpu"
 
     @property
     def num_labels(self) -> int:
@@ -477,7 +484,8 @@ class SentenceTransformer:
             raise InvalidInputError(f"similarity_fn_name must be one of {', '.join(_SIMILARITIES)}, "
                                     f"got {similarity_fn_name!r}")
         base = settings or Settings()
-        updates: dict[str, Any] = {"providers": _providers(device)}
+        # An explicit device wins; without one, a caller's Settings(providers=...) stands.
+        updates: dict[str, Any] = {} if device is None and settings is not None else {"providers": _providers(device)}
         if cache_folder is not None:
             updates["cache_dir"] = Path(cache_folder)
         self._settings = base.model_copy(update=updates)
@@ -495,7 +503,7 @@ class SentenceTransformer:
         self.default_prompt_name = default_prompt_name
         self.similarity_fn_name: str = str(getattr(similarity_fn_name, "value", similarity_fn_name or "cosine"))
         self.truncate_dim = self._check_dim(truncate_dim)
-        self.device = str(device or "cpu")
+        self.device = "cuda" if "CUDAExecutionProvider" in self._settings.providers else "cpu"
 
     # --- properties -----------------------------------------------------------------------
     @property
@@ -546,7 +554,7 @@ class SentenceTransformer:
         if precision != "float32":
             raise InvalidInputError(f"precision={precision!r} is not supported: encode returns float32 "
                                     "(quantize afterwards with sentence_transformers.quantize_embeddings)")
-        if device is not None and _providers(device) != self._settings.providers:
+        if device is not None and (_providers(device) and str(device).lower() not in (self.device, f"{self.device}:0")):
             raise InvalidInputError(f"encode(device={device!r}) differs from the model's device "
                                     f"{self.device!r}; load another instance for it")
         sentences = _one_of(sentences, inputs)

@@ -258,6 +258,9 @@ def test_unsupported_arguments_are_refused(reranker_fp32_dir: Path, embedder_fp3
         emb32.encode(["x"], batch_size=0)
     with pytest.raises(InvalidInputError, match="Prompt name"):
         emb32.encode(["x"], prompt_name="nope")
+    with pytest.raises(InvalidInputError, match="device"):
+        emb32.encode(["x"], device="cuda:1")
+    assert emb32.device == "cpu" and emb32.encode(["x"], device="cpu").shape == (1, 384)
     with pytest.raises(InvalidInputError, match="truncate_dim"):
         emb32.encode(["x"], truncate_dim=999)
     assert CrossEncoder(rr, precision="fp32", model_kwargs={"precision": "fp32"}).num_labels == 1
