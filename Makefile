@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: on these machines 2.13.0 is a local CPU build; anything else pulls CUDA wheels.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[export,test,bench,openvino,clients,deploy,compat-test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[export,test,bench,openvino,clients,deploy,compat-test,ray]'
 	$(PY) -m pip install -q --no-deps infinity-client langchain-cohere  # clients: they pin httpx<0.28, cohere<6; work with both
 	touch $(STAMP)
 
