@@ -82,11 +82,9 @@ def child(system: str, n: int, threads: int) -> dict[str, Any]:
         model: Any = ST(str(embedder_source()), device="cpu")
     else:
         from encapure.compat import SentenceTransformer
-        from encapure.settings import Settings
 
-        # The engine's default: `threads` single-thread workers sharing one session.
-        settings = Settings(workers=threads, threads_per_worker=1)
-        model = SentenceTransformer(str(export(system)), settings=settings)
+        # The compat defaults, with ENCAPURE_WORKERS=threads single-thread workers (set by the parent).
+        model = SentenceTransformer(str(export(system)))
     load_s = time.perf_counter() - t0
     model.encode(SHORT)
     rss_load = rss_mb()
@@ -131,7 +129,8 @@ def breakdown(model: Any, data: list[str]) -> dict[str, Any]:
 
 
 def run_child(system: str, args: argparse.Namespace) -> dict[str, Any]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="true")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="true",
+               ENCAPURE_WORKERS=str(args.threads), ENCAPURE_THREADS_PER_WORKER="1")
     cmd = [sys.executable, __file__, "--child", system, "--n", str(args.n), "--threads", str(args.threads)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
