@@ -163,6 +163,16 @@ def classifier(name: str) -> OnnxModel:
     return OnnxModel(base.folder, manifest, name=name, tokenizer_path=tok, session=session)
 
 
+@pytest.fixture(autouse=True)
+def _hub_client_online(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other test modules set HF_HUB_OFFLINE=1 to load local models, and huggingface_hub reads it
+    once, at import: its clients would then refuse even 127.0.0.1. These talk to our server only."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
 @pytest.fixture(scope="module")
 def engine() -> dict[str, OnnxModel]:
     return {"rr": fake_model("rerank", name="rr"), "emb": fake_model("embed", name="emb", dim=64)}
