@@ -141,6 +141,15 @@ def _check_ready(state: ServerState) -> bool:
     return state.phase == "ready"
 
 
+def _app_around(
+    models: Mapping[str, InferenceModel], settings: Settings | None, aliases: Mapping[str, str] | None
+) -> tuple[Settings, ServerState, Any]:
+    """The real app serving already-loaded models (what both in-process harnesses wrap)."""
+    settings = settings or Settings()
+    state = ServerState(settings, models=models, aliases=aliases)
+    return settings, state, create_app(settings, state)
+
+
 class InProcessServer:
     """The FastAPI app with its lifespan running, reached through ``httpx.ASGITransport``.
 
@@ -156,9 +165,7 @@ class InProcessServer:
         ready_timeout: float = 60.0,
         aliases: Mapping[str, str] | None = None,
     ) -> None:
-        self.settings = settings or Settings()
-        self.state = ServerState(self.settings, models=models, aliases=aliases)
-        self.app = create_app(self.settings, self.state)
+        self.settings, self.state, self.app = _app_around(models, settings, aliases)
         self.ready_timeout = ready_timeout
         self._lifespan: AbstractAsyncContextManager[Any] | None = None
         self._clients: list[httpx.AsyncClient] = []
@@ -216,9 +223,7 @@ class ThreadedServer:
         ready_timeout: float = 60.0,
         aliases: Mapping[str, str] | None = None,
     ) -> None:
-        self.settings = settings or Settings()
-        self.state = ServerState(self.settings, models=models, aliases=aliases)
-        self.app = create_app(self.settings, self.state)
+        self.settings, self.state, self.app = _app_around(models, settings, aliases)
         self.ready_timeout = ready_timeout
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
