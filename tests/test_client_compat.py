@@ -90,7 +90,7 @@ CONFIGS: dict[str, ClientConfig] = {
             "infinity_client", "infinity-client", "infinity_client", "",
             'Client(base_url="{URL}", headers={{"Authorization": "Bearer {KEY}"}}); rerank.sync(client=..., '
             "body=RerankInput(query=..., documents=..., model=...)), embeddings.sync(client=..., "
-            "body=OpenAIEmbeddingInputText(input_=texts))",
+            "body=OpenAIEmbeddingInputText(input_=texts)), models.sync(client=...)",
             "needs httpx<0.28 by its metadata; works with 0.28 (install it with --no-deps)",
         ),
         ClientConfig(
@@ -325,6 +325,17 @@ def test_infinity_client_embeddings(server: ThreadedServer, engine: dict[str, An
     np.testing.assert_allclose(got, embed(engine["emb"], TEXTS), atol=1e-5)
 
 
+def test_infinity_client_models(server: ThreadedServer) -> None:
+    cfg = need("infinity_client")
+    from infinity_client import Client
+    from infinity_client.api.default import models
+
+    client = Client(base_url=base_url(server, cfg), headers={"Authorization": f"Bearer {KEY}"})
+    out = models.sync(client=client)
+    assert out is not None and not hasattr(out, "detail"), out
+    assert {m.id: m.capabilities for m in out.data} == {"rr": ["rerank"], "emb": ["embed"]}  # type: ignore[union-attr]
+
+
 def test_langchain_infinity_rerank(server: ThreadedServer, engine: dict[str, Any]) -> None:
     cfg = need("langchain-community InfinityRerank")
     need("infinity_client")
@@ -428,9 +439,11 @@ def clients_markdown() -> str:
         "`cohere.Client(base_url=URL, api_key=KEY)`, `cohere.ClientV2(base_url=URL, api_key=KEY)`,",
         "`openai.OpenAI(base_url=URL/v1, api_key=KEY)`.",
         "",
-        "Not covered: `langchain-huggingface` (it pins `huggingface_hub<1`, which would downgrade the hub",
-        "client and `langchain-core` under the other clients); its endpoint embeddings post to `POST /`",
-        "through `huggingface_hub`, which the suite drives directly.",
+        "Not covered: `langchain-huggingface`. From 1.0 its `HuggingFaceEndpointEmbeddings` refuses a URL",
+        "(`model must be a HuggingFace repo ID, not a URL`), so it cannot reach any self-hosted server,",
+        "TEI included (tried with 1.2.3 and huggingface_hub 2.4). 0.3.x takes `model=URL` and posts to",
+        "`POST /` through `huggingface_hub`, which the suite drives directly, but it needs",
+        "`langchain-core<1`, which would downgrade the other langchain clients.",
         "",
     ]
     return "\n".join(lines)

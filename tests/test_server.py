@@ -426,7 +426,11 @@ async def test_tei_extras_decode_similarity_ids_aliases(client: httpx.AsyncClien
     alias = (await client.post("/embeddings", json={"input": "hello world"})).json()
     np.testing.assert_allclose(alias["data"][0]["embedding"], engine_embed(engine_embedder, ["hello world"])[0],
                                atol=1e-5)
-    assert (await client.get("/models")).json() == (await client.get("/v1/models")).json()
+    infinity, openai = (await client.get("/models")).json(), (await client.get("/v1/models")).json()
+    assert {m["owned_by"] for m in infinity["data"]} == {"infinity"}  # Infinity's client accepts only this
+    assert {m["owned_by"] for m in openai["data"]} == {"encapure"}
+    assert [{**m, "owned_by": None} for m in infinity["data"]] == [{**m, "owned_by": None} for m in openai["data"]]
+    assert {m["id"]: m["capabilities"] for m in openai["data"]}["emb"] == ["embed"]
     one = (await client.get("/v1/models/emb")).json()
     assert one["id"] == "emb" and one["object"] == "model"
     assert_error(await client.get("/v1/models/text-embedding-3-small"), 404, "not_found_error")

@@ -135,16 +135,33 @@ async def metrics(request: Request) -> Response:
 
 
 # --- served models (OpenAI shape) --------------------------------------------------------------
-def _model_card(state: ServerState, name: str, model: InferenceModel) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": int(state.started_at), "owned_by": "encapure",
-            "task": model.task, "aliases": sorted(a for a, n in state.aliases.items() if n == name)}
+_CAPABILITIES = {"rerank": ["rerank"], "embed": ["embed"], "classify": ["classify"]}
+
+
+def _model_card(state: ServerState, name: str, model: InferenceModel, owned_by: str = "encapure") -> dict[str, Any]:
+    """OpenAI's model object plus Infinity's extra fields (``backend``, ``capabilities``, ``stats``).
+
+    The extras are additive for OpenAI clients, and Infinity's generated client cannot parse a card
+    without them."""
+    return {"id": name, "object": "model", "created": int(state.started_at), "owned_by": owned_by,
+            "task": model.task, "aliases": sorted(a for a, n in state.aliases.items() if n == name),
+            "backend": state.settings.backend, "capabilities": _CAPABILITIES.get(model.task, [model.task]),
+            "stats": {}}
 
 
 @router.get("/v1/models", summary="Served models (OpenAI shape)")
-@router.get("/models", summary="Served models (OpenAI shape; the path without /v1)")
 async def list_models(request: Request) -> Response:
     state = _state(request)
     return _json({"object": "list", "data": [_model_card(state, n, m) for n, m in state.models.items()]})
+
+
+@router.get("/models", summary="Served models (Infinity's path and shape: OpenAI's, owned_by \"infinity\")")
+async def list_models_infinity(request: Request) -> Response:
+    """Infinity serves this path and its client accepts only ``owned_by: "infinity"`` (an enum);
+    OpenAI clients read the field as free text, so both work here."""
+    state = _state(request)
+    return _json({"object": "list",
+                  "data": [_model_card(state, n, m, owned_by="infinity") for n, m in state.models.items()]})
 
 
 @router.get("/v1/models/{model_id:path}", summary="One served model (OpenAI shape)")
