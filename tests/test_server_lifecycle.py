@@ -166,3 +166,23 @@ def test_model_specs_names_and_default(tmp_path: Path) -> None:
     fixture = find_fixture()
     if fixture is not None:
         assert (fixture / "config.json").is_file()
+
+
+def test_offline_hub_id_says_unreachable_before_any_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Offline, the first log lines said "exporting BAAI/…" and only then that the hub was down:
+    the download now comes first, in the serving process, and the export never starts."""
+    import logging
+
+    from encapure.errors import ExportError
+    from encapure.server import loading
+
+    def unreachable(repo_id: str) -> Path:
+        raise ExportError(f"cannot download {repo_id}: the Hugging Face hub is unreachable (offline?)")
+
+    monkeypatch.setattr(loading, "download", unreachable)
+    monkeypatch.setattr(loading, "missing_export_modules", lambda: [])
+    monkeypatch.setattr(loading.subprocess, "run", lambda *a, **k: pytest.fail("export started"))
+    with caplog.at_level(logging.INFO, logger="encapure.server"), pytest.raises(ExportError, match="unreachable"):
+        loading.export_in_child("BAAI/bge-reranker-v2-m3", settings=Settings(cache_dir=tmp_path))
+    assert "exporting" not in caplog.text and "fetching BAAI/bge-reranker-v2-m3" in caplog.text

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from encapure.engine.types import InferenceModel
 from encapure.errors import ExportError, InvalidInputError
-from encapure.hub import cache_key, cached_export
+from encapure.hub import cache_key, cached_export, download, is_hub_id
 from encapure.manifest import MANIFEST_NAME
 from encapure.registry import lookup
 from encapure.settings import DEFAULT_RERANKER, Settings
@@ -157,6 +157,11 @@ def export_in_child(
             f"exporting {source} needs {', '.join(missing)}: pip install 'encapure[export]', or serve a folder "
             "made by `encapure export`"
         )
+    if is_hub_id(str(source)) and not Path(source).expanduser().exists():
+        # fetched here, before any "exporting" line: offline, the log says the hub is unreachable
+        # and not that an export started (the child then finds the files in the hub's cache)
+        log.info("fetching %s from the Hugging Face hub", source)
+        download(str(source))
     log.info("exporting %s (%s) in a child process into the cache at %s", source, precision, cache_dir)
     job = {"source": str(source), "cache_dir": str(cache_dir), "precision": precision, "task": task,
            "max_length": max_length}
