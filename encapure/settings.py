@@ -92,9 +92,11 @@ class Settings(BaseSettings):
     )
 
     # --- runtime ----------------------------------------------------------------------------
-    backend: Literal["onnxruntime", "openvino"] = Field(
+    backend: Literal["auto", "onnxruntime", "openvino"] = Field(
         default="onnxruntime",
-        description="what runs the exported ONNX graph: onnxruntime, or openvino (pip install openvino)",
+        description="what runs the exported ONNX graph: onnxruntime, openvino (pip install openvino), or auto "
+        "(a one-time probe per model and CPU picks the fastest batch-invariant backend that agrees with "
+        "onnxruntime; recorded in the cache)",
     )
     openvino_device: str = Field(
         default="CPU", min_length=1, description="OpenVINO device name for --backend openvino (CPU, GPU, AUTO:...)"

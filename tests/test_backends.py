@@ -24,7 +24,7 @@ PAIRS = [
 def test_registry_and_settings_agree() -> None:
     from typing import get_args
 
-    assert set(BACKENDS) == set(get_args(Settings.model_fields["backend"].annotation))
+    assert set(BACKENDS) | {"auto"} == set(get_args(Settings.model_fields["backend"].annotation))
     with pytest.raises(ModelError, match="does not exist"):
         create_session(Path("/nonexistent/model.onnx"), Settings())
 
@@ -85,3 +85,68 @@ def test_openvino_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(builtins, "__import__", no_openvino)
     with pytest.raises(ModelError, match="pip install openvino"):
         create_session(reranker_fp32_dir / "model.onnx", Settings(backend="openvino"))
+
+
+# --- --backend auto ----------------------------------------------------------------------------------
+class _Wrapped:
+    """An ONNX Runtime session with a handicap: slower, batch-dependent, or off by a constant."""
+
+    def __init__(self, inner: object, *, sleep: float = 0.0, batch_noise: float = 0.0, offset: float = 0.0) -> None:
+        self.inner, self.sleep, self.batch_noise, self.offset = inner, sleep, batch_noise, offset
+
+    def get_inputs(self) -> object:
+        return self.inner.get_inputs()  # type: ignore[attr-defined]
+
+    def get_outputs(self) -> object:
+        return self.inner.get_outputs()  # type: ignore[attr-defined]
+
+    def run(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import time
+
+        time.sleep(self.sleep)
+        out = self.inner.run(names, feed)  # type: ignore[attr-defined]
+        rows = len(next(iter(feed.values())))
+        return [o + self.offset + self.batch_noise * rows for o in out]
+
+
+def test_auto_probe_picks_the_fastest_backend_that_scores_alike(reranker_fp32_dir: Path) -> None:
+    from encapure.engine.backends import auto
+    from encapure.engine.backends.onnxruntime import create_session as ort_session
+
+    def open_session(name: str, path: Path, settings: Settings) -> object:
+        if name == "broken":
+            raise RuntimeError("cannot compile")
+        handicap = {"slow": {"sleep": 0.02}, "fast": {}, "variant": {"batch_noise": 1e-3},
+                    "off": {"offset": 0.5}}[name]
+        return _Wrapped(ort_session(path, settings), **handicap)
+
+    model = reranker_fp32_dir / "model.onnx"
+    res = auto.probe(model, Settings(), open_session, ["slow", "variant", "off", "broken", "fast"])
+    assert res.chosen == "fast", res
+    assert set(res.seconds) == {"slow", "fast"} and res.seconds["fast"] < res.seconds["slow"]
+    assert "batch-invariant" in res.rejected["variant"]
+    assert "disagrees" in res.rejected["off"]
+    assert "cannot compile" in res.rejected["broken"]
+    # nothing qualifies but the reference: the reference
+    assert auto.probe(model, Settings(), open_session, ["slow", "variant"]).chosen == "slow"
+
+
+def test_auto_backend_is_recorded_and_scores_like_onnxruntime(reranker_int8_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from encapure.engine.backends import auto
+
+    settings = Settings(backend="auto", cache_dir=tmp_path)
+    rr = Reranker.from_pretrained(reranker_int8_dir, settings=settings)
+    records = list((tmp_path / "backend-probes").glob("*.json"))
+    assert len(records) == 1
+    record = json.loads(records[0].read_text())
+    assert record["chosen"] in BACKENDS and record["chosen"] in record["seconds"]
+    assert record["invariance"][record["chosen"]] <= 1e-5
+    want = Reranker.from_pretrained(reranker_int8_dir).score(PAIRS, raw_scores=True)
+    np.testing.assert_allclose(rr.score(PAIRS, raw_scores=True), want, atol=1e-3 * np.abs(want).max())
+    # a restart reads the record: no second probe, the same backend
+    monkeypatch.setattr(auto, "probe", lambda *a, **k: pytest.fail("probed twice"))
+    again = Reranker.from_pretrained(reranker_int8_dir, settings=settings)
+    assert type(again.model.session).__name__ == type(rr.model.session).__name__

@@ -45,12 +45,21 @@ BACKENDS: dict[str, str] = {
 }
 
 
+def _open(name: str, path: Path, settings: Settings) -> Session:
+    module = importlib.import_module(BACKENDS[name])
+    session: Session = module.create_session(path, settings)
+    return session
+
+
 def create_session(model_path: str | Path, settings: Settings | None = None) -> Session:
-    """Open ``model_path`` with the backend ``settings.backend`` names."""
+    """Open ``model_path`` with the backend ``settings.backend`` names (``auto``: the probe's pick)."""
     settings = settings or Settings()
     path = Path(model_path)
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
-    module = importlib.import_module(BACKENDS[settings.backend])
-    session: Session = module.create_session(path, settings)
-    return session
+    name = settings.backend
+    if name == "auto":
+        from encapure.engine.backends.auto import choose
+
+        name = choose(path, settings, _open, list(BACKENDS))
+    return _open(name, path, settings)
