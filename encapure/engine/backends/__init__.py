@@ -57,7 +57,7 @@ def create_session(model_path: str | Path, settings: Settings | None = None) -> 
     path = Path(model_path)
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
-    name = settings.backend
+    name: str = settings.backend
     if name == "auto":
         from encapure.engine.backends.auto import choose
 
