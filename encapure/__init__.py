@@ -16,6 +16,7 @@ _LAZY = {
     "Embedder": "encapure.engine",
     "Classifier": "encapure.engine",
     "load_model": "encapure.engine",
+    "maxsim": "encapure.engine",
     "AsyncReranker": "encapure.scheduler",
     "AsyncEmbedder": "encapure.scheduler",
     "AsyncClassifier": "encapure.scheduler",

@@ -22,8 +22,9 @@ Task = Literal["rerank", "embed", "classify"]
 Pooling = Literal["cls", "mean", "max", "last"]
 Activation = Literal["sigmoid", "softmax", "none"]
 # What the graph's output is: per-item logits, per-token hidden states to pool, or an
-# already pooled sentence embedding (some third-party ONNX files).
-OutputKind = Literal["logits", "token_embeddings", "sentence_embedding"]
+# already pooled sentence embedding (some third-party ONNX files), or per-token vectors that are
+# the result themselves (ColBERT: projected and L2-normalized; see ``colbert`` below).
+OutputKind = Literal["logits", "token_embeddings", "sentence_embedding", "multi_vector"]
 
 
 @dataclass
@@ -51,6 +52,9 @@ class Manifest:
     quantization: dict[str, Any] = field(default_factory=dict)  # recipe actually applied
     tool_versions: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    # Late interaction (ColBERT): marker ids, query/document lengths, query expansion, skip-list ids.
+    # Read by encapure.engine.colbert; None for every other model.
+    colbert: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     # --- I/O ------------------------------------------------------------------------------
@@ -93,6 +97,8 @@ class Manifest:
             raise ManifestError(f"unknown task {self.task!r}")
         if self.task == "embed" and self.output_kind == "token_embeddings" and self.pooling is None:
             raise ManifestError("an embedding model with token outputs needs a pooling mode")
+        if self.output_kind == "multi_vector" and not self.colbert:
+            raise ManifestError("a multi_vector model needs its colbert settings (markers, lengths)")
         if "input_ids" not in self.input_names:
             raise ManifestError("the model must take input_ids")
         if self.max_length <= 0:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from encapure.engine.api import Classifier, Embedder, Reranker
 from encapure.engine.batching import plan_batches
+from encapure.engine.colbert import ColbertModel, maxsim
 from encapure.engine.loading import load_model
 from encapure.engine.model import OnnxModel
 from encapure.engine.types import (
     ClassifyOutput,
     EmbedOutput,
     InferenceModel,
+    MultiVectorOutput,
     Prepared,
     RerankOutput,
     RerankResult,
@@ -19,9 +21,11 @@ from encapure.engine.types import (
 __all__ = [
     "Classifier",
     "ClassifyOutput",
+    "ColbertModel",
     "EmbedOutput",
     "Embedder",
     "InferenceModel",
+    "MultiVectorOutput",
     "OnnxModel",
     "Prepared",
     "RerankOutput",
@@ -29,5 +33,6 @@ __all__ = [
     "Reranker",
     "Unit",
     "load_model",
+    "maxsim",
     "plan_batches",
 ]

@@ -27,6 +27,7 @@ from encapure.engine.types import (
     EmbedOutput,
     LongDocuments,
     ModelOutput,
+    MultiVectorOutput,
     Prepared,
     RerankOutput,
     RerankResult,
@@ -94,6 +95,31 @@ class _Base:
     def _call(self, request: PrepareFn) -> ModelOutput:
         """Run a request in the caller's thread: tokenize, batched forward, finish."""
         return self.model(request())
+
+    def embed_multivector(
+        self,
+        texts: list[str] | str,
+        kind: Literal["query", "document"] | None = None,
+        *,
+        truncate: bool = True,
+    ) -> list[npt.NDArray[np.float32]]:
+        """One ``[n_tokens, D]`` float32 matrix per text (a list even for one text).
+
+        ColBERT models (a ``Reranker``): ``kind`` is required, "query" (marker, [MASK] expansion to the
+        query length) or "document" (marker, punctuation skip-list and padding removed): store the
+        documents' matrices and score later with ``encapure.maxsim``. Embedding models (an
+        ``Embedder``): the last hidden state's rows, special tokens included; ``kind`` adds the
+        model's query/document prefix. Cross-encoders and classifiers have no token output: 400-style
+        ``InvalidInputError``.
+        """
+        batch, _ = as_batch(texts)
+        out = self._call(self.multivector_request(batch, kind=kind, truncate=truncate))
+        assert isinstance(out, MultiVectorOutput)
+        return out.vectors
+
+    def multivector_request(self, texts: list[str], *, kind: Literal["query", "document"] | None,
+                            truncate: bool) -> PrepareFn:
+        return functools.partial(self.model.prepare_multivector, texts, kind=kind, truncate=truncate)
 
     @property
     def max_length(self) -> int:

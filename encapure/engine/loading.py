@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from encapure.engine.backends import create_session
+from encapure.engine.colbert import ColbertModel
 from encapure.engine.model import OnnxModel
 from encapure.errors import InvalidInputError, ModelError, ModelNotFoundError
 from encapure.hub import Exporter, cached_export, is_hub_id
@@ -111,7 +112,8 @@ def _load_exported(folder: Path, settings: Settings, name: str | None, overrides
     manifest = Manifest.load(folder)
     _apply_registry(manifest)
     manifest = _apply_overrides(manifest, dict(overrides))
-    return OnnxModel(folder, manifest, settings=settings, name=name, **model_kwargs)
+    cls = ColbertModel if manifest.output_kind == "multi_vector" else OnnxModel
+    return cls(folder, manifest, settings=settings, name=name, **model_kwargs)
 
 
 def _load_plain(

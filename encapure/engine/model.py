@@ -26,6 +26,7 @@ from encapure.engine.types import (
     EmbedOutput,
     LongDocuments,
     ModelOutput,
+    MultiVectorOutput,
     Prepared,
     RerankOutput,
     Side,
@@ -171,6 +172,8 @@ class OnnxModel:
             )
         elif mode == "raw":
             tok.no_truncation()
+        elif mode.startswith("single:"):  # a length of the model's own (ColBERT's query/document lengths)
+            tok.enable_truncation(int(mode[7:]), strategy="longest_first", direction=side)
         else:
             raise ValueError(mode)
         self._tok_mode = mode
@@ -385,7 +388,11 @@ class OnnxModel:
         ids[mask] = np.concatenate([u.ids for u in units])
         feed: dict[str, npt.NDArray[np.int64]] = {"input_ids": ids}
         if self._use_mask:
-            feed["attention_mask"] = mask.astype(np.int64)
+            attention = mask.astype(np.int64)
+            for r, u in enumerate(units):
+                if u.attention is not None:
+                    attention[r, : lengths[r]] = u.attention
+            feed["attention_mask"] = attention
         if self._use_type_ids:
             tt = np.zeros((n, width), dtype=np.int64)
             if all(u.type_ids is not None for u in units):
@@ -397,8 +404,14 @@ class OnnxModel:
             raise ModelError(f"inference failed for a batch of {n}x{width}: {e}") from e
         out = np.asarray(out, dtype=np.float32)
         kind = self.manifest.output_kind
+        if kind == "multi_vector":
+            return token_rows(out, lengths, [True] * n)
         if kind == "token_embeddings":
-            return pool(out, mask, self.manifest.pooling or "cls", lengths)
+            pooled = pool(out, mask, self.manifest.pooling or "cls", lengths)
+            wanted = [u.token_level for u in units]
+            if any(wanted):  # /embed_all units share the batch with pooled ones
+                return token_rows(out, lengths, wanted, pooled)
+            return pooled
         if out.ndim == 1:
             out = out[:, None]
         elif out.ndim == 3:  # e.g. a [B, 1, C] head
@@ -435,6 +448,12 @@ class OnnxModel:
         else:
             futures = [pool.submit(self.forward, [units[i] for i in b]) for b in batches]
             results = [f.result() for f in futures]
+        if any(r.dtype == object for r in results):
+            rows = np.empty(len(units), dtype=object)
+            for b, r in zip(batches, results, strict=True):
+                for i, row in zip(b, r, strict=True):
+                    rows[i] = row
+            return rows
         rows = np.empty((len(units), results[0].shape[1]), dtype=np.float32)
         for b, r in zip(batches, results, strict=True):
             rows[b] = r
@@ -447,6 +466,10 @@ class OnnxModel:
     def finish(self, prepared: Prepared, rows: npt.NDArray[np.float32]) -> ModelOutput:
         opts = prepared.options
         n = prepared.n_inputs
+        if opts.get("multivector"):
+            return self._finish_multivector(prepared, rows)
+        if rows.dtype == object:  # pooled rows that came back through a batch with token-level units
+            rows = np.stack(list(rows)) if len(rows) else np.zeros((0, self.output_dim), dtype=np.float32)
         rows = np.asarray(rows, dtype=np.float32)
         if rows.shape[0] != len(prepared.units):
             raise ModelError(f"got {rows.shape[0]} rows for {len(prepared.units)} units")
@@ -481,6 +504,35 @@ class OnnxModel:
         return ClassifyOutput(scores=scores.astype(np.float32), labels=self.labels,
                               tokens=list(prepared.tokens), truncated=list(prepared.truncated), raw=raw)
 
+    # --- token-level output (TEI /embed_all) ------------------------------------------------------
+    def prepare_multivector(
+        self,
+        texts: list[str],
+        *,
+        kind: Literal["query", "document"] | None = None,
+        truncate: bool = True,
+    ) -> Prepared:
+        """One ``[n_tokens, hidden]`` matrix per text: the last hidden state's rows, special tokens
+        included. Needs a graph with token outputs (all our embedding exports); ColBERT models
+        override this with their query/document encodings."""
+        if self.task != "embed" or self.manifest.output_kind != "token_embeddings":
+            raise InvalidInputError(
+                f"model {self.name!r} has no token-level output (it gives "
+                f"{'pooled sentence vectors' if self.task == 'embed' else self.task + ' scores'}); "
+                "per-token vectors need an embedding model exported by Encapure, or a ColBERT model"
+            )
+        prepared = self.prepare_texts(texts, truncate=truncate, kind=kind)
+        for u in prepared.units:
+            u.token_level = True
+        prepared.options = {"multivector": "hidden"}
+        return prepared
+
+    def _finish_multivector(self, prepared: Prepared, rows: npt.NDArray[Any]) -> MultiVectorOutput:
+        if len(rows) != len(prepared.units):
+            raise ModelError(f"got {len(rows)} rows for {len(prepared.units)} units")
+        vectors = [np.ascontiguousarray(r, dtype=np.float32) for r in rows]
+        return MultiVectorOutput(vectors=vectors, tokens=list(prepared.tokens), truncated=list(prepared.truncated))
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
@@ -514,6 +566,23 @@ def pool(
         idx = np.maximum(np.asarray(lengths) - 1, 0)
         return np.ascontiguousarray(hidden[np.arange(hidden.shape[0]), idx, :])
     raise ModelError(f"unknown pooling mode {mode!r}")
+
+
+def token_rows(
+    out: npt.NDArray[np.float32],
+    lengths: npt.NDArray[np.int64],
+    wanted: list[bool],
+    pooled: npt.NDArray[np.float32] | None = None,
+) -> npt.NDArray[Any]:
+    """A 1-D object array: each unit's ``[length, D]`` token rows (a copy, without padding), or its
+    pooled row where the unit did not ask for tokens."""
+    rows = np.empty(out.shape[0], dtype=object)
+    for i, want in enumerate(wanted):
+        if want or pooled is None:
+            rows[i] = np.array(out[i, : int(lengths[i])], dtype=np.float32)
+        else:
+            rows[i] = pooled[i]
+    return rows
 
 
 def l2_normalize(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

@@ -13,7 +13,10 @@ The pipeline is pre-process -> run -> post-process, split so that a scheduler ca
 4. ``model.finish(prepared, rows)`` folds rows back per input (max over windows), applies
    activation / normalization / dimensions (request options travel in ``Prepared.options``, set
    at prepare time, so the scheduler never needs them) and returns the request's result:
-   ``RerankOutput`` / ``EmbedOutput`` / ``ClassifyOutput``.
+   ``RerankOutput`` / ``EmbedOutput`` / ``ClassifyOutput`` / ``MultiVectorOutput``.
+
+Token-level units (ColBERT, ``/embed_all``) make ``forward`` return a 1-D object array of
+``[n_tokens, D]`` arrays instead of a float matrix: rows of different lengths cannot share one.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ class Unit:
 
     ids: npt.NDArray[np.int64]
     type_ids: npt.NDArray[np.int64] | None = None
+    # Per-token attention when it is not "every token": ColBERT's query expansion feeds [MASK]
+    # tokens whose keys are masked. None = all ones.
+    attention: npt.NDArray[np.int64] | None = None
+    # The unit wants its token rows back ([n_tokens, D]) rather than a pooled row (``/embed_all``).
+    token_level: bool = False
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -126,7 +134,21 @@ class ClassifyOutput:
         return out
 
 
-ModelOutput = RerankOutput | EmbedOutput | ClassifyOutput
+@dataclass
+class MultiVectorOutput:
+    """Per input text, its token vectors ``[n_tokens, D]`` (float32), in input order.
+
+    ColBERT models: projected, L2-normalized vectors without padding (and, for documents, without
+    the punctuation skip-list), ready for ``maxsim``. Other embedding models: the rows of the last
+    hidden state, special tokens included (TEI's ``/embed_all``).
+    """
+
+    vectors: list[npt.NDArray[np.float32]]
+    tokens: list[int]
+    truncated: list[bool]
+
+
+ModelOutput = RerankOutput | EmbedOutput | ClassifyOutput | MultiVectorOutput
 
 
 @runtime_checkable
@@ -181,6 +203,14 @@ class InferenceModel(Protocol):
         dimensions: int | None = None,
         normalize: bool | None = None,
         raw_scores: bool = False,
+    ) -> Prepared: ...
+
+    def prepare_multivector(
+        self,
+        texts: list[str],
+        *,
+        kind: Literal["query", "document"] | None = None,
+        truncate: bool = True,
     ) -> Prepared: ...
 
     def forward(self, units: list[Unit]) -> npt.NDArray[np.float32]: ...

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from encapure.errors import ExportError, ParityError, UnsupportedModelError
+from encapure.export import colbert
 from encapure.export import parity as par
 from encapure.export.detect import (
     SourceInfo,
@@ -138,6 +139,7 @@ def _export(
     t_start = time.perf_counter()
     in_memory = not isinstance(source, (str, Path))
     tok_obj: Any = None
+    colbert_src: colbert.ColbertSource | None = None
     st_root: Path | None = None
     if in_memory:
         if not hasattr(source, "config") or not hasattr(source, "forward"):
@@ -157,6 +159,9 @@ def _export(
         config = read_json(model_dir / "config.json")
         tok_dir = Path(tokenizer) if isinstance(tokenizer, (str, Path)) else (
             model_dir if has_tokenizer(model_dir) else root)
+        colbert_src = colbert.detect_colbert(root, model_dir, config)
+        if colbert_src is not None:
+            task = "auto"  # a ColBERT model reranks (MaxSim) and embeds (multi-vector) whatever was asked
         detect(config, task=task)  # architecture problems first: they are the more fundamental error
         if tokenizer is None and not has_tokenizer(tok_dir):
             raise ExportError(f"no tokenizer in {root}: expected tokenizer.json (or vocab/sentencepiece files)")
@@ -167,8 +172,10 @@ def _export(
 
     info = detect(config, task=task, model_dir=model_dir, st_root=st_root, max_length=max_length,
                   tokenizer_max=tokenizer_model_max_length(tok_dir))
-    if st_root is not None:
+    if st_root is not None and colbert_src is None:
         _st_prompts(st_root, info)
+    if colbert_src is not None:
+        colbert.apply_info(info, colbert_src, max_length)
 
     # Heavy imports only now: `encapure export --help` and early errors stay fast.
     with prog.step("Loading model"):
@@ -180,7 +187,11 @@ def _export(
         if tok_obj is None:
             assert tok_dir is not None
             tok_obj = load_hf_tokenizer(tok_dir)
-        model = source if in_memory else _load_model(model_dir, info)  # type: ignore[arg-type]
+        if colbert_src is not None:
+            assert model_dir is not None
+            model = colbert.load_model(colbert_src, model_dir)
+        else:
+            model = source if in_memory else _load_model(model_dir, info)  # type: ignore[arg-type]
         if in_memory and info.task == "embed" and info.architecture.endswith("ForSequenceClassification"):
             model = model.base_model
         model.eval()
@@ -194,8 +205,13 @@ def _export(
     try:
         rust_tok = write_tokenizer(tok_obj, work)
         pad_id = pad_token_id(tok_obj, config)
-        result = _build(model, info, work, rust_tok, pad_id, precision=precision, optimize=optimize,
-                        check_parity=check_parity, prog=prog, calibration=calibration)
+        if colbert_src is not None:
+            result = colbert.build(model, info, work, rust_tok, pad_id, src=colbert_src, hf_tokenizer=tok_obj,
+                                   precision=precision, optimize=optimize, check_parity=check_parity, prog=prog,
+                                   calibration=calibration)
+        else:
+            result = _build(model, info, work, rust_tok, pad_id, precision=precision, optimize=optimize,
+                            check_parity=check_parity, prog=prog, calibration=calibration)
         manifest, report = result
         manifest.source = src_label
         manifest.tool_versions = _versions()

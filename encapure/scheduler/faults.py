@@ -33,7 +33,7 @@ class FaultyUnit(Unit):
 
 def mark(prepared: Prepared, fault: str) -> Prepared:
     """Attach ``fault`` to every unit of ``prepared`` (in place; returned for chaining)."""
-    prepared.units = [FaultyUnit(u.ids, u.type_ids, fault) for u in prepared.units]
+    prepared.units = [FaultyUnit(u.ids, u.type_ids, u.attention, u.token_level, fault=fault) for u in prepared.units]
     return prepared
 
 

@@ -82,7 +82,9 @@ def settle(
         if req.done:
             continue
         if req.rows is None:
-            req.rows = np.empty((req.n_units, rows.shape[1]), dtype=np.float32)
+            ragged = rows.dtype == object
+            req.rows = (np.empty(req.n_units, dtype=object) if ragged
+                        else np.empty((req.n_units, rows.shape[1]), dtype=np.float32))
         req.rows[it.index] = rows[k]
         req.remaining -= 1
     for req in reqs.values():

@@ -24,6 +24,8 @@ from encapure.scheduler.pending import Batch
 
 log = logging.getLogger("encapure.scheduler")
 
+# One row per unit: a float32 matrix, or a 1-D object array of per-unit arrays when the units asked
+# for token-level rows (ColBERT, /embed_all), whose lengths differ.
 Rows = npt.NDArray[np.float32]
 
 
@@ -135,7 +137,10 @@ class WorkerPool:
                 t = time.perf_counter()
                 out = runner.forward([it.unit for it in items])
                 batch.elapsed = time.perf_counter() - t
-                rows = np.asarray(out, dtype=np.float32).reshape(len(items), -1)
+                if isinstance(out, np.ndarray) and out.dtype == object:  # token-level rows, ragged
+                    rows = out
+                else:
+                    rows = np.asarray(out, dtype=np.float32).reshape(len(items), -1)
         except Exception as e:  # the batch fails, the worker lives on
             error = e
         self._post(self._done, batch, rows, error)

@@ -159,3 +159,25 @@ class TEISimilarityRequest(_Req):
 def describe_keys(body: Any) -> str:
     """For an error message: the top-level keys a request sent."""
     return ", ".join(sorted(body)) if isinstance(body, dict) else type(body).__name__
+
+
+class TEIEmbedAllRequest(_Req):
+    """TEI ``/embed_all``: per-token vectors of each input (a text, token ids, or a mixed list).
+    ``prompt_name`` ``query`` or ``document``/``passage`` picks how a ColBERT model encodes the texts
+    (documents when absent) and, on other embedding models, adds the model's prefix."""
+
+    inputs: str | list[int] | list[str | list[int]]
+    truncate: bool | None = True
+    truncation_direction: TruncationDirection | None = None
+    prompt_name: str | None = None
+    model: str | None = None
+
+
+class MultiVectorRequest(_Req):
+    """``/embed_multivector``: token vectors per text; ``kind`` says query or document (ColBERT models
+    encode them differently and need it)."""
+
+    input: str | list[str] = Field(validation_alias=AliasChoices("input", "texts", "inputs"))
+    kind: Literal["query", "document"] | None = None
+    truncate: bool | None = True
+    model: str | None = None

@@ -116,6 +116,11 @@ async def _predict(
     other than two is a batch of texts)."""
     state = _state(request)
     name, model = pick_model(state, body.model, ("classify", "rerank"), "/predict")
+    if model.manifest.output_kind == "multi_vector":
+        raise InvalidInputError(
+            f"model {name!r} is a ColBERT (late-interaction) model: it scores a query against documents "
+            "with /rerank, not texts or pairs with /predict"
+        )
     inputs = body.inputs
     raw_scores = body.raw_scores if raw is None else raw
     batch: list[list[str]]

@@ -73,6 +73,13 @@ def _prepare_rerank(
     ``max_chunks_per_doc`` (the document is cut to what that many overlapping windows cover)."""
     if max_tokens_per_doc is not None:
         texts = _clip(model, texts, [max_tokens_per_doc] * len(texts), "right")
+    room_of = getattr(model, "text_room", None)
+    if room_of is not None:  # ColBERT: documents are encoded alone, cut at the model's document length
+        if side is not None and side != _model_side(model) and truncate and texts:
+            texts = _clip(model, texts, [room_of("document")] * len(texts), side)
+        if (max_chunks or 0) > 1:
+            long_documents = "window"  # refused with a 400 by the model: MaxSim has no windows here
+        return model.prepare_pairs(query, texts, truncate=truncate, raw_scores=raw, long_documents=long_documents)
     needs_room = (side is not None and side != _model_side(model) and truncate) or (max_chunks or 0) > 1
     if needs_room and texts:
         q_len = len(model.encode_batch([query], "raw", add_special_tokens=False)[0].ids)
