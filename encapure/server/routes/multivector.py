@@ -71,8 +71,8 @@ async def _multivector(
     colbert = model.manifest.output_kind == "multi_vector"
     if prompt_name is not None:
         kind = _prompt_kind(name, model, prompt_name)
-    if colbert and kind is None:
-        kind = "document"
+    if colbert and kind is None and route == "/embed_all":
+        kind = "document"  # TEI's request has no kind; documents are what gets stored
     texts: list[str]
     if isinstance(inputs, str):
         texts = [inputs]
@@ -111,7 +111,7 @@ async def tei_embed_all(body: TEIEmbedAllRequest, request: Request) -> Response:
 
 @router.post("/embed_multivector", summary="Per-token vectors of queries or documents (native shape)")
 async def embed_multivector(body: MultiVectorRequest, request: Request) -> Response:
-    name, model, out, headers = await _multivector(
+    name, _model, out, headers = await _multivector(
         request, body.model, body.input, route="/embed_multivector", kind=body.kind,
         truncate=body.truncate is not False,
     )
