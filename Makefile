@@ -13,8 +13,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: on these machines 2.13.0 is a local CPU build; anything else pulls CUDA wheels.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[export,test,bench,openvino,clients,deploy,compat-test,ray]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[export,test,bench,openvino,clients,deploy,compat-test,ray,colbert-test]'
 	$(PY) -m pip install -q --no-deps infinity-client langchain-cohere  # clients: they pin httpx<0.28, cohere<6; work with both
+	# PyLate (tests/test_colbert.py's reference) pins sentence-transformers 5.3 and, through fast-plaid, another
+	# torch: installed without its dependencies, with sentence-transformers 5.3 in a side folder it alone uses.
+	$(PY) -m pip install -q --no-deps pylate==1.6.0
+	$(PY) -m pip install -q --no-deps --target $(VENV)/pylate-st5 sentence-transformers==5.3.0
 	touch $(STAMP)
 
 serve: setup

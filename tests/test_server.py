@@ -448,6 +448,7 @@ TEI_SCHEMAS: dict[str, dict[str, Any]] = {
         "properties": {"index": {"type": "integer", "minimum": 0}, "score": _NUM,
                        "text": {"type": ["string", "null"]}}}},
     "/embed": {"type": "array", "items": {"type": "array", "items": _NUM}},
+    "/embed_all": {"type": "array", "items": {"type": "array", "items": {"type": "array", "items": _NUM}}},
     "/predict": {"oneOf": [{"type": "array", "items": _PREDICTION},
                            {"type": "array", "items": {"type": "array", "items": _PREDICTION}}]},
     "/similarity": {"type": "array", "items": _NUM},
@@ -490,6 +491,7 @@ async def test_tei_shaped_answers_validate_against_tei_schemas(client: httpx.Asy
         ("/predict", {"inputs": "a text"}),
         ("/predict", {"inputs": [["q", "d"], ["a text"]]}),
         ("/similarity", {"inputs": {"source_sentence": "a", "sentences": ["b", "c"]}}),
+        ("/embed_all", {"inputs": ["hello", "a b c"], "truncate": None}),
         ("/decode", {"ids": [[7592, 2088]]}),
         ("/tokenize", {"inputs": ["hello world"]}),
     ]
@@ -498,6 +500,11 @@ async def test_tei_shaped_answers_validate_against_tei_schemas(client: httpx.Asy
         assert r.status_code == 200, (path, r.text)
         jsonschema.validate(r.json(), TEI_SCHEMAS[path])
     jsonschema.validate((await client.get("/info")).json(), TEI_SCHEMAS["/info"])
+    # /embed_all: one [tokens, D] matrix per input, the model's own token rows
+    rows = (await client.post("/embed_all", json={"inputs": "hello world"})).json()
+    assert len(rows) == 1 and len(rows[0]) == 4  # [CLS] hello world [SEP]
+    # a cross-encoder has no token vectors: a clear 400, not a 500
+    assert_error(await client.post("/embed_all", json={"inputs": ["x"], "model": "rr"}), 400)
     with pytest.raises(jsonschema.ValidationError):  # the check can fail: the native answer is not TEI's
         jsonschema.validate((await client.post("/rerank", json={"query": "q", "documents": ["a"]})).json(),
                             TEI_SCHEMAS["/rerank"])
