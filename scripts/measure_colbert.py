@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    settings = Settings(workers=1, threads=args.threads)
+    settings = Settings(workers=1, threads_per_worker=args.threads)
     groups = load_dataset(args.data)
     labels = [g.labels for g in groups]
     report: dict[str, object] = {"cpu": _isa(), "threads": args.threads, "queries": len(groups),

@@ -234,6 +234,10 @@ class Scheduler:
         if timings is not None:
             timings["prepare_s"] = time.perf_counter() - t0
         rows = await self.submit(model, prepared, deadline=deadline, is_cancelled=is_cancelled, timings=timings)
+        if rows.dtype == object and self._loop is not None and self._prep_pool is not None:
+            # Token-level rows (ColBERT MaxSim, /embed_all): their post-processing is real work
+            # (milliseconds for a large request), so it runs off the loop too.
+            return await self._loop.run_in_executor(self._prep_pool, finish, prepared, rows)
         return finish(prepared, rows)
 
     async def prepare(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
