@@ -42,6 +42,7 @@ from encapure.engine.types import (
     InferenceModel,
     LongDocuments,
     ModelOutput,
+    MultiVectorOutput,
     RerankOutput,
     RerankResult,
 )
@@ -147,6 +148,21 @@ class _AsyncBase:
             await self._ensure_started()
         deadline = None if timeout is None else time.monotonic() + timeout
         return await self.scheduler.run(self.name, request, self.model.finish, deadline=deadline)
+
+    async def embed_multivector(
+        self,
+        texts: list[str] | str,
+        kind: Literal["query", "document"] | None = None,
+        *,
+        truncate: bool = True,
+        timeout: float | None = None,
+    ) -> list[npt.NDArray[np.float32]]:
+        """Per text its ``[n_tokens, D]`` vectors, as ``Reranker.embed_multivector`` /
+        ``Embedder.embed_multivector`` (ColBERT query/document vectors, or an embedder's token rows)."""
+        batch, _ = as_batch(texts)
+        out = await self._run(self.sync.multivector_request(batch, kind=kind, truncate=truncate), timeout)
+        assert isinstance(out, MultiVectorOutput)
+        return list(out.vectors)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.model!r})"
