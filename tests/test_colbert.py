@@ -96,8 +96,9 @@ def pylate_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _export(source: Path, precision: str, name: str) -> Path:
     from encapure.export import export_model
+    from encapure.export.colbert import RECIPE_VERSION
 
-    key = _model_key(name, [source], precision)
+    key = _model_key(name, [source], precision, extra=f"colbert-{RECIPE_VERSION}")
     return cached_export(key, lambda out: export_model(source, out, precision=precision))
 
 
