@@ -212,6 +212,13 @@ def test_int8_keeps_ranking(fp32: Reranker, int8_dir: Path) -> None:
     assert cos.min() >= 0.95, cos.min()
 
 
+def test_int4_exports_and_ranks(pylate_dir: Path, fp32: Reranker) -> None:
+    """int4 (MatMulNBits, an opset-21 graph) loads and still ranks; it is coarse, not the default."""
+    int4 = Reranker.from_pretrained(_export(pylate_dir, "int4", "colbert"), settings=Settings(workers=1))
+    rho = [spearman(fp32.compute(q, DOCS).scores, int4.compute(q, DOCS).scores) for q in QUERIES]
+    assert float(np.mean(rho)) >= 0.7, rho
+
+
 @pytest.mark.anyio
 async def test_async_api_same_as_sync(fp32_dir: Path, fp32: Reranker, anyio_backend: str) -> None:
     from encapure.scheduler import AsyncReranker
