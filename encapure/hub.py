@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What an export reads from a hub repository: config, tokenizer files, weights, pooling config.
-_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "*.bin"]
+# artifact.metadata: a colbert-ai checkpoint's markers and lengths (ColBERT exports read it).
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "*.bin", "artifact.metadata"]
 
 
 def is_hub_id(text: str) -> bool:
