@@ -43,6 +43,9 @@ class Manifest:
     score_activation: Activation = "none"
     query_prefix: str | None = None
     document_prefix: str | None = None
+    # Instruction-following pair scorers (Qwen3-Reranker): {"prefix", "body", "suffix", "instruction"};
+    # the body holds {instruction}, {query} and {document}, "instruction" is the default one.
+    prompt_template: dict[str, str] | None = None
     pad_token_id: int = 0
     embedding_dim: int | None = None
     source: str = ""  # hub id or path the model came from
@@ -103,6 +106,13 @@ class Manifest:
             raise ManifestError("the model must take input_ids")
         if self.max_length <= 0:
             raise ManifestError("max_length must be positive")
+        if self.prompt_template is not None:
+            t = self.prompt_template
+            missing = [k for k in ("prefix", "body", "suffix", "instruction") if not isinstance(t.get(k), str)]
+            if missing or self.task != "rerank":
+                raise ManifestError(f"prompt_template needs a rerank task and string fields {missing or ''}".strip())
+            if not str(t["body"]).endswith("{document}") or "{query}" not in str(t["body"]):
+                raise ManifestError("prompt_template body must hold {query} and end with {document}")
 
     # --- integrity ------------------------------------------------------------------------
     def compute_files(self, folder: str | Path, names: list[str]) -> None:

@@ -145,11 +145,16 @@ class Reranker(_Base):
         *,
         truncate: bool = True,
         long_documents: LongDocuments = "truncate",
+        instruction: str | None = None,
     ) -> list[RerankResult]:
-        """Documents sorted by relevance to ``query`` (ties keep input order), cut to ``top_n``."""
+        """Documents sorted by relevance to ``query`` (ties keep input order), cut to ``top_n``.
+
+        ``instruction``: for instruction-following rerankers (Qwen3-Reranker) the task statement put
+        in their prompt (default: the model card's); refused (InvalidInputError) by other models.
+        """
         check_top_n(top_n)
         out = self.compute(query, documents, raw_scores=raw_scores, truncate=truncate,
-                           long_documents=long_documents)
+                           long_documents=long_documents, instruction=instruction)
         return out.ranked(top_n, list(documents) if return_documents else None)
 
     def compute(
@@ -160,10 +165,11 @@ class Reranker(_Base):
         raw_scores: bool = False,
         truncate: bool = True,
         long_documents: LongDocuments = "truncate",
+        instruction: str | None = None,
     ) -> RerankOutput:
         """Scores in input order, with token counts and truncation flags."""
         out = self._call(self.pairs_request(query, documents, raw_scores=raw_scores, truncate=truncate,
-                                            long_documents=long_documents))
+                                            long_documents=long_documents, instruction=instruction))
         assert isinstance(out, RerankOutput)
         return out
 
@@ -174,22 +180,23 @@ class Reranker(_Base):
         raw_scores: bool = False,
         truncate: bool = True,
         long_documents: LongDocuments = "truncate",
+        instruction: str | None = None,
     ) -> npt.NDArray[np.float32]:
         """One score per (query, document) pair, in input order."""
         out = self._call(self.pair_list_request(pairs, raw_scores=raw_scores, truncate=truncate,
-                                                long_documents=long_documents))
+                                                long_documents=long_documents, instruction=instruction))
         assert isinstance(out, RerankOutput)
         return out.scores
 
     def pairs_request(self, query: str, documents: list[str], *, raw_scores: bool, truncate: bool,
-                      long_documents: LongDocuments) -> PrepareFn:
+                      long_documents: LongDocuments, instruction: str | None = None) -> PrepareFn:
         return functools.partial(self.model.prepare_pairs, query, documents, truncate=truncate,
-                                 long_documents=long_documents, raw_scores=raw_scores)
+                                 long_documents=long_documents, raw_scores=raw_scores, instruction=instruction)
 
     def pair_list_request(self, pairs: list[tuple[str, str]], *, raw_scores: bool, truncate: bool,
-                          long_documents: LongDocuments) -> PrepareFn:
+                          long_documents: LongDocuments, instruction: str | None = None) -> PrepareFn:
         return functools.partial(self.model.prepare_pair_list, pairs, truncate=truncate,
-                                 long_documents=long_documents, raw_scores=raw_scores)
+                                 long_documents=long_documents, raw_scores=raw_scores, instruction=instruction)
 
 
 class Embedder(_Base):

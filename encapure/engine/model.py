@@ -21,6 +21,7 @@ from tokenizers import Encoding, Tokenizer
 
 from encapure.engine.backends import create_session
 from encapure.engine.batching import plan_batches
+from encapure.engine.prompts import PairTemplate, check_instruction, encode_pairs
 from encapure.engine.types import (
     ClassifyOutput,
     EmbedOutput,
@@ -111,6 +112,7 @@ class OnnxModel:
         self._use_type_ids = "token_type_ids" in manifest.input_names
         self._use_mask = "attention_mask" in manifest.input_names
         self._pad_id = int(manifest.pad_token_id)
+        self.prompt_template = PairTemplate.from_dict(manifest.prompt_template) if manifest.prompt_template else None
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self.output_dim = self._infer_output_dim()
@@ -229,6 +231,7 @@ class OnnxModel:
         truncate: bool = True,
         long_documents: LongDocuments = "truncate",
         raw_scores: bool = False,
+        instruction: str | None = None,
     ) -> Prepared:
         if not isinstance(query, str):
             raise InvalidInputError(f"query must be a string, got {type(query).__name__}")
@@ -236,7 +239,7 @@ class OnnxModel:
             raise InvalidInputError("query must be a non-empty string")
         docs = _check_texts(documents, "documents")
         return self._prepare_pairs([query] * len(docs), docs, truncate=truncate,
-                                   long_documents=long_documents, raw_scores=raw_scores)
+                                   long_documents=long_documents, raw_scores=raw_scores, instruction=instruction)
 
     def prepare_pair_list(
         self,
@@ -245,6 +248,7 @@ class OnnxModel:
         truncate: bool = True,
         long_documents: LongDocuments = "truncate",
         raw_scores: bool = False,
+        instruction: str | None = None,
     ) -> Prepared:
         if isinstance(pairs, str) or not isinstance(pairs, Sequence):
             raise InvalidInputError("pairs must be a list of (query, document) pairs")
@@ -257,7 +261,7 @@ class OnnxModel:
             queries.append(p[0])
             docs.append(p[1])
         return self._prepare_pairs(queries, docs, truncate=truncate,
-                                   long_documents=long_documents, raw_scores=raw_scores)
+                                   long_documents=long_documents, raw_scores=raw_scores, instruction=instruction)
 
     def _prepare_pairs(
         self,
@@ -267,16 +271,21 @@ class OnnxModel:
         truncate: bool,
         long_documents: LongDocuments,
         raw_scores: bool,
+        instruction: str | None = None,
     ) -> Prepared:
         if self.task == "embed":
             raise WrongTaskError(f"model {self.name!r} is an embedding model; it does not score pairs")
         if long_documents not in ("truncate", "window", "error"):
             raise InvalidInputError(f"long_documents must be truncate, window or error, not {long_documents!r}")
+        check_instruction(instruction, self.prompt_template, self.name)
         n = len(docs)
         options = {"raw_scores": bool(raw_scores)}
         if n == 0:
             return Prepared(units=[], owners=np.zeros(0, dtype=np.int64), n_inputs=0, tokens=[],
                             truncated=[], options=options)
+        if self.prompt_template is not None:
+            return self._prepare_templated(queries, docs, truncate=truncate, long_documents=long_documents,
+                                           instruction=instruction, options=options)
         # Which queries are too long to keep whole? Encode each distinct query once.
         distinct = list(dict.fromkeys(queries))
         q_lens = dict(zip(distinct, (len(e.ids) for e in self.encode_batch(
@@ -326,6 +335,34 @@ class OnnxModel:
             truncated.append(cut)
         return Prepared(units=units, owners=np.asarray(owners, dtype=np.int64), n_inputs=n,
                         tokens=tokens, truncated=truncated, options=options)
+
+    def _prepare_templated(
+        self,
+        queries: list[str],
+        docs: list[str],
+        *,
+        truncate: bool,
+        long_documents: LongDocuments,
+        instruction: str | None,
+        options: dict[str, Any],
+    ) -> Prepared:
+        """Pairs of an instruction-following LLM reranker: the template around each pair, only
+        the document cut (see ``encapure.engine.prompts``); scored at the last token."""
+        assert self.prompt_template is not None
+        if long_documents == "window":
+            raise InvalidInputError(
+                f"model {self.name!r} reads up to {self._max_length} tokens per pair and does not score "
+                "overlapping windows; use long_documents='truncate' (or 'error')"
+            )
+
+        def encode(texts: list[str]) -> list[list[int]]:
+            return [e.ids for e in self.encode_batch(texts, "raw", add_special_tokens=False)]
+
+        out = encode_pairs(encode, self.prompt_template, queries, docs, instruction=instruction,
+                           max_length=self._max_length, truncate=truncate and long_documents != "error")
+        units = [Unit(ids=np.asarray(ids, dtype=np.int64)) for ids in out.ids]
+        return Prepared(units=units, owners=np.arange(len(units), dtype=np.int64), n_inputs=len(units),
+                        tokens=[len(u) for u in units], truncated=out.truncated, options=options)
 
     def prepare_texts(
         self,

@@ -183,6 +183,7 @@ class InferenceModel(Protocol):
         truncate: bool = True,
         long_documents: LongDocuments = "truncate",
         raw_scores: bool = False,
+        instruction: str | None = None,
     ) -> Prepared: ...
 
     def prepare_pair_list(
@@ -192,6 +193,7 @@ class InferenceModel(Protocol):
         truncate: bool = True,
         long_documents: LongDocuments = "truncate",
         raw_scores: bool = False,
+        instruction: str | None = None,
     ) -> Prepared: ...
 
     def prepare_texts(

@@ -65,12 +65,16 @@ def export_model(
     progress: bool | Progress = False,
     overwrite: bool = True,
     calibration: str | Path | None = None,
+    template: dict[str, str] | None = None,
 ) -> ExportResult:
     """Export ``source`` (folder, hub id, or in-memory transformers model) into ``output``.
 
     ``tokenizer`` is a transformers/tokenizers object or a folder; required for in-memory models.
     ``optimize``: "auto" (fuse where it measured faster for this precision), "on", "off".
     ``calibration``: a JSONL/text file for static int8 (default: the set shipped in encapure/data).
+    ``template``: a prompt template (``prefix``, ``body``, ``suffix``, ``instruction``) that makes a
+    decoder LM (Qwen3/Qwen2 ``*ForCausalLM``) a yes/no reranker; Qwen3-Reranker's is the default for
+    such models detected by name or ``task="rerank"`` (see ``encapure.export.qwen3``).
     Raises ExportError subclasses with one-line messages; ParityError when fp32 does not match.
     """
     prog = progress if isinstance(progress, Progress) else Progress(bool(progress))
@@ -83,7 +87,7 @@ def export_model(
     try:
         return _export(source, output, task=task, precision=precision, max_length=max_length,
                        tokenizer=tokenizer, optimize=optimize, check_parity=check_parity, prog=prog,
-                       calibration=calibration)
+                       calibration=calibration, template=template)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ExportError(f"disk full while writing the export next to {output}: free some space") from e
@@ -135,6 +139,7 @@ def _export(
     check_parity: bool,
     prog: Progress,
     calibration: str | Path | None = None,
+    template: dict[str, str] | None = None,
 ) -> ExportResult:
     t_start = time.perf_counter()
     in_memory = not isinstance(source, (str, Path))
@@ -150,10 +155,12 @@ def _export(
         if not config.get("architectures"):
             config["architectures"] = [type(source).__name__]
         src_label = f"in-memory {type(source).__name__}"
+        name = str(getattr(source, "name_or_path", "") or config.get("_name_or_path") or "")
         tok_dir: Path | None = Path(tokenizer) if isinstance(tokenizer, (str, Path)) else None
         model_dir: Path | None = None
     else:
         root, src_label = _resolve_folder(source, prog)
+        name = src_label
         model_dir = find_model_dir(root)
         st_root = root
         config = read_json(model_dir / "config.json")
@@ -162,7 +169,8 @@ def _export(
         colbert_src = colbert.detect_colbert(root, model_dir, config)
         if colbert_src is not None:
             task = "auto"  # a ColBERT model reranks (MaxSim) and embeds (multi-vector) whatever was asked
-        detect(config, task=task)  # architecture problems first: they are the more fundamental error
+        # architecture problems first: they are the more fundamental error
+        detect(config, task=task, name=name, template=template)
         if tokenizer is None and not has_tokenizer(tok_dir):
             raise ExportError(f"no tokenizer in {root}: expected tokenizer.json (or vocab/sentencepiece files)")
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
@@ -171,7 +179,7 @@ def _export(
         raise ExportError(f"no tokenizer in {tok_dir}: expected tokenizer.json (or vocab/sentencepiece files)")
 
     info = detect(config, task=task, model_dir=model_dir, st_root=st_root, max_length=max_length,
-                  tokenizer_max=tokenizer_model_max_length(tok_dir))
+                  tokenizer_max=tokenizer_model_max_length(tok_dir), name=name, template=template)
     if st_root is not None and colbert_src is None:
         _st_prompts(st_root, info)
     if colbert_src is not None:
@@ -192,7 +200,8 @@ def _export(
             model = colbert.load_model(colbert_src, model_dir)
         else:
             model = source if in_memory else _load_model(model_dir, info)  # type: ignore[arg-type]
-        if in_memory and info.task == "embed" and info.architecture.endswith("ForSequenceClassification"):
+        if in_memory and info.task == "embed" and info.architecture.endswith(
+                ("ForSequenceClassification", "ForCausalLM")):
             model = model.base_model
         model.eval()
         _set_eager(model)
@@ -244,9 +253,11 @@ def _st_prompts(root: Path, info: SourceInfo) -> None:
 
 
 def _load_model(model_dir: Path, info: SourceInfo) -> Any:
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    cls = AutoModelForSequenceClassification if info.task in ("rerank", "classify") else AutoModel
+    cls: Any = AutoModelForSequenceClassification if info.task in ("rerank", "classify") else AutoModel
+    if info.prompt_template is not None:
+        cls = AutoModelForCausalLM  # the yes/no rows of its LM head become the score
     try:
         from transformers.utils import logging as hf_logging
 
@@ -322,11 +333,21 @@ def _build(
     output_kind = "logits" if info.task in ("rerank", "classify") else "token_embeddings"
     output_name = "logits" if output_kind == "logits" else "token_embeddings"
     items, _ = par.sample_inputs(info.task)
-    batches = par.encode(rust_tok, items[:4], min(info.max_length, 512), pad_id)
+    traced = model
+    yes_no: tuple[int, int] | None = None
+    if info.prompt_template is not None:
+        from encapure.export import qwen3
+
+        yes_no = qwen3.yes_no_ids(rust_tok)
+        traced = qwen3.yes_no_module(model, *yes_no)
+        batches = qwen3.template_feeds(rust_tok, info.prompt_template, items[:4], min(info.max_length, 512), pad_id,
+                                       batch_size=4)
+    else:
+        batches = par.encode(rust_tok, items[:4], min(info.max_length, 512), pad_id)
     final = work / "model.onnx"
     fp32_path = final if precision == "fp32" else work / "fp32.onnx"
     with prog.step("Exporting to ONNX (fp32)"):
-        export_onnx(model, fp32_path, input_names=input_names, output_name=output_name,
+        export_onnx(traced, fp32_path, input_names=input_names, output_name=output_name,
                     output_kind=output_kind, sample=batches[0])
 
     fusions: dict[str, int] = {}
@@ -346,7 +367,13 @@ def _build(
                 from encapure.export import calibration as cal
 
                 items = cal.load_items(calibration, info.task)
-                feeds = cal.feeds(rust_tok, items, input_names, min(info.max_length, 512), pad_id)
+                if info.prompt_template is not None:
+                    from encapure.export import qwen3
+
+                    feeds = qwen3.template_feeds(rust_tok, info.prompt_template, items, min(info.max_length, 512),
+                                                 pad_id)
+                else:
+                    feeds = cal.feeds(rust_tok, items, input_names, min(info.max_length, 512), pad_id)
                 quant = qz.quantize_int8_static(fp32_path, final, recipe, feeds)
                 quant["calibration"] = str(calibration) if calibration else "encapure/data/calibration.jsonl"
             else:
@@ -377,6 +404,7 @@ def _build(
         score_activation=info.score_activation,  # type: ignore[arg-type]
         query_prefix=info.query_prefix,
         document_prefix=info.document_prefix,
+        prompt_template=info.prompt_template,
         pad_token_id=pad_id,
         embedding_dim=int(hidden) if info.task == "embed" and hidden else None,
         architecture=info.architecture,
@@ -390,8 +418,13 @@ def _build(
             # A draft manifest so the engine loads the folder exactly as it will be served; the final
             # one (with file hashes and versions) replaces it when the export is complete.
             manifest.save(work)
-            report.update(par.check(model, work, info.task, pooling=info.pooling, normalize=info.normalize,
-                                    max_length=min(info.max_length, 512)))
+            if yes_no is not None:
+                from encapure.export import qwen3
+
+                report.update(qwen3.check(model, work, *yes_no, max_length=min(info.max_length, 512)))
+            else:
+                report.update(par.check(model, work, info.task, pooling=info.pooling, normalize=info.normalize,
+                                        max_length=min(info.max_length, 512)))
         prog.info(par.summary_line(precision, report))
         if precision == "fp32" and report["max_abs_diff"] > par.FP32_ABS_TOL:
             raise ParityError(

@@ -45,6 +45,8 @@ class SourceInfo:
     score_activation: str
     query_prefix: str | None = None
     document_prefix: str | None = None
+    prompt_template: dict[str, str] | None = None  # LLM yes/no rerankers (encapure.export.qwen3)
+    decoder: bool = False  # a decoder-only LM (Qwen3/Qwen2) exported by encapure.export.qwen3
     notes: list[str] = field(default_factory=list)
 
 
@@ -192,8 +194,13 @@ def detect(
     st_root: Path | None = None,
     max_length: int | None = None,
     tokenizer_max: int | None = None,
+    name: str = "",
+    template: dict[str, str] | None = None,
 ) -> SourceInfo:
-    """Decide task and post-processing from a config dict and the (optional) folder around it."""
+    """Decide task and post-processing from a config dict and the (optional) folder around it.
+
+    ``name`` (hub id or folder) and ``template`` let decoder LMs say they are rerankers or embedders.
+    """
     if task not in TASKS:
         raise ExportError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     model_type = str(config.get("model_type") or "")
@@ -201,6 +208,12 @@ def detect(
         raise UnsupportedModelError("config.json has no model_type: not a Hugging Face transformers model")
     archs = config.get("architectures") or []
     architecture = str(archs[0]) if archs else ""
+    from encapure.export import qwen3  # JSON-only at import
+
+    family = qwen3.family_task(config, task=task, name=name, template=template)
+    if family is not None:
+        return _decoder_info(config, family, model_dir=model_dir, st_root=st_root, max_length=max_length,
+                             name=name, template=template, architecture=architecture, model_type=model_type)
     if architecture.endswith(_UNEXPORTABLE_SUFFIXES):
         raise UnsupportedModelError(
             f"architecture {architecture} cannot be exported: Encapure serves encoders "
@@ -243,3 +256,23 @@ def detect(
         max_length=ml,
         score_activation=activation,
     )
+
+
+def _decoder_info(config: dict[str, Any], task: str, *, model_dir: Path | None, st_root: Path | None,
+                  max_length: int | None, name: str, template: dict[str, str] | None, architecture: str,
+                  model_type: str) -> SourceInfo:
+    """A decoder LM: last-token scoring or pooling, a long default context (see export/qwen3.py)."""
+    from encapure.export import qwen3
+
+    ml = qwen3.default_max_length(config, max_length, position_limit(config))
+    if task == "rerank":
+        tpl = dict(template) if template is not None else dict(qwen3.QWEN3_RERANK_TEMPLATE)
+        return SourceInfo(task="rerank", model_dir=model_dir, config=config, architecture=architecture,
+                          model_type=model_type, labels=None, pooling=None, normalize=False, max_length=ml,
+                          score_activation="sigmoid", prompt_template=tpl, decoder=True)
+    pooling, normalize = st_pooling_and_normalize(st_root) if st_root is not None else (None, False)
+    if pooling is None:
+        pooling, normalize = "last", True
+    return SourceInfo(task="embed", model_dir=model_dir, config=config, architecture=architecture,
+                      model_type=model_type, labels=None, pooling=pooling, normalize=normalize, max_length=ml,
+                      score_activation="none", query_prefix=qwen3.query_prefix_for(config, name), decoder=True)

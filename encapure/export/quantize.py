@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from encapure.errors import ExportError
 from encapure.export.onnx_export import save_model
 
@@ -42,6 +44,11 @@ def _matmul_weight_nodes(model: Any) -> list[tuple[str, int]]:
             m = re.search(r"layer[s]?[./_](\d+)[./_]", n.name)
             out.append((n.name, int(m.group(1)) if m else -1))
     return out
+
+
+def _is_word_table(node_name: str) -> bool:
+    """The token-embedding lookup (BERT/XLM-R ``word_embeddings``, Qwen/Llama ``embed_tokens``)."""
+    return "word_embeddings" in node_name or "embed_tokens" in node_name
 
 
 # FFN down projections (input = GELU output, whose outliers per-tensor u8 activations handle badly),
@@ -117,9 +124,9 @@ def quantize_int8(src: Path, dst: Path, recipe: dict[str, Any]) -> dict[str, Any
     if "Gather" in recipe["op_types"]:
         # Only the word embedding table (XLM-R: 250k x 1024 = 1 GB fp32) is worth int8; position and
         # segment tables are small and sensitive.
-        other = [n.name for n in model.graph.node if n.op_type == "Gather" and "word_embeddings" not in n.name]
+        other = [n.name for n in model.graph.node if n.op_type == "Gather" and not _is_word_table(n.name)]
         exclude = exclude + other
-        gathers = [n.name for n in model.graph.node if n.op_type == "Gather" and "word_embeddings" in n.name]
+        gathers = [n.name for n in model.graph.node if n.op_type == "Gather" and _is_word_table(n.name)]
     main_type = QuantType.QInt8 if recipe["weight_type"] == "QInt8" else QuantType.QUInt8
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True}
     passes: list[tuple[Any, list[str] | None, list[str]]] = []
@@ -197,7 +204,7 @@ def quantize_int8_static(
     large = src.with_name(src.name + ".data").exists() or any(
         i.data_location == onnx.TensorProto.EXTERNAL for i in graph.graph.initializer
     )
-    gathers = [n.name for n in graph.graph.node if n.op_type == "Gather" and "word_embeddings" in n.name]
+    gathers = [n.name for n in graph.graph.node if n.op_type == "Gather" and _is_word_table(n.name)]
     want_gather = "Gather" in recipe.get("op_types", []) and bool(gathers)
     del graph
 
@@ -279,7 +286,7 @@ def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, gather: bool = 
     ops: tuple[str, ...] = ("MatMul", "Gather") if gather else ("MatMul",)
     # Only the word embedding table is worth 4 bits (it dominates XLM-R's memory); position and
     # segment tables are small and sensitive.
-    keep = [n.name for n in model.graph.node if n.op_type == "Gather" and "word_embeddings" not in n.name]
+    keep = [n.name for n in model.graph.node if n.op_type == "Gather" and not _is_word_table(n.name)]
     cfg = mnb.DefaultWeightOnlyQuantConfig(
         block_size=block_size,
         is_symmetric=True,
@@ -296,6 +303,7 @@ def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, gather: bool = 
         except Exception as e:
             raise ExportError(f"int4 quantization failed: {str(e).strip().splitlines()[0]}") from e
     proto = q.model.model
+    _reduce_axes_as_inputs(proto)
     save_model(proto, dst, large=False)
     counts: dict[str, int] = {}
     for n in proto.graph.node:
@@ -310,6 +318,35 @@ def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, gather: bool = 
         "MatMulNBits": counts.get("MatMulNBits", 0),
         "GatherBlockQuantized": counts.get("GatherBlockQuantized", 0),
     }
+
+
+_REDUCE_OPS = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+               "ReduceLogSumExp", "ReduceSumSquare")
+
+
+def _reduce_axes_as_inputs(proto: Any) -> None:
+    """Keep the graph valid when the int4 quantizer raises the opset to 21 (int4 tensors need it):
+    from opset 18 the Reduce* ops take ``axes`` as an input, not an attribute. Encoders normalize
+    with LayerNormalization and never met this; RMSNorm (Qwen, Llama) traces to ReduceMean."""
+    from onnx import helper, numpy_helper
+
+    version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if version < 18:
+        return
+    for node in proto.graph.node:
+        if node.op_type not in _REDUCE_OPS:
+            continue
+        attrs = [a for a in node.attribute if a.name == "axes"]
+        if not attrs:
+            continue
+        axes = list(helper.get_attribute_value(attrs[0]))
+        name = f"{node.name or node.output[0]}_axes"
+        proto.graph.initializer.append(numpy_helper.from_array(np.asarray(axes, dtype=np.int64), name))
+        node.attribute.remove(attrs[0])
+        if len(node.input) == 1:
+            node.input.append(name)
+        else:
+            node.input[1] = name
 
 
 def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:

@@ -183,8 +183,10 @@ class AsyncReranker(_AsyncBase):
         truncate: bool = True,
         long_documents: LongDocuments = "truncate",
         timeout: float | None = None,
+        instruction: str | None = None,
     ) -> list[RerankResult]:
-        """Documents sorted by relevance to ``query`` (ties keep input order), cut to ``top_n``."""
+        """Documents sorted by relevance to ``query`` (ties keep input order), cut to ``top_n``;
+        ``instruction`` as in ``Reranker.rerank``."""
         check_top_n(top_n)
         out = await self.compute(
             query,
@@ -193,6 +195,7 @@ class AsyncReranker(_AsyncBase):
             truncate=truncate,
             long_documents=long_documents,
             timeout=timeout,
+            instruction=instruction,
         )
         return out.ranked(top_n, list(documents) if return_documents else None)
 
@@ -205,10 +208,12 @@ class AsyncReranker(_AsyncBase):
         truncate: bool = True,
         long_documents: LongDocuments = "truncate",
         timeout: float | None = None,
+        instruction: str | None = None,
     ) -> RerankOutput:
         """Scores in input order, with token counts and truncation flags."""
         request = self.sync.pairs_request(
-            query, documents, raw_scores=raw_scores, truncate=truncate, long_documents=long_documents
+            query, documents, raw_scores=raw_scores, truncate=truncate, long_documents=long_documents,
+            instruction=instruction,
         )
         out = await self._run(request, timeout)
         assert isinstance(out, RerankOutput)
@@ -222,10 +227,12 @@ class AsyncReranker(_AsyncBase):
         truncate: bool = True,
         long_documents: LongDocuments = "truncate",
         timeout: float | None = None,
+        instruction: str | None = None,
     ) -> npt.NDArray[np.float32]:
         """One score per (query, document) pair, in input order."""
         request = self.sync.pair_list_request(
-            pairs, raw_scores=raw_scores, truncate=truncate, long_documents=long_documents
+            pairs, raw_scores=raw_scores, truncate=truncate, long_documents=long_documents,
+            instruction=instruction,
         )
         out = await self._run(request, timeout)
         assert isinstance(out, RerankOutput)

@@ -48,6 +48,9 @@ class RerankRequest(_Req):
     # A document longer than the model's window: cut it, score it by its best overlapping window,
     # or refuse it (400).
     long_documents: Literal["truncate", "window", "error"] = "truncate"
+    # Instruction-following rerankers (Qwen3-Reranker): the task statement in their prompt (default:
+    # the model card's). A model without a prompt template refuses it with 400.
+    instruction: str | None = None
     model: str | None = None
 
     @model_validator(mode="after")
@@ -68,6 +71,9 @@ class CohereV1RerankRequest(_Req):
     rank_fields: list[str] | None = Field(default=None, min_length=1)
     max_chunks_per_doc: int | None = Field(default=None, ge=1)
     raw_scores: bool = False  # Infinity's
+    # Instruction-following rerankers (Qwen3-Reranker): the task statement in their prompt (default:
+    # the model card's). A model without a prompt template refuses it with 400.
+    instruction: str | None = None
 
 
 class CohereV2RerankRequest(_Req):
@@ -79,6 +85,9 @@ class CohereV2RerankRequest(_Req):
     top_n: int | None = Field(default=None, ge=1)
     max_tokens_per_doc: int | None = Field(default=None, ge=1)
     return_documents: bool = False
+    # Instruction-following rerankers (Qwen3-Reranker): the task statement in their prompt (default:
+    # the model card's). A model without a prompt template refuses it with 400.
+    instruction: str | None = None
 
 
 TokenIds = list[int]

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from encapure.engine.prompts import check_instruction
 from encapure.engine.types import InferenceModel, LongDocuments, Prepared, RerankOutput, RerankResult, Side
 from encapure.errors import InvalidInputError
 from encapure.server.routes.common import (
@@ -67,10 +68,18 @@ def _prepare_rerank(
     side: Side | None = None,
     max_tokens_per_doc: int | None = None,
     max_chunks: int | None = None,
+    instruction: str | None = None,
 ) -> Prepared:
     """``model.prepare_pairs`` after the per-request cuts the engine has no option for: a
     truncation side other than the model's, Cohere v2's ``max_tokens_per_doc`` and v1's
     ``max_chunks_per_doc`` (the document is cut to what that many overlapping windows cover)."""
+    template = getattr(model, "prompt_template", None)
+    check_instruction(instruction, template, model.name)
+    if template is not None and side == "left" and truncate:
+        raise InvalidInputError(
+            f"model {model.name!r} cuts the end of a document (its prompt template puts the answer "
+            "after it); truncation_direction must be Right"
+        )
     if max_tokens_per_doc is not None:
         texts = _clip(model, texts, [max_tokens_per_doc] * len(texts), "right")
     room_of = getattr(model, "text_room", None)
@@ -90,7 +99,9 @@ def _prepare_rerank(
             long_documents = "window"
         elif room > 0 and side is not None:
             texts = _clip(model, texts, [room] * len(texts), side)
-    return model.prepare_pairs(query, texts, truncate=truncate, raw_scores=raw, long_documents=long_documents)
+    extra = {} if instruction is None else {"instruction": instruction}
+    return model.prepare_pairs(query, texts, truncate=truncate, raw_scores=raw, long_documents=long_documents,
+                               **extra)
 
 
 # --- rerank ----------------------------------------------------------------------------------------
@@ -106,6 +117,7 @@ async def _rerank(
     side: Side | None = None,
     max_tokens_per_doc: int | None = None,
     max_chunks: int | None = None,
+    instruction: str | None = None,
     route: str,
 ) -> tuple[str, RerankOutput, dict[str, str]]:
     state = _state(request)
@@ -124,6 +136,7 @@ async def _rerank(
         side=side,
         max_tokens_per_doc=max_tokens_per_doc,
         max_chunks=max_chunks,
+        instruction=instruction,
     )
     out, headers = await run_inference(request, name, model, prepare)
     assert isinstance(out, RerankOutput)
@@ -149,6 +162,7 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
         truncate=body.truncate is not False,
         long_documents=body.long_documents,
         side=_side(body.truncation_direction),
+        instruction=body.instruction,
         route="/rerank",
     )
     ranked = out.ranked(body.top_n)
@@ -205,6 +219,7 @@ async def _cohere_rerank(
         raw=raw,
         max_tokens_per_doc=max_tokens,
         max_chunks=max_chunks,
+        instruction=body.instruction,
         route=route,
     )
     tokens = _tokens(out)
