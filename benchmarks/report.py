@@ -319,6 +319,9 @@ def render(r: dict[str, Any], plot_files: list[str], plot_dir: Path, md_dir: Pat
                      f"| {_f(h.get('rss_after_mb'), 0)} | {_f(c1.get('p50_ms'), 0)} / {_f(c1.get('p99_ms'), 0)} "
                      f"| {_f(c8.get('items_per_s'), 1)} | {_f(c8.get('p50_ms'), 0)} |")
         L.append("")
+    qwen3 = ROOT / "benchmarks" / "results" / "qwen3-reranker-0.6b.md"
+    if qwen3.is_file():  # written by scripts/measure_qwen3.py (a separate, slower measurement)
+        L.append(qwen3.read_text().rstrip() + "\n")
     if r["profile"]:
         p = r["profile"]
         L.append("## CPU profile of the Encapure server under load (py-spy)\n")

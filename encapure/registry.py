@@ -40,6 +40,8 @@ MODELS: tuple[ModelInfo, ...] = (
     ModelInfo("cross-encoder/ms-marco-MiniLM-L-12-v2", "rerank", aliases=("ms-marco-MiniLM-L-12",)),
     ModelInfo("mixedbread-ai/mxbai-rerank-xsmall-v1", "rerank", aliases=("mxbai-rerank-xsmall",)),
     ModelInfo("mixedbread-ai/mxbai-rerank-base-v1", "rerank", aliases=("mxbai-rerank-base",)),
+    # LLM yes/no rerankers: the prompt template comes from the export (encapure/export/qwen3.py).
+    ModelInfo("Qwen/Qwen3-Reranker-0.6B", "rerank"),
     # --- embedders ---------------------------------------------------------------------------
     ModelInfo("sentence-transformers/all-MiniLM-L6-v2", "embed"),
     ModelInfo("sentence-transformers/all-mpnet-base-v2", "embed"),
@@ -52,6 +54,7 @@ MODELS: tuple[ModelInfo, ...] = (
     ModelInfo("nomic-ai/nomic-embed-text-v1.5", "embed", query_prefix="search_query: ",
               document_prefix="search_document: "),
     ModelInfo("BAAI/bge-m3", "embed"),  # dense vectors only
+    ModelInfo("Qwen/Qwen3-Embedding-0.6B", "embed"),  # last-token pooling; query instruction from the export
 )
 
 _BY_KEY: dict[str, ModelInfo] = {}
