@@ -49,13 +49,15 @@ docs = [f"Document {i}: " + "Photosynthesis converts light energy into chemical 
 q = "how do plants turn light into energy"
 out = rr.compute(q, docs)
 assert all(t == 128 for t in out.tokens), out.tokens
-lat = []
+lat, cpu = [], []
 for _ in range(int(sys.argv[2])):
-    t = time.perf_counter(); rr.compute(q, docs); lat.append(time.perf_counter() - t)
+    t, c = time.perf_counter(), time.process_time()
+    rr.compute(q, docs)
+    lat.append(time.perf_counter() - t); cpu.append(time.process_time() - c)
 med = float(np.median(lat))
 print(json.dumps({"load_s": round(load_s, 2), "rss_ready_mb": round(rss_ready), "rss_after_runs_mb": round(rss()),
                   "latency_8x128_ms_median": round(1000 * med, 1), "latency_8x128_ms_min": round(1000 * min(lat), 1),
-                  "pairs_per_s": round(8 / med, 2)}))
+                  "pairs_per_s": round(8 / med, 2), "cpu_s_per_call_median": round(float(np.median(cpu)), 2)}))
 """
 
 
@@ -126,14 +128,18 @@ def section(results: dict[str, Any]) -> str:
          "through the engine (tokenizer, session, warm-up), as `encapure serve` does. Latency: 8 pairs x 128 tokens "
          "(template included), one `Reranker.compute` call, 2 threads, median of "
          f"{c['runs']}.\n",
-         "| precision | int8/int4 recipe | export s | files MB | load s | RSS at ready MB | 8 x 128 ms (median) | pairs/s | parity vs PyTorch (max abs Δ logit, Spearman, pairs) |",
-         "|---|---|---|---|---|---|---|---|---|"]
+         "CPU s = CPU time of the process (both threads) per call: less sensitive than wall time to other work on "
+         "the cores; with 2 threads on 2 otherwise idle cores the wall time would be about half of it.\n",
+         "| precision | int8/int4 recipe | export s | files MB | load s | RSS at ready MB | 8 x 128 ms (median) | pairs/s "
+         "| CPU s per 8 x 128 | parity vs PyTorch (max abs Δ logit, Spearman, pairs) |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
     for prec, r in results["precisions"].items():
         q = r.get("quantization") or {}
         recipe = q.get("name") or (f"{q.get('bits')}-bit weight-only, block {q.get('block_size')}" if q.get("bits") else "–")
         p = r.get("parity") or {}
         L.append(f"| {prec} | {recipe} | {r.get('export_s')} | {r.get('size_mb'):,.0f} | {r.get('load_s', '–')} | "
                  f"{r.get('rss_ready_mb', '–')} | {r.get('latency_8x128_ms_median', '–')} | {r.get('pairs_per_s', '–')} | "
+                 f"{r.get('cpu_s_per_call_median', '–')} | "
                  f"{p.get('max_abs_diff', float('nan')):.3f}, {p.get('spearman', float('nan')):.3f}, {p.get('n_items')} |")
     L.append("")
     return "\n".join(L) + "\n"
@@ -145,19 +151,35 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / ".work" / "measure-qwen3")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--parity-pairs", type=int, default=8, help="sample pairs per instruction (x2 instructions)")
+    ap.add_argument("--probe-only", action="store_true",
+                    help="re-run only the load/latency probe on the folders of a previous run (keeps its export figures)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"conditions": {"cpu": isa(), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    results: dict[str, Any]
+    if args.probe_only:
+        results = json.loads((args.out / "results.json").read_text())
+        results["conditions"].update(loadavg_start=[round(x, 2) for x in os.getloadavg()], runs=args.runs,
+                                     date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + " (probe re-run)")
+        for precision, r in results["precisions"].items():
+            r.update(probe(args.out / f"qwen3-reranker-0.6b-{precision}", args.runs))
+            print(f"qwen3-reranker-0.6b (random) {precision}: {json.dumps(r)}", flush=True)
+        finish(results, args.out)
+        return
+    results = {"conditions": {"cpu": isa(), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
                                               "runs": args.runs,
                                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
                                "precisions": {}}
     for precision in args.precisions.split(","):
         results["precisions"][precision] = measure(precision, args.out, args.runs, args.parity_pairs)
         print(f"qwen3-reranker-0.6b (random) {precision}: {json.dumps(results['precisions'][precision])}", flush=True)
+    finish(results, args.out)
+
+
+def finish(results: dict[str, Any], out: Path) -> None:
     end = [round(x, 2) for x in os.getloadavg()]
     results["conditions"]["loadavg_end"] = end
     results["conditions"]["shared"] = max(results["conditions"]["loadavg_start"][0], end[0]) > 2.5
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     text = section(results)
     SECTION.parent.mkdir(parents=True, exist_ok=True)
     SECTION.write_text(text)

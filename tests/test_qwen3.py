@@ -19,7 +19,7 @@ import pytest
 from conftest import MODELS, need
 
 from encapure import Embedder, Reranker
-from encapure.errors import InvalidInputError, UnsupportedModelError
+from encapure.errors import ExportError, InvalidInputError, UnsupportedModelError
 from encapure.export import qwen3
 from encapure.export.detect import detect
 from encapure.export.parity import spearman
@@ -127,6 +127,8 @@ def test_detection_by_name_task_and_template() -> None:
     assert detect(config, task="embed", name="llm").pooling == "last"
     with pytest.raises(UnsupportedModelError, match="--task rerank"):
         detect(config, name="Qwen/Qwen3-0.6B")  # a plain LM: we do not guess
+    with pytest.raises(ExportError, match="end with"):
+        detect(config, template={**TEMPLATE, "body": "{document} {query}"})
     bert = {"model_type": "bert", "architectures": ["BertForSequenceClassification"], "num_labels": 1}
     with pytest.raises(UnsupportedModelError, match="template"):
         detect(bert, template=TEMPLATE)
@@ -256,6 +258,18 @@ async def test_served_cohere_and_tei_shapes_with_and_without_instruction(
         r = await c.post("/rerank", json={"model": "qwen", "query": QUERY, "documents": DOCS,
                                           "long_documents": "window"})
         assert r.status_code == 400
+
+
+@pytest.mark.anyio
+async def test_async_reranker_instruction(rr_fp32: Reranker) -> None:
+    from encapure import AsyncReranker
+
+    expected = rr_fp32.compute(QUERY, DOCS, instruction=CUSTOM).scores
+    async with AsyncReranker(rr_fp32) as arr:
+        ranked = await arr.rerank(QUERY, DOCS, instruction=CUSTOM)
+        scores = await arr.score([(QUERY, d) for d in DOCS], instruction=CUSTOM)
+    np.testing.assert_allclose([r.score for r in sorted(ranked, key=lambda r: r.index)], expected, atol=1e-6)
+    np.testing.assert_allclose(scores, expected, atol=1e-6)
 
 
 def test_encapure_serve_process(rr_fp32: Reranker) -> None:

@@ -28,6 +28,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--calibration", type=Path, default=None,
                    help="static int8 calibration data: JSONL with query/passage (or text) fields, or one text "
                         "per line (default: the multilingual set shipped in encapure/data)")
+    p.add_argument("--template", type=Path, default=None,
+                   help="JSON file with prefix, body ({instruction}, {query}, ending with {document}), suffix and "
+                        "instruction: exports a Qwen2/Qwen3 causal LM as a yes/no reranker with this prompt "
+                        "(Qwen3-Reranker's is the default for models named *reranker* or --task rerank)")
     p.add_argument("--no-parity", action="store_true", help="skip the comparison with PyTorch")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     p.set_defaults(func=run)
@@ -48,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         check_parity=not args.no_parity,
         progress=not args.quiet,
         calibration=args.calibration,
+        template=_template(args.template),
     )
     m = result.manifest
     print(f"exported {m.source} -> {result.output}")
@@ -56,3 +61,20 @@ def run(args: argparse.Namespace) -> int:
     if result.parity.get("max_abs_diff") is not None:
         print("  " + summary_line(m.precision, result.parity))
     return 0
+
+
+def _template(path: Path | None) -> dict[str, str] | None:
+    import json
+
+    from encapure.errors import ExportError
+
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"cannot read the template {path}: {e}") from e
+    keys = ("prefix", "body", "suffix", "instruction")
+    if not isinstance(data, dict) or any(not isinstance(data.get(k), str) for k in keys):
+        raise ExportError(f"the template {path} must be a JSON object with string fields {', '.join(keys)}")
+    return {k: data[k] for k in keys}

@@ -55,6 +55,8 @@ def family_task(config: dict[str, Any], *, task: str, name: str, template: dict[
     A ``*ForSequenceClassification`` conversion (a seq-cls checkpoint) goes the usual way; a causal
     LM with nothing saying what it is used for is refused with the two ways to say it.
     """
+    if template is not None:
+        check_template(template)
     if config.get("model_type") not in DECODER_TYPES:
         if template is not None:
             raise UnsupportedModelError(
@@ -82,6 +84,16 @@ def family_task(config: dict[str, Any], *, task: str, name: str, template: dict[
         f"{arch} is a causal LM: say what it serves with --task rerank (a yes/no reranker such as "
         "Qwen3-Reranker) or --task embed (last-token embeddings such as Qwen3-Embedding)"
     )
+
+
+def check_template(template: dict[str, str]) -> None:
+    """Refuse a template the engine could not apply before any weights are loaded."""
+    keys = ("prefix", "body", "suffix", "instruction")
+    if not isinstance(template, dict) or any(not isinstance(template.get(k), str) for k in keys):
+        raise ExportError(f"a prompt template needs string fields {', '.join(keys)}")
+    body = template["body"]
+    if "{query}" not in body or not body.endswith("{document}"):
+        raise ExportError("the template body must hold {query} and end with {document} (only the document is cut)")
 
 
 def default_max_length(config: dict[str, Any], explicit: int | None, limit: int | None) -> int:
