@@ -60,6 +60,29 @@ print(json.dumps({"load_s": round(load_s, 2), "rss_ready_mb": round(rss_ready), 
                   "pairs_per_s": round(8 / med, 2), "cpu_s_per_call_median": round(float(np.median(cpu)), 2)}))
 """
 
+# One long pair (document cut to fill the window): time and peak memory grow with the window.
+_LONG = r"""
+import json, resource, sys, time
+from encapure import Reranker
+from encapure.settings import Settings
+n = int(sys.argv[2])
+rr = Reranker.from_pretrained(sys.argv[1], settings=Settings(max_length=n, workers=1, threads_per_worker=2))
+doc = "Photosynthesis converts light energy into chemical energy stored in glucose. " * (n // 10)
+t, c = time.perf_counter(), time.process_time()
+out = rr.compute("how do plants make energy", [doc])
+print(json.dumps({"tokens": out.tokens[0], "wall_s": round(time.perf_counter() - t, 1),
+                  "cpu_s": round(time.process_time() - c, 1),
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+"""
+
+
+def long_pair(folder: Path, tokens: int) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-c", _LONG, str(folder), str(tokens)], capture_output=True, text=True,
+                          timeout=3600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode != 0:
+        return {"tokens": tokens, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
 
 def isa() -> str:
     flags = ""
@@ -142,6 +165,19 @@ def section(results: dict[str, Any]) -> str:
                  f"{r.get('cpu_s_per_call_median', '–')} | "
                  f"{p.get('max_abs_diff', float('nan')):.3f}, {p.get('spearman', float('nan')):.3f}, {p.get('n_items')} |")
     L.append("")
+    long = results.get("long_pairs") or {}
+    for prec, rows in long.items():
+        lc = results.get("long_pairs_conditions") or {}
+        L.append(f"One long pair at {prec} (the document cut to fill a window of that many tokens; a fresh process each; "
+                 f"`--probe-only --long`, {lc.get('date', '')}, load average {lc.get('loadavg_start')} -> "
+                 f"{lc.get('loadavg_end')}): attention is quadratic in the window, so the default 8192-token window costs far more "
+                 "than short pairs — pass `--max-length` to bound it on CPU servers.\n")
+        L.append("| tokens | wall s | CPU s | peak RSS MB |")
+        L.append("|---|---|---|---|")
+        for row in rows:
+            L.append(f"| {row.get('tokens')} | {row.get('wall_s', '–')} | {row.get('cpu_s', '–')} | "
+                     f"{row.get('peak_rss_mb', row.get('error', '–'))} |")
+        L.append("")
     return "\n".join(L) + "\n"
 
 
@@ -153,11 +189,25 @@ def main() -> None:
     ap.add_argument("--parity-pairs", type=int, default=8, help="sample pairs per instruction (x2 instructions)")
     ap.add_argument("--probe-only", action="store_true",
                     help="re-run only the load/latency probe on the folders of a previous run (keeps its export figures)")
+    ap.add_argument("--long", default="", help="with --probe-only: window sizes for the one-long-pair probe at int8 "
+                    "(e.g. 1024,4096)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any]
     if args.probe_only:
         results = json.loads((args.out / "results.json").read_text())
+        if args.long:
+            start = [round(x, 2) for x in os.getloadavg()]
+            folder = args.out / "qwen3-reranker-0.6b-int8"
+            results["long_pairs"] = {"int8": [long_pair(folder, int(n)) for n in args.long.split(",")]}
+            results["long_pairs_conditions"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                                "loadavg_start": start,
+                                                "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
+            print(json.dumps(results["long_pairs"]), flush=True)
+            (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            SECTION.write_text(section(results))
+            print(section(results))
+            return
         results["conditions"].update(loadavg_start=[round(x, 2) for x in os.getloadavg()], runs=args.runs,
                                      date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + " (probe re-run)")
         for precision, r in results["precisions"].items():
