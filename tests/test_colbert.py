@@ -198,6 +198,8 @@ def test_refusals(fp32: Reranker) -> None:
         fp32.rerank("q", DOCS, long_documents="window")
     with pytest.raises(InvalidInputError):
         fp32.compute("q", ["word " * 400], truncate=False)
+    with pytest.raises(InvalidInputError, match="takes no instruction"):  # no prompt template: refused
+        fp32.rerank("q", DOCS, instruction="Given a question, retrieve answers")
     with pytest.raises(WrongTaskError):
         Embedder(fp32.model)
 

@@ -183,6 +183,7 @@ class ColbertModel(OnnxModel):
         truncate: bool,
         long_documents: LongDocuments,
         raw_scores: bool,
+        instruction: str | None = None,  # refused before this point: ColBERT has no prompt template
     ) -> Prepared:
         if long_documents not in ("truncate", "window", "error"):
             raise InvalidInputError(f"long_documents must be truncate, window or error, not {long_documents!r}")

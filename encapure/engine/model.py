@@ -238,8 +238,11 @@ class OnnxModel:
         if not query.strip():
             raise InvalidInputError("query must be a non-empty string")
         docs = _check_texts(documents, "documents")
+        check_instruction(instruction, self.prompt_template, self.name)
+        # Only a templated model gets the keyword: subclasses (ColBERT) have their own _prepare_pairs.
+        extra = {} if instruction is None else {"instruction": instruction}
         return self._prepare_pairs([query] * len(docs), docs, truncate=truncate,
-                                   long_documents=long_documents, raw_scores=raw_scores, instruction=instruction)
+                                   long_documents=long_documents, raw_scores=raw_scores, **extra)
 
     def prepare_pair_list(
         self,
@@ -260,8 +263,10 @@ class OnnxModel:
                 raise InvalidInputError(f"pairs[{i}] must be a (query, document) pair of strings")
             queries.append(p[0])
             docs.append(p[1])
+        check_instruction(instruction, self.prompt_template, self.name)
+        extra = {} if instruction is None else {"instruction": instruction}
         return self._prepare_pairs(queries, docs, truncate=truncate,
-                                   long_documents=long_documents, raw_scores=raw_scores, instruction=instruction)
+                                   long_documents=long_documents, raw_scores=raw_scores, **extra)
 
     def _prepare_pairs(
         self,
