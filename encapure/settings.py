@@ -139,6 +139,14 @@ class Settings(BaseSettings):
         default=512, ge=1, description="requests admitted at once (more wait, then 503)"
     )
     max_queued_items: int = Field(default=8192, ge=1, description="inputs admitted at once (more wait, then 503)")
+    # Work-based admission (scheduler/admission.py) decides what fits before the deadline; this caps
+    # one request so that it cannot hold every worker for long (long_documents="window" makes one
+    # 1 MB document ~1,800 units).
+    max_units_per_request: int = Field(
+        default=1024,
+        ge=1,
+        description="most units (inputs plus extra windows of long documents) in one request (else 413)",
+    )
     admission_timeout_s: float = Field(
         default=0.5, ge=0, description="seconds a request may wait for capacity before 503"
     )
@@ -167,6 +175,11 @@ class Settings(BaseSettings):
     )
     max_client_batch_size: int = Field(
         default=1024, ge=1, description="most documents/texts in one request (else 413)"
+    )
+    max_tokenize_tokens: int = Field(
+        default=262_144,
+        ge=1,
+        description="most tokens one /tokenize answer may hold (its JSON is ~70 bytes a token; else 413)",
     )
     strict_model_names: bool = Field(
         default=False,

@@ -52,6 +52,10 @@ def _check_texts(texts: Any, what: str) -> list[str]:
     return list(texts)
 
 
+# Inputs per tokenizer call under the shared lock (tokenizers parallelizes within a call).
+_ENCODE_CHUNK = 64
+
+
 class OnnxModel:
     """A loaded model; implements ``encapure.engine.types.InferenceModel``.
 
@@ -145,10 +149,16 @@ class OnnxModel:
         reconfiguration while another thread encodes), so setting it and encoding happen under
         one lock.
         """
-        with self._tok_lock:
-            if mode != self._tok_mode:
-                self._configure_truncation(mode)
-            return self._tok.encode_batch(items, add_special_tokens=add_special_tokens)
+        out: list[Encoding] = []
+        # a chunk at a time, so one big request does not hold the lock (and every other
+        # request's tokenization) for its whole length
+        for start in range(0, max(1, len(items)), _ENCODE_CHUNK):
+            with self._tok_lock:
+                if mode != self._tok_mode:
+                    self._configure_truncation(mode)
+                out.extend(self._tok.encode_batch(items[start : start + _ENCODE_CHUNK],
+                                                  add_special_tokens=add_special_tokens))
+        return out
 
     def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
         with self._tok_lock:

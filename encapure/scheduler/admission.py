@@ -1,9 +1,16 @@
-"""Bounded admission: how many requests and units may be in the system, and Retry-After.
+"""Work-based admission: what may enter the system, measured in seconds of work, and Retry-After.
 
 Why it is its own part: capacity is what turns overload into a quick ``OverloadedError`` with an
-honest ``retry_after`` instead of an ever-growing queue. Capacity is taken when it is granted
-(``items`` and ``reserved``), before the request registers, so two waiters can never be granted
-the same room. Lives on the event loop thread; no locks.
+honest ``retry_after`` instead of a queue whose requests then die on their deadlines. Counting
+requests or units does not do that: one unit may be 8 tokens or 512, and what matters is whether
+the work already in the system plus this request's can be computed before the request's deadline.
+So capacity is *work* (tokens plus a per-unit overhead, ``unit_work``) set against the measured
+throughput (an EWMA of work per second the workers sustain while busy): a request is admitted when
+everything in the system, itself included, drains within ``ADMIT_FRACTION`` of its time left.
+
+Capacity is taken when it is granted (a ``Ticket``), before the request registers, so two waiters
+can never be granted the same room. A request that plainly cannot fit within the admission timeout
+is refused at once (no pointless wait). Lives on the event loop thread; no locks.
 """
 
 from __future__ import annotations
@@ -13,15 +20,46 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from encapure.errors import DeadlineExceededError, EncapureError, OverloadedError
 from encapure.scheduler.metrics import SchedulerMetrics
 
-_Waiter = tuple[int, "asyncio.Future[bool]"]
+# A request is admitted when all work in the system (its own included) drains within this share
+# of its time left: the rest is margin for a throughput estimate that drifts (a shared CPU) and
+# for the fair scheduler serving later small requests before it.
+ADMIT_FRACTION = 0.5
+# Per-unit cost beyond its tokens (padding, the per-row head, copying), in tokens.
+UNIT_OVERHEAD = 16
+# Work per second assumed before the first batch is measured: low on purpose (a 2-core CPU runs a
+# MiniLM-L6 reranker at int8 several times faster), so a cold server cannot over-admit by much;
+# the first batches replace it.
+COLD_RATE = 4000.0
+# Tokenizing is far cheaper than a forward pass: what a token of a /tokenize or /decode request
+# weighs against the model's throughput.
+TOKENIZER_WEIGHT = 0.02
+
+
+def unit_work(tokens: int, units: int = 1) -> float:
+    """The work of ``units`` units holding ``tokens`` tokens in all."""
+    return float(tokens + UNIT_OVERHEAD * units)
+
+
+@dataclass(eq=False)
+class Ticket:
+    """Room granted to one request: its units and the work not yet computed."""
+
+    units: int
+    work: float
+    released: bool = False
+
+
+_Waiter = tuple[Ticket, float, "asyncio.Future[bool]"]
 
 
 class Admission:
-    """``max_concurrent_requests`` requests and ``max_queued_items`` units (queued or running)."""
+    """``max_concurrent_requests`` requests, ``max_queued_items`` units, and the work the measured
+    throughput finishes within each request's deadline."""
 
     def __init__(
         self,
@@ -37,48 +75,77 @@ class Admission:
         self.active = 0  # registered requests not yet released
         self.reserved = 0  # room granted to requests that have not registered yet
         self.items = 0  # units of granted requests, queued or running
+        self.work = 0.0  # work of granted requests not computed yet
         self.waiters: list[_Waiter] = []
-        self.rate = 0.0  # EWMA of computed units per second, for Retry-After
+        self.rate = 0.0  # EWMA of work per second the workers sustain (0: not measured yet)
 
-    def fits(self, n: int) -> bool:
+    @property
+    def throughput(self) -> float:
+        return self.rate if self.rate > 0 else COLD_RATE
+
+    def drain_s(self, extra: float = 0.0) -> float:
+        """Seconds until the work in the system (plus ``extra``) is computed, at the measured rate."""
+        return (self.work + extra) / self.throughput
+
+    def fits(self, t: Ticket, deadline: float, now: float) -> bool:
         if self.active + self.reserved >= self.max_requests:
             return False
-        # a request larger than the whole queue still runs, alone, rather than never
-        return self.items + n <= self.max_items or self.items == 0
+        if self.items == 0 and self.work <= 0:
+            return True  # a request bigger than the whole budget still runs, alone, rather than never
+        if self.items + t.units > self.max_items:
+            return False
+        return self.drain_s(t.work) <= ADMIT_FRACTION * max(0.0, deadline - now)
 
-    def _grant(self, n: int) -> None:
-        self.items += n
+    def _hopeless(self, t: Ticket, deadline: float, now: float) -> bool:
+        """Whether waiting the admission timeout cannot make room by work (the queue drains at
+        ``throughput`` meanwhile), so the request is refused at once."""
+        if self.items == 0:
+            return False
+        wait = min(self.timeout_s, max(0.0, deadline - now))
+        left_then = max(0.0, self.work - self.throughput * wait)
+        return (left_then + t.work) / self.throughput > ADMIT_FRACTION * max(0.0, deadline - now - wait)
+
+    def _grant(self, t: Ticket) -> None:
+        self.items += t.units
+        self.work += t.work
         self.reserved += 1
 
-    async def admit(self, n: int, deadline: float) -> None:
-        """Reserve room for ``n`` units, waiting at most the admission timeout (and the deadline)."""
-        if not self.waiters and self.fits(n):
-            self._grant(n)
-            return
-        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        entry = (n, waiter)
-        self.waiters.append(entry)
-        limit = min(self.timeout_s, max(0.0, deadline - time.monotonic()))
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout=limit)
-        except asyncio.TimeoutError:
-            pass
-        except asyncio.CancelledError:
+    async def admit(self, units: int, work: float, deadline: float) -> Ticket:
+        """Reserve room for ``units`` units of ``work``, waiting at most the admission timeout (and
+        the deadline); refuses at once when the wait could not make room."""
+        t = Ticket(units, work)
+        now = time.monotonic()
+        if not self.waiters and self.fits(t, deadline, now):
+            self._grant(t)
+            return t
+        if now >= deadline:
+            self.metrics.dropped_items.labels(reason="deadline").inc(units)
+            raise DeadlineExceededError("the request deadline passed before it could be admitted")
+        if not self._hopeless(t, deadline, now):
+            waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            entry = (t, deadline, waiter)
+            self.waiters.append(entry)
+            limit = min(self.timeout_s, max(0.0, deadline - now))
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), timeout=limit)
+            except asyncio.TimeoutError:
+                pass
+            except asyncio.CancelledError:
+                self._abandon(entry)
+                raise
+            if waiter.done() and not waiter.cancelled():
+                exc = waiter.exception()
+                if exc is None:
+                    return t  # granted: room already reserved for us
+                raise exc
             self._abandon(entry)
-            raise
-        if waiter.done() and not waiter.cancelled():
-            exc = waiter.exception()
-            if exc is None:
-                return  # granted: room already reserved for us
-            raise exc
-        self._abandon(entry)
-        if time.monotonic() >= deadline:
-            self.metrics.dropped_items.labels(reason="deadline").inc(n)
-            raise DeadlineExceededError("the request deadline passed while waiting for capacity")
+            if time.monotonic() >= deadline:
+                self.metrics.dropped_items.labels(reason="deadline").inc(units)
+                raise DeadlineExceededError("the request deadline passed while waiting for capacity")
         self.metrics.rejected_requests.labels(reason="overloaded").inc()
         raise OverloadedError(
-            f"the server is at capacity ({self.active} requests, {self.items} items "
-            "in progress); retry later",
+            f"the server is at capacity ({self.active + self.reserved} requests, {self.items} units, "
+            f"about {self.drain_s():.1f} s of work in progress); retry later",
             retry_after=self.retry_after(),
         )
 
@@ -87,22 +154,43 @@ class Admission:
         self.reserved -= 1
         self.active += 1
 
-    def release(self, n: int) -> None:
-        """A claimed request of ``n`` units ended: its room goes to the waiters."""
-        self.active -= 1
-        self.items -= n
+    def resize(self, t: Ticket, units: int, work: float) -> None:
+        """The request's real size is known (it was tokenized): the estimate gives way to it."""
+        self.items += units - t.units
+        self.work += work - t.work
+        t.units, t.work = units, work
+        self._wake()
+
+    def computed(self, t: Ticket, work: float) -> None:
+        """Part of a request's work was computed: it no longer weighs on the queue."""
+        done = min(work, t.work)
+        t.work -= done
+        self.work -= done
+
+    def release(self, t: Ticket, *, claimed: bool = True) -> None:
+        """A request ended: its room goes to the waiters (once, whatever calls this)."""
+        if t.released:
+            return
+        t.released = True
+        if claimed:
+            self.active -= 1
+        else:
+            self.reserved -= 1
+        self.items -= t.units
+        self.work -= t.work
+        t.work = 0.0
+        if self.items <= 0:
+            self.work = 0.0  # float drift must not leave phantom work behind
         self._wake()
 
     def _abandon(self, entry: _Waiter) -> None:
-        n, waiter = entry
+        t, _, waiter = entry
         with contextlib.suppress(ValueError):
             self.waiters.remove(entry)
         if waiter.done():
             if not waiter.cancelled() and waiter.exception() is None:
                 # room was granted in the same instant we gave up: hand it back
-                self.reserved -= 1
-                self.items -= n
-                self._wake()
+                self.release(t, claimed=False)
         else:
             waiter.cancel()
 
@@ -110,30 +198,34 @@ class Admission:
         """Grant room to waiters in arrival order (first fit: a big one does not block small ones)."""
         if not self.waiters:
             return
+        now = time.monotonic()
         still: list[_Waiter] = []
         for entry in self.waiters:
-            n, w = entry
+            t, deadline, w = entry
             if w.done():
                 continue
-            if self.fits(n):
-                self._grant(n)
+            if self.fits(t, deadline, now):
+                self._grant(t)
                 w.set_result(True)
             else:
                 still.append(entry)
         self.waiters = still
 
+    def poke(self) -> None:
+        """Work was computed: room may have freed for a waiter."""
+        self._wake()
+
     def fail_waiters(self, error_factory: Callable[[], EncapureError]) -> None:
-        for _, w in self.waiters:
+        for _, _, w in self.waiters:
             if not w.done():
                 w.set_exception(error_factory())
         self.waiters.clear()
 
-    def observe(self, units: int, elapsed: float, workers: int) -> None:
-        """Units per second the workers sustain while busy (idle gaps must not lower it)."""
-        inst = units / max(elapsed, 1e-4) * max(1, workers)
+    def observe(self, work: float, elapsed: float, workers: int) -> None:
+        """Work per second the workers sustain while busy (idle gaps must not lower it)."""
+        inst = work / max(elapsed, 1e-4) * max(1, workers)
         self.rate = inst if self.rate == 0 else 0.8 * self.rate + 0.2 * inst
 
     def retry_after(self) -> float:
-        """Seconds until the work in progress is likely done, from the recent unit throughput."""
-        est = self.items / self.rate if self.rate > 0 else 1.0
-        return float(min(60, max(1, math.ceil(est))))
+        """Seconds until the work in progress is computed at the measured throughput (1 to 60)."""
+        return float(min(60, max(1, math.ceil(self.drain_s()))))

@@ -31,20 +31,23 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from encapure.engine.estimate import WorkEstimate
 from encapure.engine.types import Prepared
 from encapure.errors import (
+    CancelledRequestError,
     DeadlineExceededError,
     ModelError,
     ModelNotFoundError,
     NotReadyError,
+    PayloadTooLargeError,
     ShuttingDownError,
     WorkerDiedError,
 )
-from encapure.scheduler.admission import Admission
+from encapure.scheduler.admission import TOKENIZER_WEIGHT, Admission, Ticket, unit_work
 from encapure.scheduler.faults import FaultyRunner
 from encapure.scheduler.metrics import SchedulerMetrics
-from encapure.scheduler.pending import Batch, InProgress
-from encapure.scheduler.policy import Limits, next_batch, window_size
+from encapure.scheduler.pending import Batch, InProgress, Item
+from encapure.scheduler.policy import Limits, fair_order, heavy_may_run, is_heavy, next_batch, window_size
 from encapure.scheduler.results import Totals, settle
 from encapure.scheduler.workers import Rows, Runner, WorkerPool
 from encapure.settings import Settings
@@ -62,6 +65,7 @@ _LIMITS = (
     "max_wait_ms",
     "max_concurrent_requests",
     "max_queued_items",
+    "max_units_per_request",
     "admission_timeout_s",
     "request_timeout_s",
 )
@@ -112,10 +116,12 @@ class Scheduler:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._last_sweep = 0.0
+        self._heavy_inflight = 0  # batches of heavy requests on workers now
         self.totals = Totals()
         self.metrics.workers_alive.set(0)
         for name in self.models:
             self.metrics.queue_depth.labels(model=name).set(0)
+        self.metrics.throughput.set(self.admission.throughput)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -203,12 +209,14 @@ class Scheduler:
             "waiting_admission": len(adm.waiters),
             "items_in_system": adm.items,
             "queued_items": self.pending.queued,
-            "queued_by_model": {m: len(p) for m, p in self.pending.by_model.items()},
+            "queued_by_model": {m: self.pending.depth(m) for m in self.pending.by_model},
             "preparing": self._preparing,
             "batches": self.totals.batches,
             "units_computed": self.totals.units,
             "cross_request_batches": self.totals.cross_request_batches,
-            "units_per_second": round(adm.rate, 1),
+            "units_discarded": self.totals.discarded,
+            "work_per_second": round(adm.throughput, 1),
+            "admitted_work_s": round(adm.drain_s(), 3),
             "limits": {k: getattr(s, k) for k in _LIMITS},
         }
 
@@ -222,23 +230,137 @@ class Scheduler:
         deadline: float | None = None,
         is_cancelled: Callable[[], bool] | None = None,
         timings: dict[str, float] | None = None,
+        estimate: WorkEstimate | None = None,
     ) -> T:
-        """The whole inference flow of one request: ``prepare`` (tokenization, off the loop) ->
-        admission -> queue -> shared batches -> ``finish(prepared, rows)``.
+        """The whole inference flow of one request: admission -> ``prepare`` (tokenization, off
+        the loop) -> queue -> shared batches -> ``finish(prepared, rows)``.
 
-        ``timings`` gets ``prepare_s`` besides what ``submit`` fills in. Raises what ``prepare``,
-        ``submit`` and ``finish`` raise.
+        With ``estimate`` (the request's size bounded from its characters, see
+        ``encapure.engine.estimate``) admission comes first: a refused request is never
+        tokenized, only admitted requests tokenize (on a small pool), and room is re-counted with
+        the real size afterwards. Without one the request is tokenized first and admitted by its
+        real size. ``timings`` gets ``prepare_s`` besides what ``submit`` fills in. Raises what
+        ``prepare``, ``submit`` and ``finish`` raise, and ``PayloadTooLargeError`` for a request
+        of more than ``max_units_per_request`` units.
         """
-        t0 = time.perf_counter()
-        prepared = await self.prepare(prepare)
-        if timings is not None:
-            timings["prepare_s"] = time.perf_counter() - t0
-        rows = await self.submit(model, prepared, deadline=deadline, is_cancelled=is_cancelled, timings=timings)
+        if estimate is None:
+            t0 = time.perf_counter()
+            prepared = await self.prepare(prepare)
+            if timings is not None:
+                timings["prepare_s"] = time.perf_counter() - t0
+            rows = await self.submit(model, prepared, deadline=deadline, is_cancelled=is_cancelled, timings=timings)
+            return await self._finish(finish, prepared, rows)
+        t0 = time.monotonic()
+        self._check_open(model)
+        if deadline is None:
+            deadline = t0 + self.settings.request_timeout_s
+        cap = self.settings.max_units_per_request
+        if estimate.inputs > cap:
+            self._too_large(estimate.inputs, at_least=True)
+        units = max(1, min(estimate.units, cap))
+        tokens = min(estimate.tokens, units * estimate.unit_max)
+        ticket = await self.admission.admit(units, unit_work(tokens, units), deadline)
+        handed = False
+        try:
+            if timings is not None:
+                timings["admission_s"] = time.monotonic() - t0
+            t1 = time.perf_counter()
+            prepared = await self._tokenize(prepare, deadline, is_cancelled)
+            if timings is not None:
+                timings["prepare_s"] = time.perf_counter() - t1
+            n = len(prepared.units)
+            if n > cap:
+                self._too_large(n)
+            if n == 0:
+                return finish(prepared, np.empty((0, 0), dtype=np.float32))
+            self.admission.resize(ticket, n, unit_work(sum(len(u) for u in prepared.units), n))
+            handed = True
+            rows = await self._enqueue(model, prepared, ticket, deadline, is_cancelled, timings)
+        finally:
+            if not handed:
+                self.admission.release(ticket, claimed=False)
+        return await self._finish(finish, prepared, rows)
+
+    async def _finish(self, finish: Callable[[Prepared, Rows], T], prepared: Prepared, rows: Rows) -> T:
         if rows.dtype == object and self._loop is not None and self._prep_pool is not None:
             # Token-level rows (ColBERT MaxSim, /embed_all): their post-processing is real work
             # (milliseconds for a large request), so it runs off the loop too.
             return await self._loop.run_in_executor(self._prep_pool, finish, prepared, rows)
         return finish(prepared, rows)
+
+    async def run_tokenizer(
+        self,
+        fn: Callable[[], T],
+        *,
+        tokens: int,
+        deadline: float | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> T:
+        """Tokenizer-only work (``/tokenize``, ``/decode``): admitted like inference (weighed at
+        ``TOKENIZER_WEIGHT`` of a forward pass per token), run on the tokenization pool, bound by
+        the deadline. ``tokens`` bounds the request's tokens."""
+        t0 = time.monotonic()
+        if self.phase is Phase.NEW:
+            raise NotReadyError("the scheduler is not started")
+        self._check_loop()
+        if self.phase is not Phase.RUNNING:
+            self.metrics.rejected_requests.labels(reason="shutting_down").inc()
+            raise ShuttingDownError("the server is shutting down", retry_after=None)
+        if deadline is None:
+            deadline = t0 + self.settings.request_timeout_s
+        ticket = await self.admission.admit(0, unit_work(round(tokens * TOKENIZER_WEIGHT), 1), deadline)
+        try:
+            return await self._tokenize(fn, deadline, is_cancelled)
+        finally:
+            self.admission.release(ticket, claimed=False)
+
+    async def _tokenize(
+        self, fn: Callable[[], T], deadline: float, is_cancelled: Callable[[], bool] | None
+    ) -> T:
+        """``fn`` on the tokenization pool for an admitted request; skipped when, by the time a
+        thread takes it, its deadline passed or its client left; abandoned at the deadline."""
+        assert self._loop is not None and self._prep_pool is not None
+
+        def guarded() -> T:
+            if time.monotonic() >= deadline:
+                raise DeadlineExceededError("the request deadline passed before it was tokenized")
+            if is_cancelled is not None and is_cancelled():
+                raise CancelledRequestError("the client went away")
+            return fn()
+
+        self._preparing += 1
+        try:
+            fut = self._loop.run_in_executor(self._prep_pool, guarded)
+            try:
+                return await asyncio.wait_for(fut, timeout=max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise DeadlineExceededError("the request deadline passed while it was tokenized") from None
+        finally:
+            self._preparing -= 1
+
+    def _check_open(self, model: str) -> None:
+        if self.phase is Phase.NEW:
+            raise NotReadyError("the scheduler is not started")
+        self._check_loop()
+        if self.phase is not Phase.RUNNING:
+            self.metrics.rejected_requests.labels(reason="shutting_down").inc()
+            raise ShuttingDownError("the server is shutting down", retry_after=None)
+        if model not in self.models:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise ModelNotFoundError(f"model {model!r} is not served here (served: {known})")
+        if self.workers.alive == 0:
+            self.metrics.rejected_requests.labels(reason="worker_died").inc()
+            raise WorkerDiedError("every inference worker has died; the server must be restarted")
+
+    def _too_large(self, units: int, *, at_least: bool = False) -> None:
+        cap = self.settings.max_units_per_request
+        self.metrics.rejected_requests.labels(reason="too_large").inc()
+        need = f"at least {units}" if at_least else str(units)
+        raise PayloadTooLargeError(
+            f"this request needs {need} units (one per input, plus one per extra window of a long "
+            f"document); this server takes at most {cap} per request (--max-units-per-request): "
+            "split it into smaller requests"
+        )
 
     async def prepare(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` (tokenization) on a small thread pool, off the event loop.
@@ -284,7 +406,8 @@ class Scheduler:
         Raises ``ModelNotFoundError``, ``OverloadedError`` (no capacity within
         admission_timeout_s; ``retry_after`` set), ``DeadlineExceededError``,
         ``ShuttingDownError``, ``ModelError`` (its batch failed), ``WorkerDiedError``,
-        ``CancelledRequestError`` (``is_cancelled`` turned true), ``NotReadyError`` (not started).
+        ``CancelledRequestError`` (``is_cancelled`` turned true), ``NotReadyError`` (not started),
+        ``PayloadTooLargeError`` (more than ``max_units_per_request`` units).
         """
         t0 = time.monotonic()
         if self.phase is Phase.NEW:
@@ -304,25 +427,40 @@ class Scheduler:
             deadline = t0 + self.settings.request_timeout_s
         if n == 0:
             return np.empty((0, 0), dtype=np.float32)
+        if n > self.settings.max_units_per_request:
+            self._too_large(n)
         if deadline <= t0:
             self.metrics.dropped_items.labels(reason="deadline").inc(n)
             raise DeadlineExceededError("the request deadline passed before it could be queued")
+        ticket = await self.admission.admit(n, unit_work(sum(len(u) for u in prepared.units), n), deadline)
+        if timings is not None:
+            timings["admission_s"] = time.monotonic() - t0
+        return await self._enqueue(model, prepared, ticket, deadline, is_cancelled, timings)
 
-        await self.admission.admit(n, deadline)
+    async def _enqueue(
+        self,
+        model: str,
+        prepared: Prepared,
+        ticket: Ticket,
+        deadline: float,
+        is_cancelled: Callable[[], bool] | None,
+        timings: dict[str, float] | None,
+    ) -> Rows:
+        """An admitted request (its room granted as ``ticket``) registers, queues and is awaited."""
         self.admission.claim()
         loop = self._loop
         assert loop is not None
         now = time.monotonic()
-        if timings is not None:
-            timings["admission_s"] = now - t0
         if self.phase is Phase.STOPPED or self.workers.alive == 0:  # changed while we waited for admission
-            self.admission.release(n)
+            self.admission.release(ticket)
             if self.workers.alive == 0:
                 raise WorkerDiedError("every inference worker has died; the server must be restarted")
             raise ShuttingDownError("the server is shutting down", retry_after=None)
         req = self.inprogress.open(
-            loop, model, prepared, deadline=deadline, is_cancelled=is_cancelled, timings=timings, now=now
+            loop, model, prepared, deadline=deadline, is_cancelled=is_cancelled, timings=timings, now=now,
+            ticket=ticket,
         )
+        req.heavy = is_heavy(req.work, self._limits())
         self._pump()
         try:
             return await req.future
@@ -330,6 +468,10 @@ class Scheduler:
             # the awaiting task was cancelled (client went away): drop what is not computed yet
             self.inprogress.finish(req, error=None, reason="cancelled")
             raise
+
+    def _limits(self) -> Limits:
+        s = self.settings
+        return Limits(s.max_batch_tokens, s.max_batch_size, s.max_wait_ms / 1000.0, self.split_idle)
 
     def _take_grace(self, prepared: Prepared) -> bool:
         if self._grace.get(id(prepared)) is prepared:
@@ -354,30 +496,42 @@ class Scheduler:
         now = time.monotonic()
         if self.pending.queued and now - self._last_sweep >= _CANCEL_SWEEP_S:
             self.inprogress.sweep(now)
-        s = self.settings
-        limits = Limits(s.max_batch_tokens, s.max_batch_size, s.max_wait_ms / 1000.0, self.split_idle)
+        limits = self._limits()
         n_window = window_size(limits)
+        rate = self.admission.throughput
         wake_at = math.inf
         while self.workers.idle > 0 and (model := self.pending.oldest_model()) is not None:
-            pend = self.pending.by_model[model]
-            window = pend[:n_window]  # the policy looks at no more than this
+            allow_heavy = heavy_may_run(self._heavy_inflight, self.workers.alive)
+            reqs = [r for r in self.pending.by_model[model] if allow_heavy or not r.heavy]
+            if not reqs:
+                break  # only heavy work queued and it holds every worker but one: keep that one free
+            # the window: the units of the requests in fair order (least remaining work, aged)
+            order = fair_order([r.queued_work / rate for r in reqs], [now - r.admitted for r in reqs])
+            window: list[Item] = []
+            for i in order:
+                window.extend(reqs[i].queue[: n_window - len(window)])
+                if len(window) >= n_window:
+                    break
             decision = next_batch(
                 [it.length for it in window],
                 [now - it.req.admitted for it in window],
                 idle_workers=self.workers.idle,
                 preparing=self._preparing > 0,
                 limits=limits,
-                queued=len(pend),
+                queued=sum(r.queued for r in reqs),
             )
             if not decision.take:
                 if decision.wait_s is not None:
                     wake_at = min(wake_at, now + decision.wait_s)
                 break
-            items = self.pending.take(model, decision.take)
-            self.metrics.queue_depth.labels(model=model).set(len(self.pending.by_model[model]))
+            items = self.pending.take(model, [window[i] for i in decision.take])
+            self.metrics.queue_depth.labels(model=model).set(self.pending.depth(model))
             items = self.inprogress.live_items(items, now)
             if items:
-                self.workers.dispatch(Batch(model, items))
+                batch = Batch(model, items, heavy=any(it.req.heavy for it in items))
+                if batch.heavy:
+                    self._heavy_inflight += 1
+                self.workers.dispatch(batch)
                 self.metrics.inflight_batches.set(self.workers.inflight)
         if self.pending.queued:
             # keep polling is_cancelled while units wait for a worker
@@ -403,10 +557,22 @@ class Scheduler:
     # ------------------------------------------------------------------ worker reports (loop thread)
     def _on_batch_done(self, batch: Batch, rows: Rows | None, error: BaseException | None) -> None:
         self.metrics.inflight_batches.set(self.workers.inflight)
+        if batch.heavy:
+            self._heavy_inflight -= 1
         try:
+            work = 0.0
+            if error is None and rows is not None:
+                for it in batch.ran:
+                    w = unit_work(it.length)
+                    work += w
+                    if it.req.ticket is not None and not it.req.done:
+                        self.admission.computed(it.req.ticket, w)
             n = settle(batch, rows, error, self.metrics, self.totals, self.inprogress.finish)
-            if n:
-                self.admission.observe(n, batch.elapsed, self.workers.alive)
+            if n and work:
+                self.admission.observe(work, batch.elapsed, self.workers.alive)
+                self.metrics.throughput.set(self.admission.throughput)
+            self.admission.poke()
+            self.metrics.admitted_work_seconds.set(self.admission.drain_s())
         except Exception:
             log.exception("scheduler error while routing batch results")
             for req in batch.requests():
@@ -419,6 +585,8 @@ class Scheduler:
             return
         if batch is not None:
             self.metrics.inflight_batches.set(self.workers.inflight)
+            if batch.heavy:
+                self._heavy_inflight -= 1
             for req in batch.requests():
                 self.inprogress.finish(
                     req,

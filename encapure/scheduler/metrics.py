@@ -17,7 +17,13 @@ Names (all prefixed ``encapure_``; the HTTP layer should not reuse them):
 - ``encapure_batches_total{model}``                counter: batches run (failed ones included)
 - ``encapure_failed_batches_total{model}``         counter: batches whose ``forward`` raised
 - ``encapure_dropped_items_total{reason}``         counter: units never computed (deadline, cancelled, shutdown, worker_died, error)
-- ``encapure_rejected_requests_total{reason}``     counter: requests refused at admission (overloaded, shutting_down, worker_died)
+- ``encapure_rejected_requests_total{reason}``     counter: requests refused at admission (overloaded, shutting_down, worker_died, too_large)
+- ``encapure_discarded_units_total``               counter: units computed for a request that had already ended (wasted work)
+- ``encapure_admitted_work_seconds``               gauge: admitted work not yet computed, in seconds at the measured throughput
+- ``encapure_throughput_work_per_second``          gauge: the measured throughput admission counts with (tokens + per-unit overhead)
+
+Every labelled counter starts with a zero series for each of its reasons, so an alert on its rate
+works before the first event.
 - ``encapure_workers_alive``                       gauge: live inference worker threads
 - ``encapure_model_load_seconds{model}``           gauge: load + warm-up time, set by whoever loads the model
 """
@@ -26,6 +32,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+DROP_REASONS = ("deadline", "cancelled", "shutdown", "worker_died", "error")
+REJECT_REASONS = ("overloaded", "shutting_down", "worker_died", "too_large")
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 _REQ_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
@@ -88,6 +96,25 @@ class SchedulerMetrics:
         self.rejected_requests = Counter(
             "encapure_rejected_requests", "Requests refused at admission", ["reason"], registry=r
         )
+        self.discarded_units = Counter(
+            "encapure_discarded_units",
+            "Units computed for a request that had already ended (deadline, disconnect): wasted work",
+            registry=r,
+        )
+        self.admitted_work_seconds = Gauge(
+            "encapure_admitted_work_seconds",
+            "Admitted work not yet computed, in seconds at the measured throughput",
+            registry=r,
+        )
+        self.throughput = Gauge(
+            "encapure_throughput_work_per_second",
+            "Measured throughput admission counts with (tokens plus a per-unit overhead, per second)",
+            registry=r,
+        )
+        for reason in DROP_REASONS:
+            self.dropped_items.labels(reason=reason)
+        for reason in REJECT_REASONS:
+            self.rejected_requests.labels(reason=reason)
         self.workers_alive = Gauge("encapure_workers_alive", "Live inference worker threads", registry=r)
         self.model_load_seconds = Gauge(
             "encapure_model_load_seconds", "Model load and warm-up time", ["model"], registry=r

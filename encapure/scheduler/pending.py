@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from encapure.engine.types import Prepared, Unit
 from encapure.errors import CancelledRequestError, DeadlineExceededError, EncapureError
-from encapure.scheduler.admission import Admission
+from encapure.scheduler.admission import Admission, Ticket, unit_work
 from encapure.scheduler.metrics import SchedulerMetrics
 
 log = logging.getLogger("encapure.scheduler")
@@ -45,6 +45,11 @@ class Request:
     forward_s: float = 0.0
     batches: int = 0
     timings: dict[str, float] | None = None
+    ticket: Ticket | None = None  # its admission room
+    queue: list[Item] = field(default_factory=list)  # its queued units, in unit order
+    queued_work: float = 0.0  # the work of those units
+    work: float = 0.0  # the work of all its units
+    heavy: bool = False  # more than a few full batches of work (see policy.is_heavy)
 
 
 @dataclass(eq=False, slots=True)
@@ -67,6 +72,7 @@ class Batch:
     ran: list[Item] = field(default_factory=list)  # set by the worker: the items it computed
     started: float = 0.0
     elapsed: float = 0.0
+    heavy: bool = False  # holds units of a heavy request (policy.is_heavy)
 
     def requests(self) -> list[Request]:
         """The distinct requests with units in this batch."""
@@ -74,54 +80,66 @@ class Batch:
 
 
 class PendingUnits:
-    """Per model, the queued units in admission order (oldest first)."""
+    """Per model, the requests with queued units (admission order), each holding its own units."""
 
     def __init__(self, models: Sequence[str]) -> None:
-        self.by_model: dict[str, list[Item]] = {m: [] for m in models}
+        self.by_model: dict[str, list[Request]] = {m: [] for m in models}
+        self._count: dict[str, int] = dict.fromkeys(models, 0)
 
     @property
     def queued(self) -> int:
-        return sum(len(p) for p in self.by_model.values())
+        return sum(self._count.values())
+
+    def depth(self, model: str) -> int:
+        """Queued units of ``model``."""
+        return self._count[model]
 
     def add(self, req: Request) -> None:
-        pend = self.by_model[req.model]
-        pend.extend(Item(req, i, len(u)) for i, u in enumerate(req.prepared.units))
-        req.queued = req.n_units
+        req.queue = [Item(req, i, len(u)) for i, u in enumerate(req.prepared.units)]
+        req.queued = len(req.queue)
+        req.queued_work = req.work = sum(unit_work(it.length) for it in req.queue)
+        if req.queue:
+            self.by_model[req.model].append(req)
+            self._count[req.model] += req.queued
 
     def drop(self, req: Request) -> int:
         """Take every queued unit of ``req`` out; returns how many there were."""
-        pend = self.by_model[req.model]
-        kept = [it for it in pend if it.req is not req]
-        self.by_model[req.model] = kept
+        n = len(req.queue)
+        if n:
+            self._count[req.model] -= n
+            self.by_model[req.model].remove(req)
+        req.queue = []
         req.queued = 0
-        return len(pend) - len(kept)
+        req.queued_work = 0.0
+        return n
 
     def oldest_model(self) -> str | None:
-        """The model whose oldest queued unit is the oldest of all (fairness across models)."""
+        """The model whose oldest queued request is the oldest of all (fairness across models)."""
         busy = [m for m, p in self.by_model.items() if p]
         if not busy:
             return None
-        return min(busy, key=lambda m: self.by_model[m][0].req.admitted)
+        return min(busy, key=lambda m: self.by_model[m][0].admitted)
 
-    def take(self, model: str, positions: Sequence[int]) -> list[Item]:
-        """Remove the units at ``positions`` (queue indices) of ``model``'s queue and return them."""
-        pend = self.by_model[model]
-        picked = set(positions)
-        items = [pend[i] for i in positions]
-        end = max(picked) + 1 if picked else 0
-        pend[:end] = [it for i, it in enumerate(pend[:end]) if i not in picked]  # the tail stays put
-        for it in items:
-            it.req.queued -= 1
-        return items
+    def take(self, model: str, items: Sequence[Item]) -> list[Item]:
+        """Remove ``items`` (queued units of ``model``) from their requests' queues and return them."""
+        picked = {id(it) for it in items}
+        touched = {id(it.req): it.req for it in items}
+        for req in touched.values():
+            kept = [it for it in req.queue if id(it) not in picked]
+            for it in req.queue:
+                if id(it) in picked:
+                    req.queued_work -= unit_work(it.length)
+            self._count[model] -= len(req.queue) - len(kept)
+            req.queue = kept
+            req.queued = len(kept)
+            if not kept:
+                self.by_model[model].remove(req)
+        return list(items)
 
     def requests(self) -> Iterator[Request]:
         """Every request with queued units, once each."""
-        seen: set[int] = set()
-        for pend in list(self.by_model.values()):
-            for it in list(pend):
-                if id(it.req) not in seen:
-                    seen.add(id(it.req))
-                    yield it.req
+        for reqs in list(self.by_model.values()):
+            yield from list(reqs)
 
 
 class InProgress:
@@ -149,6 +167,7 @@ class InProgress:
         is_cancelled: Callable[[], bool] | None,
         timings: dict[str, float] | None,
         now: float,
+        ticket: Ticket | None = None,
     ) -> Request:
         """Register an admitted request, arm its deadline and queue its units."""
         n = len(prepared.units)
@@ -162,12 +181,13 @@ class InProgress:
             n_units=n,
             remaining=n,
             timings=timings,
+            ticket=ticket,
         )
         self.requests.add(req)
         self.metrics.requests_in_scheduler.set(len(self.requests))
         req.timer = loop.call_later(max(0.0, deadline - now), self.expire, req)
         self.pending.add(req)
-        self.metrics.queue_depth.labels(model=model).set(len(self.pending.by_model[model]))
+        self.metrics.queue_depth.labels(model=model).set(self.pending.depth(model))
         return req
 
     def expire(self, req: Request) -> None:
@@ -209,12 +229,13 @@ class InProgress:
             req.timer = None
         if req.queued:
             dropped = self.pending.drop(req)
-            self.metrics.queue_depth.labels(model=req.model).set(len(self.pending.by_model[req.model]))
+            self.metrics.queue_depth.labels(model=req.model).set(self.pending.depth(req.model))
             if dropped and result is None:
                 self.metrics.dropped_items.labels(reason=reason).inc(dropped)
         self.requests.discard(req)
         self.metrics.requests_in_scheduler.set(len(self.requests))
-        self.admission.release(req.n_units)
+        if req.ticket is not None:
+            self.admission.release(req.ticket)
         if result is not None:
             queue_s = max(0.0, req.last_start - req.admitted)
             if req.timings is not None:

@@ -17,6 +17,14 @@ The rules:
   holds it goes next; otherwise the biggest batch.
 - With nothing else coming and several workers idle, the batch is cut so each idle worker gets a
   part of about equal tokens (longest first, at least ``MIN_SPLIT_UNITS`` units a part).
+
+Fairness between requests (``fair_order``, ``heavy_may_run``): the window is not the oldest units
+but the units of the requests in *fair order*: shortest remaining work first, aged by the time
+waited (key = remaining work in seconds - waited seconds), so a small request is never stuck
+behind a big one and a big one is not starved for ever: once it has waited as long as its own
+work takes, it comes before any newcomer. A *heavy* request (more than ``HEAVY_BATCHES`` full
+batches of work) runs on at most all workers but one, so a small request arriving meanwhile finds
+a worker free instead of waiting for a long batch.
 """
 
 from __future__ import annotations
@@ -30,6 +38,10 @@ from encapure.engine.batching import plan_batches
 WINDOW_BATCHES = 4
 # A batch is shared among idle workers only if each part keeps at least this many units.
 MIN_SPLIT_UNITS = 4
+# A request with more work than this many full batches (max_batch_tokens each) is heavy.
+HEAVY_BATCHES = 2
+# Seconds of remaining work one second of waiting makes up for in the fair order.
+AGING = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +91,9 @@ def next_batch(
     else:
         plan = plan_batches(window, limits.max_batch_tokens, size)
     ages = waited_s[: len(window)]
-    oldest = max(range(len(window)), key=ages.__getitem__)  # the first of equals: queue order
-    oldest_age = ages[oldest]
+    # position 0 is the unit that should go first (the queue's oldest, or the fair order's first)
+    oldest = 0
+    oldest_age = max(ages)
     full = len(plan) > 1 or len(window) < (len(lengths) if queued is None else queued)
     if not full and oldest_age < limits.max_wait_s and preparing:
         return Decision(wait_s=limits.max_wait_s - oldest_age)
@@ -103,3 +116,20 @@ def next_batch(
             k += 1
         chosen = chosen[: max(1, k)]
     return Decision(take=tuple(chosen))
+
+
+def fair_order(work_s: Sequence[float], waited_s: Sequence[float], *, aging: float = AGING) -> list[int]:
+    """Request positions in the order their units should be served: least remaining work (in
+    seconds) minus ``aging`` x seconds waited first; ties keep admission order."""
+    keys = [w - aging * a for w, a in zip(work_s, waited_s, strict=True)]
+    return sorted(range(len(keys)), key=lambda i: (keys[i], i))
+
+
+def is_heavy(work_tokens: float, limits: Limits) -> bool:
+    """Whether a request's work is more than ``HEAVY_BATCHES`` full batches."""
+    return work_tokens > HEAVY_BATCHES * limits.max_batch_tokens
+
+
+def heavy_may_run(heavy_inflight: int, workers_alive: int) -> bool:
+    """Whether another batch of a heavy request may start: never on the last free worker."""
+    return workers_alive <= 1 or heavy_inflight < workers_alive - 1

@@ -29,6 +29,7 @@ class Totals:
     batches: int = 0
     units: int = 0  # units computed
     cross_request_batches: int = 0  # batches that held units of more than one request
+    discarded: int = 0  # units computed for a request that had already ended
 
 
 def settle(
@@ -80,6 +81,8 @@ def settle(
     for k, it in enumerate(ran):
         req = it.req
         if req.done:
+            metrics.discarded_units.inc()
+            totals.discarded += 1
             continue
         if req.rows is None:
             ragged = rows.dtype == object

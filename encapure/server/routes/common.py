@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
+from encapure.engine.estimate import WorkEstimate, estimate_pairs, estimate_texts
 from encapure.engine.types import InferenceModel, ModelOutput, Prepared, RerankOutput, Side
 from encapure.errors import ModelNotFoundError, PayloadTooLargeError, WrongTaskError
 from encapure.scheduler import faults
@@ -105,10 +106,15 @@ def _ms(seconds: float) -> str:
 
 
 async def run_inference(
-    request: Request, name: str, model: InferenceModel, prepare: Callable[[], Prepared]
+    request: Request,
+    name: str,
+    model: InferenceModel,
+    prepare: Callable[[], Prepared],
+    estimate: WorkEstimate | None = None,
 ) -> tuple[ModelOutput, dict[str, str]]:
-    """The scheduler's one inference flow (tokenize off the loop, queue for a shared batch,
-    finish), with this request's deadline and disconnect watch. Returns the output and headers."""
+    """The scheduler's one inference flow (admission by ``estimate``, tokenize on the bounded pool,
+    queue for a shared batch, finish), with this request's deadline and disconnect watch. Returns
+    the output and headers."""
     state = _state(request)
     sched = state.require_scheduler()
     info: dict[str, Any] = request.scope["state"]["info"]
@@ -125,6 +131,7 @@ async def run_inference(
             deadline=request.scope["state"]["deadline"],
             is_cancelled=watcher.is_cancelled,
             timings=timings,
+            estimate=estimate,
         )
     finally:
         watcher.stop()
@@ -155,6 +162,46 @@ async def run_inference(
         headers["x-truncated-inputs"] = str(sum(out.truncated))
     state.http_metrics.tokens.labels(request.scope["path"]).inc(tokens)
     return out, headers
+
+
+async def run_tokenizer(request: Request, fn: Callable[[], Any], tokens: int) -> Any:
+    """Tokenizer-only work (``/tokenize``, ``/decode``) through the scheduler's admission, with the
+    request's deadline and disconnect watch."""
+    state = _state(request)
+    sched = state.require_scheduler()
+    state.enter()
+    watcher = DisconnectWatcher(request.receive)
+    try:
+        return await sched.run_tokenizer(
+            fn, tokens=tokens, deadline=request.scope["state"]["deadline"], is_cancelled=watcher.is_cancelled
+        )
+    finally:
+        watcher.stop()
+        if watcher.disconnected:
+            request.scope["state"]["info"]["disconnected"] = True
+        state.leave()
+
+
+# --- a request's size before it is tokenized (admission decides on it) ----------------------------
+# Special tokens a sequence may get ([CLS] a [SEP] b [SEP]; XLM-R's <s> a </s></s> b </s>).
+_SPECIALS = 4
+
+
+def _prefix_bound(model: InferenceModel) -> int:
+    man = getattr(model, "manifest", None)
+    return max((len(p or "") for p in (getattr(man, "query_prefix", None), getattr(man, "document_prefix", None))),
+               default=0)
+
+
+def estimate_for_texts(model: InferenceModel, texts: Sequence[str]) -> WorkEstimate:
+    return estimate_texts(texts, max_length=model.max_length, specials=_SPECIALS + _prefix_bound(model))
+
+
+def estimate_for_pairs(model: InferenceModel, query: str, docs: Sequence[str], *, window: bool) -> WorkEstimate:
+    return estimate_pairs(
+        [query] * len(docs), docs, max_length=model.max_length, specials=_SPECIALS, window=window,
+        overlap=int(getattr(model, "window_overlap", 0)),
+    )
 
 
 def _with_fault(prepare: Callable[[], Prepared], fault: str) -> Prepared:

@@ -23,6 +23,7 @@ from encapure.server.routes.common import (
     _specials,
     _state,
     _tokens,
+    estimate_for_texts,
     pick_model,
     run_inference,
 )
@@ -130,7 +131,7 @@ async def _embed(
         dimensions=dimensions,
         normalize=normalize,
     )
-    out, headers = await run_inference(request, name, model, prepare)
+    out, headers = await run_inference(request, name, model, prepare, estimate_for_texts(model, texts))
     assert isinstance(out, EmbedOutput)
     return name, out, headers
 

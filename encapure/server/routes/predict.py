@@ -3,7 +3,6 @@ and pairs, and the hub's text-classification request) and ``/tokenize``, ``/deco
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from typing import Any
 
@@ -12,8 +11,9 @@ import numpy.typing as npt
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from encapure.engine.estimate import token_bound
 from encapure.engine.types import ClassifyOutput, InferenceModel, Prepared, RerankOutput, Side, Unit
-from encapure.errors import InvalidInputError
+from encapure.errors import InvalidInputError, PayloadTooLargeError
 from encapure.server.routes.common import (
     _check_batch,
     _clip,
@@ -23,8 +23,10 @@ from encapure.server.routes.common import (
     _specials,
     _state,
     _validate,
+    estimate_for_texts,
     pick_model,
     run_inference,
+    run_tokenizer,
 )
 from encapure.server.schemas import TEIDecodeRequest, TEIPredictRequest, TEITokenizeRequest
 
@@ -146,7 +148,8 @@ async def _predict(
         raw=raw_scores,
         side=_side(body.truncation_direction),
     )
-    out, headers = await run_inference(request, name, model, prepare)
+    estimate = estimate_for_texts(model, [" ".join(item) for item in batch])
+    out, headers = await run_inference(request, name, model, prepare, estimate)
     if isinstance(out, ClassifyOutput):
         preds = [[{"label": lab, "score": s} for lab, s in row] for row in out.top()]
     elif isinstance(out, RerankOutput):
@@ -191,8 +194,25 @@ async def tei_tokenize(body: TEITokenizeRequest, request: Request) -> Response:
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     _check_batch(state, len(texts), "inputs")
 
+    cap = state.settings.max_tokenize_tokens
+
+    def too_big(n: str) -> PayloadTooLargeError:
+        return PayloadTooLargeError(
+            f"/tokenize of this request would answer {n} tokens; this server answers at most {cap} "
+            "(--max-tokenize-tokens): send fewer or shorter texts"
+        )
+
     def work() -> list[list[dict[str, Any]]]:
-        encs = model.encode_batch(texts, "raw", add_special_tokens=body.add_special_tokens)
+        # chunk by chunk: the shared tokenizer's lock is held for one chunk at a time, and the
+        # answer's size is known (and refused) before it is built
+        encs: list[Any] = []
+        total = 0
+        for chunk in _chunks(texts):
+            part = model.encode_batch(chunk, "raw", add_special_tokens=body.add_special_tokens)
+            total += sum(len(e.ids) for e in part)
+            if total > cap:
+                raise too_big(f"more than {cap}")
+            encs.extend(part)
         out = []
         for text, enc in zip(texts, encs, strict=True):
             toks = []
@@ -211,8 +231,29 @@ async def tei_tokenize(body: TEITokenizeRequest, request: Request) -> Response:
             out.append(toks)
         return out
 
-    result = await asyncio.to_thread(work)
+    bound = sum(token_bound(t) for t in texts) + 4 * len(texts)
+    result = await run_tokenizer(request, work, bound)
     return _json(result)
+
+
+# Texts per tokenizer call of /tokenize, and the characters per call (whichever comes first).
+_CHUNK_TEXTS = 64
+_CHUNK_CHARS = 64 * 1024
+
+
+def _chunks(texts: list[str]) -> list[list[str]]:
+    out: list[list[str]] = []
+    cur: list[str] = []
+    size = 0
+    for t in texts:
+        if cur and (len(cur) >= _CHUNK_TEXTS or size + len(t) > _CHUNK_CHARS):
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(t)
+        size += len(t)
+    if cur:
+        out.append(cur)
+    return out
 
 
 @router.post("/decode", summary="Token ids to text (TEI shape)")
@@ -231,4 +272,4 @@ async def tei_decode(body: TEIDecodeRequest, request: Request) -> Response:
     def work() -> list[str]:
         return [model.decode(ids, skip_special_tokens=body.skip_special_tokens) for ids in batch]
 
-    return _json(await asyncio.to_thread(work))
+    return _json(await run_tokenizer(request, work, sum(len(ids) for ids in batch)))

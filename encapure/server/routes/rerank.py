@@ -24,6 +24,7 @@ from encapure.server.routes.common import (
     _specials,
     _state,
     _tokens,
+    estimate_for_pairs,
     pick_model,
     run_inference,
 )
@@ -138,7 +139,9 @@ async def _rerank(
         max_chunks=max_chunks,
         instruction=instruction,
     )
-    out, headers = await run_inference(request, name, model, prepare)
+    window = long_documents == "window" or (max_chunks or 0) > 1
+    estimate = estimate_for_pairs(model, query, texts, window=window)
+    out, headers = await run_inference(request, name, model, prepare, estimate)
     assert isinstance(out, RerankOutput)
     return name, out, headers
 
