@@ -11,7 +11,15 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from encapure.scheduler.policy import WINDOW_BATCHES, Decision, Limits, next_batch
+from encapure.scheduler.policy import (
+    WINDOW_BATCHES,
+    Decision,
+    Limits,
+    fair_order,
+    heavy_may_run,
+    is_heavy,
+    next_batch,
+)
 
 WAIT = 0.002  # max_wait_s of every case unless it says otherwise
 
@@ -149,3 +157,35 @@ def test_every_queued_unit_goes_out_exactly_once_within_limits() -> None:
         picked = set(d.take)
         queue = [u for i, u in enumerate(queue) if i not in picked]
     assert sorted(sent) == list(range(len(lengths)))
+
+
+# ------------------------------------------------------------------------- fairness between requests
+@pytest.mark.parametrize(
+    ("work_s", "waited_s", "want"),
+    [
+        ([5.0, 0.1, 0.2], [0.0, 0.0, 0.0], [1, 2, 0]),  # least remaining work first
+        ([0.1, 0.1, 0.1], [0.0, 0.0, 0.0], [0, 1, 2]),  # ties keep admission order
+        ([3.0, 0.1], [2.0, 0.0], [1, 0]),  # a heavy one that waited less than its work: still behind
+        ([3.0, 0.1], [3.5, 0.0], [0, 1]),  # ...once it waited longer than its work, before newcomers
+        ([1.0, 1.0, 0.5], [0.2, 0.9, 0.0], [1, 2, 0]),  # aging: same work, the longer wait first
+        ([], [], []),
+    ],
+)
+def test_fair_order(work_s: list[float], waited_s: list[float], want: list[int]) -> None:
+    assert fair_order(work_s, waited_s) == want
+
+
+def test_heavy_requests_never_take_the_last_free_worker() -> None:
+    limits = Limits(max_batch_tokens=1000, max_batch_size=16, max_wait_s=0.0)
+    assert not is_heavy(2000, limits) and is_heavy(2001, limits)
+    assert heavy_may_run(0, 1) and heavy_may_run(5, 1)  # one worker: nothing to keep free
+    assert heavy_may_run(0, 2) and not heavy_may_run(1, 2)
+    assert heavy_may_run(2, 4) and not heavy_may_run(3, 4)
+
+
+def test_the_batch_of_the_windows_first_unit_goes_when_someone_waited() -> None:
+    """In fair order the first unit is the one to serve next, whichever unit is oldest."""
+    limits = Limits(max_batch_tokens=200, max_batch_size=32, max_wait_s=WAIT)
+    # a small request's units (first in fair order) before an older heavy request's long ones
+    got = next_batch([10, 10, 100, 100], [0.0, 0.0, 1.0, 1.0], idle_workers=1, preparing=False, limits=limits)
+    assert got.take == (0, 1)

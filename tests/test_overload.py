@@ -1,0 +1,308 @@
+"""Overload: work-based admission, fair scheduling between requests, per-request unit caps.
+
+The stand-in model (``tests/fakes.py``) costs ``per_token_s`` per padded token, so how much work
+the scheduler can finish within a deadline is known and the throughput it measures is the one it
+should admit by. Orders and latency bounds below are in units of that controlled forward time
+(several-fold margins), not wall-clock luck. Each test would fail on a scheduler that admits by
+item count and serves units first-in first-out (what it did before).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from fakes import STALL_WORD, fake_model, fake_session
+
+from encapure.engine.estimate import estimate_pairs, token_bound
+from encapure.engine.types import Prepared
+from encapure.errors import DeadlineExceededError, OverloadedError
+from encapure.scheduler import Scheduler, SchedulerMetrics
+from encapure.scheduler.admission import ADMIT_FRACTION, Admission
+from encapure.server.testing import InProcessServer
+from encapure.settings import Settings
+
+pytestmark = pytest.mark.timeout(120)
+
+WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "it", "at", "from", "his", "an", "were", "are", "which", "this", "be", "or"]
+
+
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def metric(m: SchedulerMetrics, name: str, **labels: str) -> float | None:
+    return m.registry.get_sample_value(name, labels)
+
+
+class Counted:
+    """A prepare function that counts its calls (a refused request must never be tokenized)."""
+
+    def __init__(self, model: Any, query: str, docs: list[str], **kw: Any) -> None:
+        self.fn = functools.partial(model.prepare_pairs, query, docs, **kw)
+        self.calls = 0
+
+    def __call__(self) -> Prepared:
+        self.calls += 1
+        return self.fn()
+
+
+def estimate(model: Any, query: str, docs: list[str], window: bool = False) -> Any:
+    return estimate_pairs([query] * len(docs), docs, max_length=model.max_length, specials=4, window=window,
+                          overlap=model.window_overlap)
+
+
+async def run_one(sched: Scheduler, model: Any, query: str, docs: list[str], **kw: Any) -> tuple[Any, float, Counted]:
+    prep = Counted(model, query, docs)
+    t = time.monotonic()
+    try:
+        out: Any = await sched.run("rr", prep, model.finish, estimate=estimate(model, query, docs), **kw)
+    except Exception as e:
+        out = e
+    return out, time.monotonic() - t, prep
+
+
+# --------------------------------------------------------------------------- admission by work
+def test_retry_after_is_the_measured_drain_time() -> None:
+    adm = Admission(100, 10_000, 0.5, SchedulerMetrics())
+    adm.observe(4000.0, 1.0, 1)  # 4,000 work/s measured
+    t = asyncio.run(_grant(adm, 10, 26_000.0))
+    assert adm.retry_after() == math.ceil(26_000 / 4000)  # 7 s, not a constant 1
+    adm.computed(t, 20_000.0)
+    assert adm.retry_after() == 2.0
+    adm.release(t, claimed=False)
+    assert adm.work == 0 and adm.items == 0
+
+
+async def _grant(adm: Admission, units: int, work: float) -> Any:
+    return await adm.admit(units, work, time.monotonic() + 1000)
+
+
+def test_overload_is_refused_fast_untokenized_and_admitted_work_meets_its_deadline() -> None:
+    """Twice what fits within the deadline arrives at once: what is admitted all finishes in time
+    (no deadline_exceeded, nothing computed for nothing); the rest gets a fast 503 with a Retry-After
+    from the drain time, and is never tokenized."""
+    deadline_s = 4.0
+    model = fake_model("rerank", name="rr", settings=Settings(threads_per_worker=1), per_token_s=1e-4)
+    metrics = SchedulerMetrics()
+    s = Settings(workers=1, request_timeout_s=deadline_s, admission_timeout_s=0.3, max_wait_ms=1)
+    rng = random.Random(1)
+    batch = [(words(rng, 5), [words(rng, 20) for _ in range(16)]) for _ in range(120)]
+
+    async def main() -> list[tuple[Any, float, Counted]]:
+        sched = Scheduler({"rr": model}, s, metrics)
+        await sched.start()
+        await run_one(sched, model, "warm", ["up"] * 8)  # one measured batch: the rate is known
+        results = await asyncio.gather(*(run_one(sched, model, q, d) for q, d in batch))
+        st = sched.stats()
+        assert st["active_requests"] == 0 and st["items_in_system"] == 0, st
+        await sched.shutdown(5)
+        return results
+
+    results = asyncio.run(main())
+    served = [r for r in results if not isinstance(r[0], Exception)]
+    refused = [r for r in results if isinstance(r[0], OverloadedError)]
+    others = [r[0] for r in results if isinstance(r[0], Exception) and not isinstance(r[0], OverloadedError)]
+    assert not others, others[:3]  # no deadline_exceeded: everything admitted finished in time
+    assert len(served) >= 10 and len(refused) >= 30, (len(served), len(refused))
+    for _, dt, prep in refused:
+        assert dt < s.admission_timeout_s + 0.5, dt
+        assert prep.calls == 0  # refused before tokenizing
+    afters = [r[0].retry_after for r in refused]
+    # the admitted work drains in about ADMIT_FRACTION x the deadline: that is the Retry-After
+    assert max(afters) >= 2, afters
+    assert all(1 <= a <= math.ceil(ADMIT_FRACTION * deadline_s) + 2 for a in afters), afters
+    assert metric(metrics, "encapure_discarded_units_total") == 0
+    assert metric(metrics, "encapure_dropped_items_total", reason="deadline") == 0
+
+
+def test_rejection_series_start_at_zero() -> None:
+    m = SchedulerMetrics()
+    for reason in ("overloaded", "shutting_down", "worker_died", "too_large"):
+        assert metric(m, "encapure_rejected_requests_total", reason=reason) == 0.0
+    for reason in ("deadline", "cancelled", "shutdown", "worker_died", "error"):
+        assert metric(m, "encapure_dropped_items_total", reason=reason) == 0.0
+    assert metric(m, "encapure_discarded_units_total") == 0.0
+
+
+def test_deadline_expired_work_is_never_computed() -> None:
+    model = fake_model("rerank", name="rr", settings=Settings(threads_per_worker=1), stall_s=0.1)
+    metrics = SchedulerMetrics()
+    s = Settings(workers=1, max_wait_ms=1)
+
+    async def main() -> None:
+        sched = Scheduler({"rr": model}, s, metrics)
+        await sched.start()
+        slow = asyncio.create_task(run_one(sched, model, "q", [" ".join([STALL_WORD] * 8)]))
+        await asyncio.sleep(0.1)
+        before = len(fake_session(model).batches)
+        out, _, _ = await run_one(sched, model, "q", ["late " * 3] * 5, deadline=time.monotonic() + 0.2)
+        assert isinstance(out, DeadlineExceededError), out
+        assert not isinstance((await slow)[0], Exception)
+        await asyncio.sleep(0.05)
+        assert len(fake_session(model).batches) == before  # the expired request's units never ran
+        await sched.shutdown(5)
+
+    asyncio.run(main())
+    assert metric(metrics, "encapure_dropped_items_total", reason="deadline") == 5
+    assert metric(metrics, "encapure_discarded_units_total") == 0
+
+
+# ------------------------------------------------------------------------------- fair scheduling
+def _fair_setup(workers: int, per_token_s: float) -> tuple[Any, Settings]:
+    model = fake_model("rerank", name="rr", settings=Settings(threads_per_worker=1), per_token_s=per_token_s,
+                       max_length=128)
+    s = Settings(workers=workers, max_wait_ms=1, max_batch_tokens=1024, max_batch_size=16)
+    return model, s
+
+
+def test_small_requests_are_interleaved_with_a_heavy_one() -> None:
+    """One worker, a heavy request of 64 long units (8 batches of 8 x 128 tokens) and, once it runs,
+    small requests: each small one goes in the next batch, not after the whole heavy request."""
+    model, s = _fair_setup(1, 1e-4)  # a heavy batch: 1024 tokens = ~0.1 s
+    rng = random.Random(2)
+    heavy_docs = [words(rng, 150) for _ in range(64)]
+    finished: dict[str, float] = {}
+
+    async def timed(tag: str, q: str, docs: list[str]) -> Any:
+        out, dt, _ = await run_one(sched_ref[0], model, q, docs)
+        finished[tag] = time.monotonic()
+        return out, dt
+
+    sched_ref: list[Scheduler] = []
+
+    async def main() -> list[Any]:
+        sched = Scheduler({"rr": model}, s)
+        sched_ref.append(sched)
+        await sched.start()
+        heavy = asyncio.create_task(timed("heavy", "heavy query", heavy_docs))
+        await asyncio.sleep(0.15)
+        smalls = []
+        for i in range(4):
+            smalls.append(asyncio.create_task(timed(f"small{i}", f"q{i}", ["a short one", "another"])))
+            await asyncio.sleep(0.05)
+        out = [await heavy] + [await t for t in smalls]
+        await sched.shutdown(5)
+        return out
+
+    outs = asyncio.run(main())
+    assert not any(isinstance(o[0], Exception) for o in outs), outs
+    heavy_s = outs[0][1]
+    for i, (_, dt) in enumerate(outs[1:]):
+        assert finished[f"small{i}"] < finished["heavy"], finished
+        # at most the heavy batch already running, then its own: ~0.2 s; FIFO would be ~0.6 s+
+        assert dt < heavy_s / 2, (dt, heavy_s)
+
+
+def test_a_heavy_request_leaves_a_worker_free_for_small_ones() -> None:
+    """Two workers: the heavy request runs on one, so a small request starts at once on the other
+    instead of waiting for a long batch to end."""
+    model, s = _fair_setup(2, 3e-4)  # a heavy batch: 1024 tokens = ~0.3 s
+    rng = random.Random(3)
+    heavy_docs = [words(rng, 150) for _ in range(48)]
+
+    async def main() -> tuple[Any, list[Any]]:
+        sched = Scheduler({"rr": model}, s)
+        await sched.start()
+        heavy = asyncio.create_task(run_one(sched, model, "heavy query", heavy_docs))
+        smalls = []
+        for i in range(5):
+            await asyncio.sleep(0.13)
+            smalls.append(await run_one(sched, model, f"q{i}", ["short", "docs"]))
+        h = await heavy
+        await sched.shutdown(5)
+        return h, smalls
+
+    heavy, smalls = asyncio.run(main())
+    assert not isinstance(heavy[0], Exception)
+    lat = [dt for _, dt, _ in smalls]
+    assert heavy[1] > 0.8, heavy[1]  # the small ones all arrived while it ran
+    assert max(lat) < 0.15, (lat, heavy[1])  # a heavy batch is ~0.3 s: none waited for one
+
+
+# ---------------------------------------------------------------------------- per-request caps
+@pytest.fixture(scope="module")
+def capped() -> Any:
+    model = fake_model("rerank", name="rr", max_length=64)
+    settings = Settings(max_units_per_request=8, max_tokenize_tokens=50, fault_injection=True, workers=1,
+                        max_concurrent_requests=1, admission_timeout_s=0.2)
+    return model, settings
+
+
+def _serve(capped: Any, fn: Callable[[InProcessServer], Any]) -> Any:
+    model, settings = capped
+
+    async def main() -> Any:
+        async with InProcessServer({"rr": model}, settings) as srv:
+            return await fn(srv)
+
+    return asyncio.run(main())
+
+
+def test_too_many_units_is_413_with_the_count_windows_included(capped: Any) -> None:
+    model, _ = capped
+    long_doc = words(random.Random(4), 400)
+    need = len(model.prepare_pairs("q", [long_doc], long_documents="window").units)
+    assert need > 8
+
+    async def go(srv: InProcessServer) -> list[httpx.Response]:
+        c = srv.client
+        return [
+            await c.post("/rerank", json={"query": "q", "documents": [long_doc], "long_documents": "window"}),
+            await c.post("/rerank", json={"query": "q", "documents": ["d"] * 9}),
+            await c.post("/rerank", json={"query": "q", "documents": [long_doc]}),  # truncated: 1 unit
+            await c.post("/v1/rerank", json={"query": "q", "documents": [long_doc], "max_chunks_per_doc": 20}),
+        ]
+
+    windowed, many, truncated, chunks = _serve(capped, go)
+    assert windowed.status_code == 413, windowed.text
+    msg = windowed.json()["error"]["message"]
+    assert f"needs {need} units" in msg and "at most 8" in msg and "--max-units-per-request" in msg
+    assert many.status_code == 413 and "at least 9 units" in many.json()["error"]["message"]
+    assert truncated.status_code == 200
+    assert chunks.status_code == 413, chunks.text
+
+
+def test_tokenize_goes_through_admission_and_has_a_response_cap(capped: Any) -> None:
+    async def go(srv: InProcessServer) -> tuple[httpx.Response, float, httpx.Response, httpx.Response]:
+        c = srv.client
+        busy = asyncio.create_task(
+            c.post("/rerank", json={"query": "q", "documents": ["d"]}, headers={"x-encapure-fault": "slow:800"})
+        )
+        await asyncio.sleep(0.2)
+        t = time.monotonic()
+        refused = await c.post("/tokenize", json={"inputs": "hello world"})
+        dt = time.monotonic() - t
+        assert (await busy).status_code == 200
+        big = await c.post("/tokenize", json={"inputs": [words(random.Random(5), 40)] * 3})
+        ok = await c.post("/tokenize", json={"inputs": "hello world"})
+        return refused, dt, big, ok
+
+    refused, dt, big, ok = _serve(capped, go)
+    assert refused.status_code == 503 and refused.json()["error"]["type"] == "overloaded_error", refused.text
+    assert dt < 1.0
+    assert big.status_code == 413 and "--max-tokenize-tokens" in big.json()["error"]["message"], big.text
+    assert ok.status_code == 200 and [t["text"] for t in ok.json()[0] if not t["special"]] == ["hello", "world"]
+
+
+# --------------------------------------------------------------------------------- estimates
+def test_estimates_bound_the_real_size() -> None:
+    model = fake_model("rerank", name="rr", max_length=64)
+    rng = random.Random(6)
+    texts = [words(rng, n) for n in (1, 10, 100, 400)] + ["naïve café ünïcode", "東京都の天気", "emoji 🎉🎉 ok", "a" * 300]
+    encs = model.encode_batch(texts, "raw", add_special_tokens=False)
+    for t, e in zip(texts, encs, strict=True):
+        assert len(e.ids) <= token_bound(t), t
+    for window in (False, True):
+        est = estimate(model, "a query here", texts, window=window)
+        prep = model.prepare_pairs("a query here", texts, long_documents="window" if window else "truncate")
+        assert est.inputs == len(texts)
+        assert est.units >= len(prep.units)
+        assert est.tokens >= sum(len(u) for u in prep.units)
