@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test test-fast lint hooks bench
+.PHONY: setup serve test test-fast lint hooks bench reliability
 
 setup: $(STAMP)
 
@@ -42,3 +42,7 @@ hooks: setup
 
 bench: setup
 	$(PY) -m benchmarks $(ARGS)
+
+# Overload and abuse against real servers on 127.0.0.1 (bounded; ~2-3 minutes): prints a table.
+reliability: setup
+	$(PY) scripts/reliability.py $(ARGS)

@@ -23,7 +23,7 @@ from fakes import STALL_WORD, fake_model, fake_session
 
 from encapure.engine.estimate import estimate_pairs, token_bound
 from encapure.engine.types import Prepared
-from encapure.errors import DeadlineExceededError, OverloadedError
+from encapure.errors import DeadlineExceededError, OverloadedError, PayloadTooLargeError
 from encapure.scheduler import Scheduler, SchedulerMetrics
 from encapure.scheduler.admission import ADMIT_FRACTION, Admission
 from encapure.server.testing import InProcessServer
@@ -306,3 +306,30 @@ def test_estimates_bound_the_real_size() -> None:
         assert est.inputs == len(texts)
         assert est.units >= len(prep.units)
         assert est.tokens >= sum(len(u) for u in prep.units)
+
+
+def test_a_request_that_cannot_finish_by_its_deadline_is_refused_before_compute() -> None:
+    """Once the throughput is measured, a request whose own work outlasts its deadline on an idle
+    server gets 413 at once (nothing computed and thrown away at the deadline)."""
+    model = fake_model("rerank", name="rr", settings=Settings(threads_per_worker=1), per_token_s=1e-4,
+                       max_length=128)
+    metrics = SchedulerMetrics()
+    s = Settings(workers=1, request_timeout_s=2.0, max_wait_ms=1)
+    rng = random.Random(7)
+    big = [words(rng, 150) for _ in range(300)]  # ~300 x 128 tokens at ~10k/s: ~4 s > 1 s allowed
+
+    async def main() -> None:
+        sched = Scheduler({"rr": model}, s, metrics)
+        await sched.start()
+        await run_one(sched, model, "warm", ["up"] * 8)
+        before = len(fake_session(model).batches)
+        out, dt, _ = await run_one(sched, model, "q", big)
+        assert isinstance(out, PayloadTooLargeError), out
+        assert "s of compute" in out.message and "split it" in out.message
+        assert len(fake_session(model).batches) == before and dt < 1.0
+        ok, _, _ = await run_one(sched, model, "q", big[:20])  # what fits is served
+        assert not isinstance(ok, Exception), ok
+        await sched.shutdown(5)
+
+    asyncio.run(main())
+    assert metric(metrics, "encapure_rejected_requests_total", reason="too_large") == 1

@@ -5,8 +5,14 @@ honest ``retry_after`` instead of a queue whose requests then die on their deadl
 requests or units does not do that: one unit may be 8 tokens or 512, and what matters is whether
 the work already in the system plus this request's can be computed before the request's deadline.
 So capacity is *work* (tokens plus a per-unit overhead, ``unit_work``) set against the measured
-throughput (an EWMA of work per second the workers sustain while busy): a request is admitted when
-everything in the system, itself included, drains within ``ADMIT_FRACTION`` of its time left.
+throughput (an EWMA of work per second the workers sustain while busy). The scheduler serves the
+least remaining work first (``policy.fair_order``), so what a new request waits for is not the
+whole backlog but, of each admitted request, at most as much as its own work (the
+processor-sharing bound, above what least-work-first gives). A request is admitted when
+
+- that work ahead of it plus its own drains within ``ADMIT_FRACTION`` of its time left, and
+- the whole backlog, its own included, drains within ``BACKLOG_FRACTION`` of the request timeout
+  (so the requests it overtakes still finish in time).
 
 Capacity is taken when it is granted (a ``Ticket``), before the request registers, so two waiters
 can never be granted the same room. A request that plainly cannot fit within the admission timeout
@@ -29,6 +35,8 @@ from encapure.scheduler.metrics import SchedulerMetrics
 # of its time left: the rest is margin for a throughput estimate that drifts (a shared CPU) and
 # for the fair scheduler serving later small requests before it.
 ADMIT_FRACTION = 0.5
+# The whole backlog may hold at most this share of the request timeout in work.
+BACKLOG_FRACTION = 0.75
 # Per-unit cost beyond its tokens (padding, the per-row head, copying), in tokens.
 UNIT_OVERHEAD = 16
 # Work per second assumed before the first batch is measured: low on purpose (a 2-core CPU runs a
@@ -67,8 +75,10 @@ class Admission:
         max_items: int,
         timeout_s: float,
         metrics: SchedulerMetrics,
+        backlog_s: float = 30.0,
     ) -> None:
         self.max_requests = max_requests
+        self.backlog_s = backlog_s
         self.max_items = max_items
         self.timeout_s = timeout_s
         self.metrics = metrics
@@ -77,6 +87,7 @@ class Admission:
         self.items = 0  # units of granted requests, queued or running
         self.work = 0.0  # work of granted requests not computed yet
         self.waiters: list[_Waiter] = []
+        self.tickets: set[Ticket] = set()  # granted, not released
         self.rate = 0.0  # EWMA of work per second the workers sustain (0: not measured yet)
 
     @property
@@ -87,6 +98,18 @@ class Admission:
         """Seconds until the work in the system (plus ``extra``) is computed, at the measured rate."""
         return (self.work + extra) / self.throughput
 
+    def ahead_of(self, work: float) -> float:
+        """Admitted work a request of ``work`` waits for under least-work-first (an upper bound)."""
+        return sum(min(o.work, work) for o in self.tickets)
+
+    def _work_fits(self, t: Ticket, deadline: float, now: float, drained: float = 0.0) -> bool:
+        rate = self.throughput
+        ahead = max(0.0, self.ahead_of(t.work) - drained)
+        backlog = max(0.0, self.work - drained)
+        return (ahead + t.work) / rate <= ADMIT_FRACTION * max(0.0, deadline - now) and (
+            backlog + t.work
+        ) / rate <= BACKLOG_FRACTION * self.backlog_s
+
     def fits(self, t: Ticket, deadline: float, now: float) -> bool:
         if self.active + self.reserved >= self.max_requests:
             return False
@@ -94,7 +117,7 @@ class Admission:
             return True  # a request bigger than the whole budget still runs, alone, rather than never
         if self.items + t.units > self.max_items:
             return False
-        return self.drain_s(t.work) <= ADMIT_FRACTION * max(0.0, deadline - now)
+        return self._work_fits(t, deadline, now)
 
     def _hopeless(self, t: Ticket, deadline: float, now: float) -> bool:
         """Whether waiting the admission timeout cannot make room by work (the queue drains at
@@ -102,10 +125,10 @@ class Admission:
         if self.items == 0:
             return False
         wait = min(self.timeout_s, max(0.0, deadline - now))
-        left_then = max(0.0, self.work - self.throughput * wait)
-        return (left_then + t.work) / self.throughput > ADMIT_FRACTION * max(0.0, deadline - now - wait)
+        return not self._work_fits(t, deadline, now + wait, drained=self.throughput * wait)
 
     def _grant(self, t: Ticket) -> None:
+        self.tickets.add(t)
         self.items += t.units
         self.work += t.work
         self.reserved += 1
@@ -172,6 +195,7 @@ class Admission:
         if t.released:
             return
         t.released = True
+        self.tickets.discard(t)
         if claimed:
             self.active -= 1
         else:

@@ -43,7 +43,7 @@ from encapure.errors import (
     ShuttingDownError,
     WorkerDiedError,
 )
-from encapure.scheduler.admission import TOKENIZER_WEIGHT, Admission, Ticket, unit_work
+from encapure.scheduler.admission import ADMIT_FRACTION, TOKENIZER_WEIGHT, Admission, Ticket, unit_work
 from encapure.scheduler.faults import FaultyRunner
 from encapure.scheduler.metrics import SchedulerMetrics
 from encapure.scheduler.pending import Batch, InProgress, Item
@@ -104,7 +104,9 @@ class Scheduler:
         self.workers = WorkerPool(runners, settings.workers, self._on_batch_done, self._on_worker_exit)
         self._prep_pool: concurrent.futures.ThreadPoolExecutor | None = None
         s = settings
-        self.admission = Admission(s.max_concurrent_requests, s.max_queued_items, s.admission_timeout_s, self.metrics)
+        self.admission = Admission(
+            s.max_concurrent_requests, s.max_queued_items, s.admission_timeout_s, self.metrics, s.request_timeout_s
+        )
         self.inprogress = InProgress(list(self.models), self.admission, self.metrics, s.request_timeout_s)
         self.pending = self.inprogress.pending
         # Prepared objects whose tokenization began before shutdown: still admitted while draining
@@ -273,7 +275,9 @@ class Scheduler:
                 self._too_large(n)
             if n == 0:
                 return finish(prepared, np.empty((0, 0), dtype=np.float32))
-            self.admission.resize(ticket, n, unit_work(sum(len(u) for u in prepared.units), n))
+            work = unit_work(sum(len(u) for u in prepared.units), n)
+            self._check_doable(n, work, deadline)
+            self.admission.resize(ticket, n, work)
             handed = True
             rows = await self._enqueue(model, prepared, ticket, deadline, is_cancelled, timings)
         finally:
@@ -362,6 +366,25 @@ class Scheduler:
             "split it into smaller requests"
         )
 
+    def _check_doable(self, units: int, work: float, deadline: float) -> None:
+        """A request that could not finish before its deadline even on an idle server (at the
+        measured throughput, on the workers a heavy request may hold) is refused now rather than
+        computed and thrown away at the deadline."""
+        adm = self.admission
+        if adm.rate <= 0:
+            return  # not measured yet: no grounds to refuse
+        alive = max(1, self.workers.alive)
+        share = (alive - 1) / alive if alive > 1 and is_heavy(work, self._limits()) else 1.0
+        need = work / (adm.rate * share)
+        allowed = ADMIT_FRACTION * max(0.0, deadline - time.monotonic())
+        if need > allowed:
+            self.metrics.rejected_requests.labels(reason="too_large").inc()
+            raise PayloadTooLargeError(
+                f"this request ({units} units) needs about {need:.1f} s of compute at the measured "
+                f"throughput, more than the {allowed:.1f} s its deadline leaves for it: split it into "
+                "smaller requests"
+            )
+
     async def prepare(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` (tokenization) on a small thread pool, off the event loop.
 
@@ -432,7 +455,9 @@ class Scheduler:
         if deadline <= t0:
             self.metrics.dropped_items.labels(reason="deadline").inc(n)
             raise DeadlineExceededError("the request deadline passed before it could be queued")
-        ticket = await self.admission.admit(n, unit_work(sum(len(u) for u in prepared.units), n), deadline)
+        work = unit_work(sum(len(u) for u in prepared.units), n)
+        self._check_doable(n, work, deadline)
+        ticket = await self.admission.admit(n, work, deadline)
         if timings is not None:
             timings["admission_s"] = time.monotonic() - t0
         return await self._enqueue(model, prepared, ticket, deadline, is_cancelled, timings)

@@ -1,0 +1,314 @@
+"""Reliability under overload and abuse, against real ``encapure serve`` processes on 127.0.0.1.
+
+    python scripts/reliability.py [--model FOLDER] [--only overload,heavy] [--clients 300] [--duration 30]
+
+Each scenario is one function in ``SCENARIOS`` that starts its own server(s), drives them, and
+returns rows for the printed table; adding a scenario is adding one function. Every scenario is
+bounded in requests and time. The load comes from asyncio clients (aiohttp) in this process, on
+the same machine as the server: on a small machine they compete with it for the CPU, so say so
+next to any figure, with the CPU's ISA (printed in the header).
+
+Scenarios:
+- ``overload``: the saturating throughput of a few closed-loop clients, then ``--clients`` clients
+  for ``--duration`` s that retry after the server's ``Retry-After``: 5xx other than 503,
+  ``deadline_exceeded`` answers, the 503s' latency, goodput (pairs/s of 200s) against the
+  saturating throughput, and units computed for requests that had already ended.
+- ``heavy``: small-request latency unloaded, then while one maximal allowed request runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from encapure.server.testing import ServerProcess  # noqa: E402
+
+FIXTURE = ROOT.parent / "shared" / "models" / "minilm-l6-wikiqa-reranker"
+WIKIQA = ROOT.parent / "shared" / "data" / "wikiqa" / "WikiQA-test-gold.tsv"
+
+
+# --------------------------------------------------------------------------------------- plumbing
+@dataclass
+class Context:
+    args: argparse.Namespace
+    queries: list[tuple[str, list[str]]]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def server(self, *extra: str) -> ServerProcess:
+        args = ["--model", str(self.args.model), *extra]
+        env = {"ENCAPURE_LOG_LEVEL": "warning"}
+        return ServerProcess(args, env=env, ready_timeout=600).start()
+
+
+@dataclass
+class Outcome:
+    status: int
+    kind: str  # error type for non-200, "" for 200
+    seconds: float
+    pairs: int
+    retry_after: float | None = None
+
+
+def load_queries(limit: int = 400) -> list[tuple[str, list[str]]]:
+    """WikiQA test questions with their candidate sentences: a realistic reranking mix."""
+    groups: dict[str, tuple[str, list[str]]] = {}
+    with WIKIQA.open(encoding="utf-8") as f:
+        for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            q = groups.setdefault(row["QuestionID"], (row["Question"], []))
+            q[1].append(row["Sentence"])
+    out = [g for g in groups.values() if len(g[1]) >= 2]
+    return out[:limit]
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any], pairs: int) -> Outcome:
+    t = time.monotonic()
+    try:
+        async with session.post(url, json=body) as r:
+            data = await r.read()
+            dt = time.monotonic() - t
+            kind = ""
+            if r.status != 200:
+                m = re.search(rb'"type"\s*:\s*"([a-z_]+)"', data)
+                kind = m.group(1).decode() if m else "non_json"
+            ra = r.headers.get("retry-after")
+            return Outcome(r.status, kind, dt, pairs, float(ra) if ra else None)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        return Outcome(0, type(e).__name__, time.monotonic() - t, pairs)
+
+
+async def closed_loop(
+    url: str, queries: list[tuple[str, list[str]]], clients: int, seconds: float, *, honour_retry_after: bool,
+    seed: int = 0,
+) -> list[Outcome]:
+    """``clients`` clients, each sending its next request when the last one is answered (after the
+    server's Retry-After, with jitter, when it says to wait)."""
+    end = time.monotonic() + seconds
+    out: list[Outcome] = []
+    conn = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+
+        async def client(i: int) -> None:
+            rng = random.Random(seed * 100_003 + i)
+            while time.monotonic() < end:
+                q, docs = rng.choice(queries)
+                o = await post(session, url + "/rerank", {"query": q, "documents": docs}, len(docs))
+                out.append(o)
+                if honour_retry_after and o.status == 503 and o.retry_after:
+                    await asyncio.sleep(min(o.retry_after * rng.uniform(0.5, 1.0), max(0.0, end - time.monotonic())))
+
+        await asyncio.gather(*(client(i) for i in range(clients)))
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, round(q / 100 * len(v)) - 1))]
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Sums of the scheduler's counters we report, from /metrics."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    want = {
+        "discarded": "encapure_discarded_units_total",
+        "computed": "encapure_batch_size_sum",
+        "dropped_deadline": 'encapure_dropped_items_total{reason="deadline"}',
+        "rejected_overloaded": 'encapure_rejected_requests_total{reason="overloaded"}',
+    }
+    out = dict.fromkeys(want, 0.0)
+    for line in text.splitlines():
+        for k, prefix in want.items():
+            if line.startswith(prefix + " ") or (line.startswith(prefix + "{") and "{" not in prefix):
+                out[k] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def ms(x: float) -> str:
+    return "-" if x != x else f"{x * 1000:.0f} ms"
+
+
+# -------------------------------------------------------------------------------------- scenarios
+def overload(ctx: Context) -> list[dict[str, Any]]:
+    a = ctx.args
+    rows = []
+    srv = ctx.server()
+    try:
+        asyncio.run(closed_loop(srv.url, ctx.queries, 2, 3, honour_retry_after=True, seed=9))  # warm up
+        base = asyncio.run(closed_loop(srv.url, ctx.queries, a.base_clients, a.base_duration,
+                                       honour_retry_after=True, seed=1))
+        ok = [o for o in base if o.status == 200]
+        sat = sum(o.pairs for o in ok) / a.base_duration
+        rows.append({
+            "scenario": f"saturating: {a.base_clients} clients x {a.base_duration:g} s",
+            "requests": len(base), "200": len(ok), "pairs/s of 200s": f"{sat:.0f}",
+            "200 p50 / p99": f"{ms(pct([o.seconds for o in ok], 50))} / {ms(pct([o.seconds for o in ok], 99))}",
+        })
+        m0 = scrape(srv.url)
+        t = time.monotonic()
+        res = asyncio.run(closed_loop(srv.url, ctx.queries, a.clients, a.duration, honour_retry_after=True, seed=2))
+        wall = time.monotonic() - t
+        m1 = scrape(srv.url)
+        ok = [o for o in res if o.status == 200]
+        refused = [o for o in res if o.status == 503 and o.kind == "overloaded_error"]
+        deadline = [o for o in res if o.kind == "deadline_exceeded"]
+        bad5xx = [o for o in res if o.status >= 500 and o.status != 503]
+        failed = [o for o in res if o.status == 0]
+        s503 = [o.seconds for o in res if o.status == 503]
+        goodput = sum(o.pairs for o in ok) / wall
+        computed = m1["computed"] - m0["computed"]
+        discarded = m1["discarded"] - m0["discarded"]
+        rows.append({
+            "scenario": f"overload: {a.clients} clients x {a.duration:g} s (Retry-After honoured)",
+            "requests": len(res), "200": len(ok), "503 overloaded": len(refused),
+            "deadline_exceeded": len(deadline), "5xx not 503": len(bad5xx), "connection errors": len(failed),
+            "503 p50 / p99": f"{ms(pct(s503, 50))} / {ms(pct(s503, 99))}",
+            "200 p50 / p99": f"{ms(pct([o.seconds for o in ok], 50))} / {ms(pct([o.seconds for o in ok], 99))}",
+            "pairs/s of 200s": f"{goodput:.0f} ({goodput / sat:.0%} of saturating)" if sat else f"{goodput:.0f}",
+            "Retry-After seen": (f"{min(o.retry_after or 0 for o in refused):g}-{max(o.retry_after or 0 for o in refused):g} s"
+                                 if refused else "-"),
+            "computed then discarded": f"{discarded:.0f} of {computed:.0f} units ({discarded / max(computed, 1):.2%})",
+        })
+    finally:
+        srv.stop()
+    return rows
+
+
+def heavy(ctx: Context) -> list[dict[str, Any]]:
+    a = ctx.args
+    rows = []
+    srv = ctx.server()
+    try:
+        info = httpx.get(srv.url + "/info", timeout=30).json()
+        max_units = int(info["limits"].get("max_units_per_request") or a.heavy_units)
+        n_units = min(a.heavy_units or max_units, max_units)
+        max_len = int(info["models"][0]["max_length"])
+        rng = random.Random(4)
+        small = [(q, d[:8]) for q, d in ctx.queries if len(d) >= 8]
+        words = " ".join(s for _, d in ctx.queries[:50] for s in d).split()
+        long_doc = " ".join(rng.choice(words) for _ in range(max_len * 2))  # cut at max_length
+        big_body = {"query": "what is this about", "documents": [long_doc] * n_units}
+
+        async def smalls(count: int, stop: asyncio.Event | None = None) -> list[Outcome]:
+            out = []
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+                for i in range(count):
+                    if stop is not None and stop.is_set():
+                        break
+                    q, d = small[i % len(small)]
+                    out.append(await post(s, srv.url + "/rerank", {"query": q, "documents": d}, len(d)))
+            return out
+
+        asyncio.run(smalls(10))  # warm up
+        unloaded = asyncio.run(smalls(a.small_requests))
+
+        async def loaded() -> tuple[Outcome, list[Outcome]]:
+            stop = asyncio.Event()
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
+                big_task = asyncio.create_task(post(s, srv.url + "/rerank", big_body, n_units))
+                await asyncio.sleep(0.5)  # it is admitted and running
+                small_task = asyncio.create_task(smalls(10_000, stop))
+                big = await big_task
+                stop.set()
+                return big, await small_task
+
+        big, during = asyncio.run(loaded())
+        ul = [o.seconds for o in unloaded if o.status == 200]
+        dl = [o.seconds for o in during if o.status == 200]
+        rows.append({"scenario": "small requests (8 pairs), unloaded, one client", "requests": len(unloaded),
+                     "200": len(ul), "200 p50 / p99": f"{ms(pct(ul, 50))} / {ms(pct(ul, 99))}"})
+        rows.append({
+            "scenario": f"...while one maximal request runs ({n_units} units of {max_len} tokens: "
+                        f"{big.status} {big.kind} in {big.seconds:.1f} s)",
+            "requests": len(during), "200": len(dl),
+            "200 p50 / p99": f"{ms(pct(dl, 50))} / {ms(pct(dl, 99))}",
+            "p99 vs unloaded": f"{pct(dl, 99) / pct(ul, 99):.1f}x" if dl and ul else "-",
+        })
+    finally:
+        srv.stop()
+    return rows
+
+
+Scenario = Callable[[Context], list[dict[str, Any]]]
+SCENARIOS: dict[str, Scenario] = {"overload": overload, "heavy": heavy}
+
+
+# ------------------------------------------------------------------------------------------- main
+def cpu_line() -> str:
+    name = platform.processor() or "cpu"
+    flags = ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        m = re.search(r"model name\s*:\s*(.+)", info)
+        name = m.group(1).strip() if m else name
+        have = set(re.search(r"flags\s*:\s*(.+)", info).group(1).split())  # type: ignore[union-attr]
+        flags = "AVX-512 VNNI" if "avx512_vnni" in have else ("AVX2" if "avx2" in have else "no AVX2")
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{name}, {os.cpu_count()} cores, {flags}; load average {load:.1f} at start"
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(FIXTURE), help="what the servers serve (a folder or hub id)")
+    p.add_argument("--only", default=",".join(SCENARIOS), help=f"scenarios, comma-separated: {', '.join(SCENARIOS)}")
+    p.add_argument("--clients", type=int, default=300)
+    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--base-clients", type=int, default=4, help="closed-loop clients for the saturating throughput")
+    p.add_argument("--base-duration", type=float, default=10.0)
+    p.add_argument("--small-requests", type=int, default=60)
+    p.add_argument("--heavy-units", type=int, default=0, help="units of the heavy request (0: the server's cap)")
+    args = p.parse_args()
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        p.error(f"unknown scenario(s) {unknown}; known: {list(SCENARIOS)}")
+    ctx = Context(args, load_queries())
+    print(f"CPU: {cpu_line()}")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        print(f"commit {commit.stdout.strip()}, model {args.model}\n")
+    except OSError:
+        pass
+    rows: list[dict[str, Any]] = []
+    for n in names:
+        t = time.monotonic()
+        got = SCENARIOS[n](ctx)
+        rows += got
+        print(f"[{n}: {time.monotonic() - t:.0f} s]", file=sys.stderr)
+    print_table(rows)
+    print(f"\n(load average {os.getloadavg()[0]:.1f} at the end)")
+
+
+if __name__ == "__main__":
+    main()
