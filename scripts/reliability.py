@@ -13,6 +13,7 @@ Scenarios:
   for ``--duration`` s that retry after the server's ``Retry-After``: 5xx other than 503,
   ``deadline_exceeded`` answers, the 503s' latency, goodput (pairs/s of 200s) against the
   saturating throughput, and units computed for requests that had already ended.
+- ``storm``: the same with clients that ignore Retry-After and retry 50 ms after a 503.
 - ``heavy``: small-request latency unloaded, then while one maximal allowed request runs.
 """
 
@@ -96,7 +97,7 @@ async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any], p
 
 async def closed_loop(
     url: str, queries: list[tuple[str, list[str]]], clients: int, seconds: float, *, honour_retry_after: bool,
-    seed: int = 0,
+    seed: int = 0, pause_s: float = 0.05,
 ) -> list[Outcome]:
     """``clients`` clients, each sending its next request when the last one is answered (after the
     server's Retry-After, with jitter, when it says to wait)."""
@@ -112,8 +113,9 @@ async def closed_loop(
                 q, docs = rng.choice(queries)
                 o = await post(session, url + "/rerank", {"query": q, "documents": docs}, len(docs))
                 out.append(o)
-                if honour_retry_after and o.status == 503 and o.retry_after:
-                    await asyncio.sleep(min(o.retry_after * rng.uniform(0.5, 1.0), max(0.0, end - time.monotonic())))
+                if o.status == 503:
+                    wait = o.retry_after * rng.uniform(0.5, 1.0) if honour_retry_after and o.retry_after else pause_s
+                    await asyncio.sleep(min(wait, max(0.0, end - time.monotonic())))
 
         await asyncio.gather(*(client(i) for i in range(clients)))
     return out
@@ -148,7 +150,7 @@ def ms(x: float) -> str:
 
 
 # -------------------------------------------------------------------------------------- scenarios
-def overload(ctx: Context) -> list[dict[str, Any]]:
+def overload(ctx: Context, honour: bool = True) -> list[dict[str, Any]]:
     a = ctx.args
     rows = []
     srv = ctx.server()
@@ -165,7 +167,7 @@ def overload(ctx: Context) -> list[dict[str, Any]]:
         })
         m0 = scrape(srv.url)
         t = time.monotonic()
-        res = asyncio.run(closed_loop(srv.url, ctx.queries, a.clients, a.duration, honour_retry_after=True, seed=2))
+        res = asyncio.run(closed_loop(srv.url, ctx.queries, a.clients, a.duration, honour_retry_after=honour, seed=2))
         wall = time.monotonic() - t
         m1 = scrape(srv.url)
         ok = [o for o in res if o.status == 200]
@@ -178,7 +180,8 @@ def overload(ctx: Context) -> list[dict[str, Any]]:
         computed = m1["computed"] - m0["computed"]
         discarded = m1["discarded"] - m0["discarded"]
         rows.append({
-            "scenario": f"overload: {a.clients} clients x {a.duration:g} s (Retry-After honoured)",
+            "scenario": f"overload: {a.clients} clients x {a.duration:g} s "
+                        + ("(Retry-After honoured)" if honour else "(retry 50 ms after a 503: a retry storm)"),
             "requests": len(res), "200": len(ok), "503 overloaded": len(refused),
             "deadline_exceeded": len(deadline), "5xx not 503": len(bad5xx), "connection errors": len(failed),
             "503 p50 / p99": f"{ms(pct(s503, 50))} / {ms(pct(s503, 99))}",
@@ -191,6 +194,11 @@ def overload(ctx: Context) -> list[dict[str, Any]]:
     finally:
         srv.stop()
     return rows
+
+
+def storm(ctx: Context) -> list[dict[str, Any]]:
+    """``overload`` with clients that ignore Retry-After: what refusing costs the server."""
+    return overload(ctx, honour=False)
 
 
 def heavy(ctx: Context) -> list[dict[str, Any]]:
@@ -206,8 +214,6 @@ def heavy(ctx: Context) -> list[dict[str, Any]]:
         small = [(q, d[:8]) for q, d in ctx.queries if len(d) >= 8]
         words = " ".join(s for _, d in ctx.queries[:50] for s in d).split()
         long_doc = " ".join(rng.choice(words) for _ in range(max_len * 2))  # cut at max_length
-        big_body = {"query": "what is this about", "documents": [long_doc] * n_units}
-
         async def smalls(count: int, stop: asyncio.Event | None = None) -> list[Outcome]:
             out = []
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
@@ -218,8 +224,11 @@ def heavy(ctx: Context) -> list[dict[str, Any]]:
                     out.append(await post(s, srv.url + "/rerank", {"query": q, "documents": d}, len(d)))
             return out
 
-        asyncio.run(smalls(10))  # warm up
+        asyncio.run(smalls(10))  # warm up: the server has measured its throughput
+        n_units = _largest_allowed(srv.url, long_doc, n_units)
         unloaded = asyncio.run(smalls(a.small_requests))
+
+        big_body = {"query": "what is this about", "documents": [long_doc] * n_units}
 
         async def loaded() -> tuple[Outcome, list[Outcome]]:
             stop = asyncio.Event()
@@ -248,8 +257,22 @@ def heavy(ctx: Context) -> list[dict[str, Any]]:
     return rows
 
 
+def _largest_allowed(url: str, doc: str, n: int) -> int:
+    """The most copies of ``doc`` one request may hold: the unit cap, or less where the server
+    answers 413 because the work would outlast the deadline (its message says by how much)."""
+    for _ in range(6):
+        r = httpx.post(url + "/rerank", json={"query": "q", "documents": [doc] * n}, timeout=120)
+        if r.status_code != 413:
+            return n
+        m = re.search(r"about ([\d.]+) s of compute.*?the ([\d.]+) s", r.json()["error"]["message"])
+        if not m:
+            raise RuntimeError(r.text)
+        n = max(1, int(n * float(m.group(2)) / float(m.group(1)) * 0.9))
+    return n
+
+
 Scenario = Callable[[Context], list[dict[str, Any]]]
-SCENARIOS: dict[str, Scenario] = {"overload": overload, "heavy": heavy}
+SCENARIOS: dict[str, Scenario] = {"overload": overload, "storm": storm, "heavy": heavy}
 
 
 # ------------------------------------------------------------------------------------------- main

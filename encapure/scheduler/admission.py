@@ -36,7 +36,7 @@ from encapure.scheduler.metrics import SchedulerMetrics
 # for the fair scheduler serving later small requests before it.
 ADMIT_FRACTION = 0.5
 # The whole backlog may hold at most this share of the request timeout in work.
-BACKLOG_FRACTION = 0.75
+BACKLOG_FRACTION = 0.5
 # Per-unit cost beyond its tokens (padding, the per-row head, copying), in tokens.
 UNIT_OVERHEAD = 16
 # Work per second assumed before the first batch is measured: low on purpose (a 2-core CPU runs a
@@ -88,6 +88,7 @@ class Admission:
         self.work = 0.0  # work of granted requests not computed yet
         self.waiters: list[_Waiter] = []
         self.tickets: set[Ticket] = set()  # granted, not released
+        self._busy_samples = 0
         self.rate = 0.0  # EWMA of work per second the workers sustain (0: not measured yet)
 
     @property
@@ -246,9 +247,20 @@ class Admission:
         self.waiters.clear()
 
     def observe(self, work: float, elapsed: float, workers: int) -> None:
-        """Work per second the workers sustain while busy (idle gaps must not lower it)."""
+        """One batch's work per second times the live workers: a first guess, until ``observe_busy``
+        has measured a stretch of busy time (per-batch rates overstate a CPU shared with the other
+        workers and other processes)."""
+        if self._busy_samples:
+            return
         inst = work / max(elapsed, 1e-4) * max(1, workers)
         self.rate = inst if self.rate == 0 else 0.8 * self.rate + 0.2 * inst
+
+    def observe_busy(self, work: float, busy_s: float) -> None:
+        """Work completed over wall-clock time while at least one batch ran: what the workers
+        together really sustain (idle gaps excluded)."""
+        inst = work / max(busy_s, 1e-4)
+        self.rate = inst if not self._busy_samples else 0.7 * self.rate + 0.3 * inst
+        self._busy_samples += 1
 
     def retry_after(self) -> float:
         """Seconds until the work in progress is computed at the measured throughput (1 to 60)."""

@@ -56,6 +56,8 @@ log = logging.getLogger("encapure.scheduler")
 
 T = TypeVar("T")
 
+# Busy seconds per throughput sample (work completed / wall time while batches ran).
+_RATE_SAMPLE_S = 0.5
 # How often queued requests are asked whether their client is still there.
 _CANCEL_SWEEP_S = 0.05
 # The settings that shape scheduling, as stats() reports them.
@@ -119,6 +121,10 @@ class Scheduler:
         self._timer_at = math.inf
         self._last_sweep = 0.0
         self._heavy_inflight = 0  # batches of heavy requests on workers now
+        # throughput over busy time: work completed and busy seconds since the last sample
+        self._busy_mark = 0.0
+        self._busy_work = 0.0
+        self._busy_s = 0.0
         self.totals = Totals()
         self.metrics.workers_alive.set(0)
         for name in self.models:
@@ -556,6 +562,8 @@ class Scheduler:
                 batch = Batch(model, items, heavy=any(it.req.heavy for it in items))
                 if batch.heavy:
                     self._heavy_inflight += 1
+                if self.workers.inflight == 0:
+                    self._busy_mark = time.monotonic()  # busy from now: throughput is measured
                 self.workers.dispatch(batch)
                 self.metrics.inflight_batches.set(self.workers.inflight)
         if self.pending.queued:
@@ -593,9 +601,16 @@ class Scheduler:
                     if it.req.ticket is not None and not it.req.done:
                         self.admission.computed(it.req.ticket, w)
             n = settle(batch, rows, error, self.metrics, self.totals, self.inprogress.finish)
+            now = time.monotonic()
+            self._busy_s += now - self._busy_mark
+            self._busy_mark = now
+            self._busy_work += work
             if n and work:
                 self.admission.observe(work, batch.elapsed, self.workers.alive)
-                self.metrics.throughput.set(self.admission.throughput)
+            if self._busy_s >= _RATE_SAMPLE_S:
+                self.admission.observe_busy(self._busy_work, self._busy_s)
+                self._busy_work = self._busy_s = 0.0
+            self.metrics.throughput.set(self.admission.throughput)
             self.admission.poke()
             self.metrics.admitted_work_seconds.set(self.admission.drain_s())
         except Exception:

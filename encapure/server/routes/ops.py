@@ -118,6 +118,8 @@ async def info(request: Request) -> Response:
                 "threads_per_worker": s.resolved_threads(),
                 "max_concurrent_requests": s.max_concurrent_requests,
                 "max_queued_items": s.max_queued_items,
+                "max_units_per_request": s.max_units_per_request,
+                "max_tokenize_tokens": s.max_tokenize_tokens,
                 "admission_timeout_s": s.admission_timeout_s,
                 "request_timeout_s": s.request_timeout_s,
                 "max_request_bytes": s.max_request_bytes,
