@@ -3,7 +3,6 @@ TEI's ``/embed`` and the hub's ``/similarity``, over one prepare-and-run path th
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 from typing import Any, Literal
@@ -54,6 +53,17 @@ def _prepare_embed(
     return model.prepare_texts(texts, truncate=truncate, kind=kind, dimensions=dimensions, normalize=normalize)
 
 
+def _prepare_embed_items(model: InferenceModel, items: list[str | list[int]], **kw: Any) -> Prepared:
+    """``_prepare_embed`` over texts and token-id lists (decoded here, off the event loop)."""
+    id_at = [i for i, x in enumerate(items) if isinstance(x, list)]
+    texts = [x if isinstance(x, str) else "" for x in items]
+    if id_at:
+        decoded = _decode_ids(model, [x for x in items if isinstance(x, list)])
+        for i, text in zip(id_at, decoded, strict=True):
+            texts[i] = text
+    return _prepare_embed(model, texts, **kw)
+
+
 # --- embeddings ---------------------------------------------------------------------------------
 def _decode_ids(model: InferenceModel, batches: list[list[int]]) -> list[str]:
     """Token-id input must be in the model's own vocabulary: we decode it and tokenize again. Ids
@@ -102,36 +112,32 @@ async def _embed(
     name, model = pick_model(state, model_name, ("embed",), route)
     if prompt_name is not None:
         kind = _prompt_kind(name, model, prompt_name)
-    texts: list[str]
+    items: list[str | list[int]]
     if isinstance(inputs, str):
-        texts = [inputs]
+        items = [inputs]
     elif inputs and isinstance(inputs[0], int):
-        texts = await asyncio.to_thread(_decode_ids, model, [inputs])
+        items = [list(inputs)]
     else:  # texts and lists of token ids, mixed as TEI allows
         items = list(inputs)
-        _check_batch(state, len(items), "inputs")
-        id_at = [i for i, x in enumerate(items) if isinstance(x, list)]
-        if id_at:
-            decoded = await asyncio.to_thread(_decode_ids, model, [items[i] for i in id_at])
-            for i, text in zip(id_at, decoded, strict=True):
-                items[i] = text
-        texts = items
-    _check_batch(state, len(texts), "inputs")
-    request.scope["state"]["info"]["items"] = len(texts)
-    state.http_metrics.items.labels(route).inc(len(texts))
-    if not texts:
+    _check_batch(state, len(items), "inputs")
+    request.scope["state"]["info"]["items"] = len(items)
+    state.http_metrics.items.labels(route).inc(len(items))
+    if not items:
         raise InvalidInputError("input: give at least one text")
     prepare = functools.partial(
-        _prepare_embed,
+        _prepare_embed_items,
         model,
-        texts,
+        items,
         truncate=truncate,
         side=side,
         kind=kind,
         dimensions=dimensions,
         normalize=normalize,
     )
-    out, headers = await run_inference(request, name, model, prepare, estimate_for_texts(model, texts))
+    # token ids are decoded (and checked) in the prepare step, after admission; an id list of n
+    # tokens is at most n tokens again
+    bound = [x if isinstance(x, str) else "x" * len(x) for x in items]
+    out, headers = await run_inference(request, name, model, prepare, estimate_for_texts(model, bound))
     assert isinstance(out, EmbedOutput)
     return name, out, headers
 
