@@ -307,7 +307,7 @@ def main() -> None:
     p.add_argument("--only", default=",".join(SCENARIOS), help=f"scenarios, comma-separated: {', '.join(SCENARIOS)}")
     p.add_argument("--clients", type=int, default=300)
     p.add_argument("--duration", type=float, default=30.0)
-    p.add_argument("--base-clients", type=int, default=4, help="closed-loop clients for the saturating throughput")
+    p.add_argument("--base-clients", type=int, default=8, help="closed-loop clients for the saturating throughput")
     p.add_argument("--base-duration", type=float, default=10.0)
     p.add_argument("--small-requests", type=int, default=60)
     p.add_argument("--heavy-units", type=int, default=0, help="units of the heavy request (0: the server's cap)")

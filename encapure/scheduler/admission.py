@@ -36,7 +36,7 @@ from encapure.scheduler.metrics import SchedulerMetrics
 # for the fair scheduler serving later small requests before it.
 ADMIT_FRACTION = 0.5
 # The whole backlog may hold at most this share of the request timeout in work.
-BACKLOG_FRACTION = 0.5
+BACKLOG_FRACTION = 0.33
 # Per-unit cost beyond its tokens (padding, the per-row head, copying), in tokens.
 UNIT_OVERHEAD = 16
 # Work per second assumed before the first batch is measured: low on purpose (a 2-core CPU runs a
@@ -104,6 +104,8 @@ class Admission:
         return sum(min(o.work, work) for o in self.tickets)
 
     def _work_fits(self, t: Ticket, deadline: float, now: float, drained: float = 0.0) -> bool:
+        """Whether ``t`` fits by work at ``now``, once ``drained`` work has been computed (negative:
+        work that will be granted before it)."""
         rate = self.throughput
         ahead = max(0.0, self.ahead_of(t.work) - drained)
         backlog = max(0.0, self.work - drained)
@@ -126,7 +128,9 @@ class Admission:
         if self.items == 0:
             return False
         wait = min(self.timeout_s, max(0.0, deadline - now))
-        return not self._work_fits(t, deadline, now + wait, drained=self.throughput * wait)
+        # the requests already waiting are granted first (first fit): their work counts too
+        waiting = sum(w[0].work for w in self.waiters)
+        return not self._work_fits(t, deadline, now + wait, drained=self.throughput * wait - waiting)
 
     def _grant(self, t: Ticket) -> None:
         self.tickets.add(t)
@@ -253,14 +257,19 @@ class Admission:
         if self._busy_samples:
             return
         inst = work / max(elapsed, 1e-4) * max(1, workers)
-        self.rate = inst if self.rate == 0 else 0.8 * self.rate + 0.2 * inst
+        self.rate = inst if self.rate == 0 else 0.8 * self.rate + 0.2 * self._clip(inst)
 
     def observe_busy(self, work: float, busy_s: float) -> None:
         """Work completed over wall-clock time while at least one batch ran: what the workers
         together really sustain (idle gaps excluded)."""
         inst = work / max(busy_s, 1e-4)
-        self.rate = inst if not self._busy_samples else 0.7 * self.rate + 0.3 * inst
+        self.rate = inst if self.rate == 0 else 0.7 * self.rate + 0.3 * self._clip(inst)
         self._busy_samples += 1
+
+    def _clip(self, inst: float) -> float:
+        """One sample moves the estimate by at most 2x (a stalled batch or a pause is an outlier;
+        a lasting change still shows within a few samples)."""
+        return min(max(inst, self.rate / 2), self.rate * 2)
 
     def retry_after(self) -> float:
         """Seconds until the work in progress is computed at the measured throughput (1 to 60)."""
