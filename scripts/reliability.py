@@ -183,7 +183,7 @@ def overload(ctx: Context, honour: bool = True) -> list[dict[str, Any]]:
             "scenario": f"overload: {a.clients} clients x {a.duration:g} s "
                         + ("(Retry-After honoured)" if honour else "(retry 50 ms after a 503: a retry storm)"),
             "requests": len(res), "200": len(ok), "503 overloaded": len(refused),
-            "deadline_exceeded": len(deadline), "5xx not 503": len(bad5xx), "connection errors": len(failed),
+            "deadline_exceeded": len(deadline), "5xx not 503": len(bad5xx), "connection errors": (f"{len(failed)} ({', '.join(sorted({o.kind for o in failed}))})" if failed else 0),
             "503 p50 / p99": f"{ms(pct(s503, 50))} / {ms(pct(s503, 99))}",
             "200 p50 / p99": f"{ms(pct([o.seconds for o in ok], 50))} / {ms(pct([o.seconds for o in ok], 99))}",
             "pairs/s of 200s": f"{goodput:.0f} ({goodput / sat:.0%} of saturating)" if sat else f"{goodput:.0f}",
@@ -260,14 +260,14 @@ def heavy(ctx: Context) -> list[dict[str, Any]]:
 def _largest_allowed(url: str, doc: str, n: int) -> int:
     """The most copies of ``doc`` one request may hold: the unit cap, or less where the server
     answers 413 because the work would outlast the deadline (its message says by how much)."""
-    for _ in range(6):
+    for _ in range(8):
         r = httpx.post(url + "/rerank", json={"query": "q", "documents": [doc] * n}, timeout=120)
         if r.status_code != 413:
             return n
-        m = re.search(r"about ([\d.]+) s of compute.*?the ([\d.]+) s", r.json()["error"]["message"])
+        m = re.search(r"about ([\d.]+) s of compute.*?at most ([\d.]+) s", r.json()["error"]["message"])
         if not m:
             raise RuntimeError(r.text)
-        n = max(1, int(n * float(m.group(2)) / float(m.group(1)) * 0.9))
+        n = max(1, int(n * float(m.group(2)) / float(m.group(1)) * 0.8))
     return n
 
 

@@ -37,6 +37,8 @@ from encapure.scheduler.metrics import SchedulerMetrics
 ADMIT_FRACTION = 0.5
 # The whole backlog may hold at most this share of the request timeout in work.
 BACKLOG_FRACTION = 0.33
+# One request may hold at most this share of the request timeout in work (half the backlog).
+SINGLE_FRACTION = BACKLOG_FRACTION / 2
 # Per-unit cost beyond its tokens (padding, the per-row head, copying), in tokens.
 UNIT_OVERHEAD = 16
 # Work per second assumed before the first batch is measured: low on purpose (a 2-core CPU runs a
@@ -94,6 +96,11 @@ class Admission:
     @property
     def throughput(self) -> float:
         return self.rate if self.rate > 0 else COLD_RATE
+
+    def max_single_work(self) -> float:
+        """The most work one request may bring: half the backlog budget, so small requests still
+        fit beside the largest one allowed."""
+        return self.throughput * SINGLE_FRACTION * self.backlog_s
 
     def drain_s(self, extra: float = 0.0) -> float:
         """Seconds until the work in the system (plus ``extra``) is computed, at the measured rate."""

@@ -267,7 +267,10 @@ class Scheduler:
             self._too_large(estimate.inputs, at_least=True)
         units = max(1, min(estimate.units, cap))
         tokens = min(estimate.tokens, units * estimate.unit_max)
-        ticket = await self.admission.admit(units, unit_work(tokens, units), deadline)
+        # an estimate is an upper bound: never reserve more than one request may bring (a request
+        # bigger than that is refused once its real size is known)
+        reserve = min(unit_work(tokens, units), self.admission.max_single_work())
+        ticket = await self.admission.admit(units, reserve, deadline)
         handed = False
         try:
             if timings is not None:
@@ -381,14 +384,15 @@ class Scheduler:
             return  # not measured yet: no grounds to refuse
         alive = max(1, self.workers.alive)
         share = (alive - 1) / alive if alive > 1 and is_heavy(work, self._limits()) else 1.0
-        need = work / (adm.rate * share)
+        need = work / (adm.rate * share)  # on the workers it may hold
         allowed = ADMIT_FRACTION * max(0.0, deadline - time.monotonic())
-        if need > allowed:
+        if need > allowed or work > adm.max_single_work():
             self.metrics.rejected_requests.labels(reason="too_large").inc()
+            limit = min(allowed, need * adm.max_single_work() / work)
             raise PayloadTooLargeError(
                 f"this request ({units} units) needs about {need:.1f} s of compute at the measured "
-                f"throughput, more than the {allowed:.1f} s its deadline leaves for it: split it into "
-                "smaller requests"
+                f"throughput; one request may take at most {limit:.1f} s here (its deadline, and room "
+                "for other requests beside it): split it into smaller requests"
             )
 
     async def prepare(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
