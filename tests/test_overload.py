@@ -25,7 +25,7 @@ from encapure.engine.estimate import estimate_pairs, token_bound
 from encapure.engine.types import Prepared
 from encapure.errors import DeadlineExceededError, OverloadedError, PayloadTooLargeError
 from encapure.scheduler import Scheduler, SchedulerMetrics
-from encapure.scheduler.admission import ADMIT_FRACTION, Admission
+from encapure.scheduler.admission import BACKLOG_FRACTION, Admission
 from encapure.server.testing import InProcessServer
 from encapure.settings import Settings
 
@@ -89,12 +89,12 @@ def test_overload_is_refused_fast_untokenized_and_admitted_work_meets_its_deadli
     """Twice what fits within the deadline arrives at once: what is admitted all finishes in time
     (no deadline_exceeded, nothing computed for nothing); the rest gets a fast 503 with a Retry-After
     from the drain time, and is never tokenized."""
-    deadline_s = 4.0
+    deadline_s = 6.0
     model = fake_model("rerank", name="rr", settings=Settings(threads_per_worker=1), per_token_s=1e-4)
     metrics = SchedulerMetrics()
     s = Settings(workers=1, request_timeout_s=deadline_s, admission_timeout_s=0.3, max_wait_ms=1)
     rng = random.Random(1)
-    batch = [(words(rng, 5), [words(rng, 20) for _ in range(16)]) for _ in range(120)]
+    batch = [(words(rng, 5), [words(rng, 20) for _ in range(16)]) for _ in range(250)]
 
     async def main() -> list[tuple[Any, float, Counted]]:
         sched = Scheduler({"rr": model}, s, metrics)
@@ -116,11 +116,25 @@ def test_overload_is_refused_fast_untokenized_and_admitted_work_meets_its_deadli
         assert dt < s.admission_timeout_s + 0.5, dt
         assert prep.calls == 0  # refused before tokenizing
     afters = [r[0].retry_after for r in refused]
-    # the admitted work drains in about ADMIT_FRACTION x the deadline: that is the Retry-After
+    # the admitted work drains in at most BACKLOG_FRACTION x the deadline: that is the Retry-After
     assert max(afters) >= 2, afters
-    assert all(1 <= a <= math.ceil(ADMIT_FRACTION * deadline_s) + 2 for a in afters), afters
+    assert all(1 <= a <= math.ceil(BACKLOG_FRACTION * deadline_s) + 2 for a in afters), afters
     assert metric(metrics, "encapure_discarded_units_total") == 0
     assert metric(metrics, "encapure_dropped_items_total", reason="deadline") == 0
+    # the realized batches and the queue, as the metrics tell them, match what the model ran
+    ran = fake_session(model).batches[2:]  # after the model's own warm-up shapes
+    assert metric(metrics, "encapure_batch_size_sum", model="rr") == sum(n for n, _ in ran)
+    assert metric(metrics, "encapure_batches_total", model="rr") == len(ran)
+    assert metric(metrics, "encapure_batch_size_sum", model="rr") == 8 + sum(
+        len(docs) for (out, _, _), (_, docs) in zip(results, batch, strict=True) if not isinstance(out, Exception)
+    )
+    assert metric(metrics, "encapure_batch_tokens_sum", model="rr") == sum(n * w for n, w in ran)
+    assert metric(metrics, "encapure_batch_requests_count", model="rr") == len(ran)
+    assert metric(metrics, "encapure_queue_seconds_count", model="rr") == 1 + len(served)
+    assert metric(metrics, "encapure_queue_depth_items", model="rr") == 0
+    assert metric(metrics, "encapure_admitted_work_seconds") == 0
+    assert metric(metrics, "encapure_requests_in_scheduler") == 0
+    assert metric(metrics, "encapure_rejected_requests_total", reason="overloaded") == len(refused)
 
 
 def test_rejection_series_start_at_zero() -> None:
@@ -306,6 +320,7 @@ def test_estimates_bound_the_real_size() -> None:
         assert est.inputs == len(texts)
         assert est.units >= len(prep.units)
         assert est.tokens >= sum(len(u) for u in prep.units)
+        assert est.likely_units <= est.units and est.likely_tokens <= est.tokens
 
 
 def test_a_request_that_cannot_finish_by_its_deadline_is_refused_before_compute() -> None:

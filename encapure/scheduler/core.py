@@ -265,10 +265,10 @@ class Scheduler:
         cap = self.settings.max_units_per_request
         if estimate.inputs > cap:
             self._too_large(estimate.inputs, at_least=True)
-        units = max(1, min(estimate.units, cap))
-        tokens = min(estimate.tokens, units * estimate.unit_max)
-        # an estimate is an upper bound: never reserve more than one request may bring (a request
-        # bigger than that is refused once its real size is known)
+        # room for its likely size (the real one replaces it after tokenization), never more than
+        # one request may bring (a request bigger than that is refused once its size is known)
+        units = max(1, min(estimate.likely_units or estimate.units, cap))
+        tokens = min(estimate.likely_tokens or estimate.tokens, units * estimate.unit_max)
         reserve = min(unit_work(tokens, units), self.admission.max_single_work())
         ticket = await self.admission.admit(units, reserve, deadline)
         handed = False
