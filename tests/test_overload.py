@@ -348,3 +348,21 @@ def test_a_request_that_cannot_finish_by_its_deadline_is_refused_before_compute(
 
     asyncio.run(main())
     assert metric(metrics, "encapure_rejected_requests_total", reason="too_large") == 1
+
+
+def test_a_huge_truncated_text_is_cut_before_tokenizing_with_the_same_tokens() -> None:
+    """A document truncated at max_length keeps exactly the tokens the whole text would give,
+    though only its first characters are tokenized (a megabyte costs what a few kilobytes do)."""
+    model = fake_model("rerank", name="rr", max_length=64)
+    embedder = fake_model("embed", name="emb", max_length=64)
+    rng = random.Random(8)
+    huge = " ".join(words(rng, 1) + ("," if i % 7 == 0 else "") for i in range(40_000))  # ~120 KB
+    for side in ("right", "left"):
+        for m in (model, embedder):
+            m.truncation_side = side  # type: ignore[assignment]
+            m._tok_mode = None  # the tokenizer is reconfigured for the new side
+        got = model.prepare_pairs("a query", [huge, "short"]).units
+        whole = model.encode_batch([("a query", huge), ("a query", "short")], "pair")
+        assert [list(u.ids) for u in got] == [list(e.ids) for e in whole], side
+        emb = embedder.prepare_texts([huge]).units
+        assert list(emb[0].ids) == list(embedder.encode_batch([huge], "single")[0].ids), side
