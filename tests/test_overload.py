@@ -296,13 +296,16 @@ def test_tokenize_goes_through_admission_and_has_a_response_cap(capped: Any) -> 
         dt = time.monotonic() - t
         assert (await busy).status_code == 200
         big = await c.post("/tokenize", json={"inputs": [words(random.Random(5), 40)] * 3})
+        huge = await c.post("/tokenize", json={"inputs": "word " * 2000})  # refused untokenized
+        assert huge.status_code == 413 and "would answer about" in huge.json()["error"]["message"], huge.text
         ok = await c.post("/tokenize", json={"inputs": "hello world"})
         return refused, dt, big, ok
 
     refused, dt, big, ok = _serve(capped, go)
     assert refused.status_code == 503 and refused.json()["error"]["type"] == "overloaded_error", refused.text
     assert dt < 1.0
-    assert big.status_code == 413 and "--max-tokenize-tokens" in big.json()["error"]["message"], big.text
+    assert big.status_code == 413 and "more than 50" in big.json()["error"]["message"], big.text
+    assert "--max-tokenize-tokens" in big.json()["error"]["message"]
     assert ok.status_code == 200 and [t["text"] for t in ok.json()[0] if not t["special"]] == ["hello", "world"]
 
 

@@ -202,6 +202,11 @@ async def tei_tokenize(body: TEITokenizeRequest, request: Request) -> Response:
             "(--max-tokenize-tokens): send fewer or shorter texts"
         )
 
+    chars = sum(len(t) for t in texts)
+    if chars > cap * _CHARS_PER_TOKEN_REFUSE:
+        # refused before tokenizing: text runs ~4-5 characters a token, so this is far over the cap
+        raise too_big(f"about {chars // 5}")
+
     def work() -> list[list[dict[str, Any]]]:
         # chunk by chunk: the shared tokenizer's lock is held for one chunk at a time, and the
         # answer's size is known (and refused) before it is built
@@ -236,6 +241,8 @@ async def tei_tokenize(body: TEITokenizeRequest, request: Request) -> Response:
     return _json(result)
 
 
+# Characters per token above which a /tokenize request is refused untokenized (real text has 4-5).
+_CHARS_PER_TOKEN_REFUSE = 10
 # Texts per tokenizer call of /tokenize, and the characters per call (whichever comes first).
 _CHUNK_TEXTS = 64
 _CHUNK_CHARS = 64 * 1024
