@@ -139,9 +139,11 @@ class Settings(BaseSettings):
         default=512, ge=1, description="requests admitted at once (more wait, then 503)"
     )
     max_queued_items: int = Field(default=8192, ge=1, description="inputs admitted at once (more wait, then 503)")
-    # Work-based admission (scheduler/admission.py) decides what fits before the deadline; this caps
-    # one request so that it cannot hold every worker for long (long_documents="window" makes one
-    # 1 MB document ~1,800 units).
+    # A count cap, checked before any work: long_documents="window" makes one 1 MB document ~1,800
+    # units. What finishes within the deadline is the scheduler's work limit (scheduler/admission.py:
+    # one request may bring at most a sixth of the request timeout in measured work, else 413 with
+    # the seconds it needs), which follows the model and the machine; this count stays at
+    # max_client_batch_size so that a request of that many short inputs is never refused by it.
     max_units_per_request: int = Field(
         default=1024,
         ge=1,

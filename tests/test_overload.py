@@ -369,3 +369,17 @@ def test_a_huge_truncated_text_is_cut_before_tokenizing_with_the_same_tokens() -
         assert [list(u.ids) for u in got] == [list(e.ids) for e in whole], side
         emb = embedder.prepare_texts([huge]).units
         assert list(emb[0].ids) == list(embedder.encode_batch([huge], "single")[0].ids), side
+
+
+def test_clipping_a_huge_text_tokenizes_only_what_it_keeps() -> None:
+    """The routes' per-request cut (TEI truncation_direction, Cohere max_tokens_per_doc) gives the
+    text the whole-text tokenization would, from either side."""
+    from encapure.server.routes.common import _clip
+
+    model = fake_model("rerank", name="rr", max_length=64)
+    rng = random.Random(9)
+    huge = " ".join(words(rng, 1) for _ in range(30_000))
+    enc = model.encode_batch([huge], "raw", add_special_tokens=False)[0]
+    n = len(enc.ids)
+    assert _clip(model, [huge], [20], "right") == [huge[: enc.offsets[19][1]]]
+    assert _clip(model, [huge], [20], "left") == [huge[enc.offsets[n - 20][0] :]]

@@ -217,6 +217,10 @@ def _check_batch(state: ServerState, n: int, what: str) -> None:
         )
 
 
+# No token of our tokenizers covers more characters (see encapure.engine.model).
+_CHARS_PER_TOKEN_MAX = 100
+
+
 # --- cutting texts to a token budget (TEI truncation_direction, Cohere's per-document limits) ------
 def _side(direction: TruncationDirection | None) -> Side | None:
     return None if direction is None else ("left" if direction.lower() == "left" else "right")
@@ -226,6 +230,13 @@ def _clip(model: InferenceModel, texts: list[str], limits: Sequence[int | None],
     """Cut each text to at most ``limits[i]`` tokens of the model's tokenizer (no specials), keeping
     its start (side ``right``) or its end (``left``), at token boundaries of the original text.
     Runs in the request's prepare step, off the event loop."""
+    # only what the cut can keep is tokenized (no token covers more than _CHARS_PER_TOKEN_MAX
+    # characters): a megabyte document costs what its first kilobytes do
+    texts = [
+        t if limit is None or limit <= 0 or len(t) <= limit * _CHARS_PER_TOKEN_MAX
+        else (t[: limit * _CHARS_PER_TOKEN_MAX] if side == "right" else t[-limit * _CHARS_PER_TOKEN_MAX :])
+        for t, limit in zip(texts, limits, strict=True)
+    ]
     encs = model.encode_batch(texts, "raw", add_special_tokens=False)
     out = []
     for text, enc, limit in zip(texts, encs, limits, strict=True):
