@@ -25,6 +25,7 @@ from encapure.server.routes.common import (
     _specials,
     _state,
     _tokens,
+    estimate_for_texts,
     pick_model,
     run_inference,
 )
@@ -93,7 +94,9 @@ async def _multivector(
     request.scope["state"]["info"]["items"] = len(texts)
     state.http_metrics.items.labels(route).inc(len(texts))
     prepare = functools.partial(_prepare, model, texts, kind=kind, truncate=truncate, side=side)
-    out, headers = await run_inference(request, name, model, prepare)
+    # admission by size before tokenizing, as on every inference route (re-counted once tokenized:
+    # ColBERT's query expansion can make a short query longer than its bytes)
+    out, headers = await run_inference(request, name, model, prepare, estimate_for_texts(model, texts))
     assert isinstance(out, MultiVectorOutput)
     return name, model, out, headers
 
