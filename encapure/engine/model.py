@@ -308,9 +308,10 @@ class OnnxModel:
         check_instruction(instruction, self.prompt_template, self.name)
         n = len(docs)
         options = {"raw_scores": bool(raw_scores)}
-        queries = [self._precut(q, self.truncation_side) for q in queries]
-        if long_documents != "window":  # a window needs the whole document
-            docs = [self._precut(d, self.truncation_side) for d in docs]
+        if self.prompt_template is None:  # a template cuts documents its own way
+            queries = [self._precut(q, self.truncation_side) for q in queries]
+            if long_documents != "window":  # a window needs the whole document
+                docs = [self._precut(d, self.truncation_side) for d in docs]
         if n == 0:
             return Prepared(units=[], owners=np.zeros(0, dtype=np.int64), n_inputs=0, tokens=[],
                             truncated=[], options=options)
