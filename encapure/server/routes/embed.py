@@ -8,7 +8,7 @@ import functools
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
 from encapure.engine.types import EmbedOutput, InferenceModel, Prepared, Side
@@ -23,6 +23,7 @@ from encapure.server.routes.common import (
     _state,
     _tokens,
     estimate_for_texts,
+    family_router,
     pick_model,
     run_inference,
 )
@@ -33,7 +34,7 @@ from encapure.server.schemas import (
     TEISimilarityRequest,
 )
 
-router = APIRouter()
+router = family_router()
 
 
 def _prepare_embed(

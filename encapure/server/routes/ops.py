@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
@@ -13,10 +13,10 @@ from encapure import __version__
 from encapure.engine.types import InferenceModel
 from encapure.errors import ModelNotFoundError, UnavailableError
 from encapure.server.errors import error_response
-from encapure.server.routes.common import _json, _state
+from encapure.server.routes.common import _json, _state, family_router
 from encapure.server.state import ServerState
 
-router = APIRouter()
+router = family_router()
 
 
 # --- operations -----------------------------------------------------------------------------------

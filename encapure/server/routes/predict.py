@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
 from encapure.engine.estimate import token_bound
@@ -24,13 +24,14 @@ from encapure.server.routes.common import (
     _state,
     _validate,
     estimate_for_texts,
+    family_router,
     pick_model,
     run_inference,
     run_tokenizer,
 )
 from encapure.server.schemas import TEIDecodeRequest, TEIPredictRequest, TEITokenizeRequest
 
-router = APIRouter()
+router = family_router()
 
 
 def _prepare_classify(

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
 from encapure.engine.prompts import check_instruction
@@ -25,12 +25,13 @@ from encapure.server.routes.common import (
     _state,
     _tokens,
     estimate_for_pairs,
+    family_router,
     pick_model,
     run_inference,
 )
 from encapure.server.schemas import CohereV1RerankRequest, CohereV2RerankRequest, Document, RerankRequest
 
-router = APIRouter()
+router = family_router()
 
 
 def _doc_texts(documents: Sequence[Document], rank_fields: list[str] | None = None) -> list[str]:

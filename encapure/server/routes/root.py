@@ -3,17 +3,17 @@ dispatches to a family's handler by the request's shape and the models' tasks; a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
-import orjson
-from fastapi import APIRouter, Request
+from fastapi import Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
 from encapure import __version__
 from encapure.errors import InvalidInputError
-from encapure.server.routes.common import _json, _state, _validate
+from encapure.server.routes.common import _json, _state, _validate, family_router
 from encapure.server.routes.embed import embeddings, tei_embed, tei_similarity
 from encapure.server.routes.predict import _hub_classification, tei_predict
 from encapure.server.routes.rerank import rerank
@@ -27,7 +27,7 @@ from encapure.server.schemas import (
 )
 from encapure.server.state import ServerState
 
-router = APIRouter()
+router = family_router()
 
 
 # --- the root: TEI's and SageMaker's one inference route ------------------------------------------
@@ -86,9 +86,9 @@ async def root_inference(request: Request) -> Response:
     """``huggingface_hub.InferenceClient(base_url=...)`` and SageMaker post here. The body is
     validated by the schema of the route it is dispatched to, and answered as that route answers."""
     try:
-        data = orjson.loads(await request.body())
-    except orjson.JSONDecodeError as e:
-        raise InvalidInputError(f"invalid request: malformed JSON body: {e}") from None
+        data = await request.json()  # StrictJSONRequest: orjson, lone surrogates refused
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(f"invalid request: malformed JSON body: {e.msg}") from None
     if not isinstance(data, dict):
         raise InvalidInputError("invalid request: the body must be a JSON object")
     state = _state(request)
