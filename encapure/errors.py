@@ -51,6 +51,14 @@ class PayloadTooLargeError(EncapureError):
     status = 413
 
 
+class RequestTimeoutError(EncapureError):
+    """The client sent its request headers or body too slowly (``--header-timeout``,
+    ``--body-timeout``); the connection is closed after this answer."""
+
+    kind = "request_timeout"
+    status = 408
+
+
 # --- the server's state (503) ------------------------------------------------------------------
 class UnavailableError(EncapureError):
     """Temporary: the caller should retry later (``retry_after`` seconds)."""

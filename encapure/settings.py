@@ -191,6 +191,18 @@ class Settings(BaseSettings):
         description="404 for a model name not served here (by default the one loaded model that can "
         "answer serves it, as TEI does, since clients send hard-coded names)",
     )
+    # Slow clients hold a socket (and, while a body trickles in, a request slot) for as long as they
+    # like unless the server gives up on them: 200 slowloris sockets stayed open for good before.
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="seconds a client has to send a request's headers (then 408 and the connection closes)",
+    )
+    body_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds a client has to send a request's whole body (then 408 and the connection closes)",
+    )
     shutdown_timeout_s: float = Field(
         default=30.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM"
     )

@@ -11,12 +11,19 @@ a plain-text answer, a hung socket or an untruthful OpenAPI document.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import json
+import re
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
 
+import httpx
 import pytest
 from fakes import fake_model, fake_session
 
-from encapure.server.testing import InProcessServer
+from encapure.server.testing import InProcessServer, ServerProcess, ThreadedServer
 from encapure.settings import Settings
 
 S = "\\ud800"  # a lone surrogate, as the JSON escape a client sends (raw text, not a Python str)
@@ -84,3 +91,191 @@ async def test_raw_surrogate_bytes_and_valid_pairs(inproc: InProcessServer) -> N
     r = await inproc.client.post("/rerank", content=pair)
     assert r.status_code == 200, r.text
     assert r.json()["results"][0]["document"]["text"] == "smile \U0001f600"
+
+
+# --- every answer is our JSON --------------------------------------------------------------------
+@pytest.mark.anyio
+async def test_router_errors_and_malformed_json_are_our_json(inproc: InProcessServer) -> None:
+    c = inproc.client
+    r = await c.get("/no/such/route")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = await c.delete("/rerank")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+    assert r.headers["allow"] == "POST"
+    r = await c.put("/")  # GET / and POST / are two routes: Allow names both
+    assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"GET", "POST"}
+    for route in ("/rerank", "/embed", "/", "/tokenize"):
+        r = await c.post(route, content=b'{"query": "q", "documents": [')
+        assert r.status_code == 400, (route, r.text)
+        assert r.headers["content-type"] == "application/json"
+        assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.anyio
+async def test_401_says_bearer() -> None:
+    async with InProcessServer({"rr": fake_model("rerank", name="rr")}, Settings(api_key="k", workers=1)) as srv:
+        anon = srv.new_client()
+        r = await anon.post("/rerank", json={"query": "q", "documents": ["a"]})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"]["type"] == "authentication_error"
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """The sum of a metric's samples with these labels; None when no such series exists."""
+    found = None
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:]+)(\{[^}]*\})?\s+(\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        if all(f'{k}="{v}"' in (m.group(2) or "") for k, v in labels.items()):
+            found = (found or 0.0) + float(m.group(3))
+    return found
+
+
+@pytest.mark.anyio
+async def test_error_counter_by_type_and_zero_series(inproc: InProcessServer) -> None:
+    text = (await inproc.client.get("/metrics")).text
+    for kind in ("invalid_request_error", "overloaded_error", "deadline_exceeded", "request_timeout"):
+        assert metric(text, "encapure_http_errors_total", type=kind) == 0.0, kind
+    for reason in ("overloaded", "shutting_down", "worker_died"):
+        assert metric(text, "encapure_rejected_requests_total", reason=reason) == 0.0, reason
+    await inproc.client.post("/rerank", content=b"{")
+    await inproc.client.get("/nope")
+    text = (await inproc.client.get("/metrics")).text
+    assert metric(text, "encapure_http_errors_total", type="invalid_request_error") == 1.0
+    assert metric(text, "encapure_http_errors_total", type="not_found_error") == 1.0
+
+
+@pytest.mark.anyio
+async def test_deadline_503_is_counted_as_an_error() -> None:
+    model = fake_model("rerank", name="rr", stall_s=0.5)
+    settings = Settings(workers=1, request_timeout_s=0.3, max_wait_ms=1)
+    async with InProcessServer({"rr": model}, settings) as srv:
+        r = await srv.client.post("/rerank", json={"query": "q", "documents": ["stall stall"]})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "deadline_exceeded", r.text
+        text = (await srv.client.get("/metrics")).text
+        assert metric(text, "encapure_http_errors_total", type="deadline_exceeded") == 1.0
+
+
+# --- slow clients: header and body read timeouts, 499 for those that leave ------------------------
+TIMEOUT_S = 0.5
+
+
+@pytest.fixture(scope="module")
+def threaded() -> Iterator[ThreadedServer]:
+    settings = Settings(workers=1, max_wait_ms=1, header_timeout_s=TIMEOUT_S, body_timeout_s=TIMEOUT_S)
+    with ThreadedServer({"rr": fake_model("rerank", name="rr")}, settings) as srv:
+        yield srv
+
+
+def connect(srv: ThreadedServer) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    return s
+
+
+def read_all(s: socket.socket, limit_s: float = 5.0) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and when it closed it."""
+    t0 = time.monotonic()
+    s.settimeout(limit_s)
+    chunks = []
+    while True:
+        data = s.recv(65536)
+        if not data:
+            return b"".join(chunks), time.monotonic() - t0
+        chunks.append(data)
+
+
+def status_and_json(raw: bytes) -> tuple[int, dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), raw
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+def test_slow_headers_get_408_and_the_connection_closes(threaded: ThreadedServer) -> None:
+    s = connect(threaded)
+    s.sendall(b"POST /rerank HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+    raw, waited = read_all(s)
+    status, body = status_and_json(raw)
+    assert status == 408 and body["error"]["type"] == "request_timeout"
+    assert waited < TIMEOUT_S + 2
+
+
+def test_slow_body_gets_408_and_a_client_that_leaves_is_a_499(threaded: ThreadedServer) -> None:
+    s = connect(threaded)
+    s.sendall(b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"q")
+    raw, waited = read_all(s)
+    status, body = status_and_json(raw)
+    assert status == 408 and body["error"]["type"] == "request_timeout", body
+    assert waited < TIMEOUT_S + 2
+
+    def count(kind: str) -> float:
+        return metric(httpx.get(threaded.url + "/metrics").text, "encapure_http_errors_total", type=kind) or 0.0
+
+    def count499() -> float:
+        text = httpx.get(threaded.url + "/metrics").text
+        return metric(text, "encapure_http_requests_total", route="/rerank", status="499") or 0.0
+
+    before, before_400 = count499(), count("invalid_request_error")
+    s = connect(threaded)
+    s.sendall(b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"q")
+    time.sleep(0.1)
+    s.close()  # the client gives up half-way through its body
+    end = time.monotonic() + 5
+    while count499() == before and time.monotonic() < end:
+        time.sleep(0.05)
+    assert count499() == before + 1
+    assert count("invalid_request_error") == before_400  # not logged as the client's 400
+
+
+def test_slowloris_sockets_are_all_closed(threaded: ThreadedServer) -> None:
+    socks = [connect(threaded) for _ in range(200)]
+    for i, s in enumerate(socks):
+        s.sendall(b"GET /health HTTP/1.1\r\n" if i % 2 else b"")  # half say nothing at all
+    t0 = time.monotonic()
+    for s in socks:
+        read_all(s, limit_s=TIMEOUT_S + 5)
+        s.close()
+    assert time.monotonic() - t0 < TIMEOUT_S + 5
+    assert httpx.get(threaded.url + "/health").status_code == 200  # and the server still answers
+
+
+def test_unparseable_http_is_a_json_400(threaded: ThreadedServer) -> None:
+    s = connect(threaded)
+    s.sendall(b"NOT HTTP AT ALL\x00\x01\r\n\r\n")
+    raw, _ = read_all(s)
+    status, body = status_and_json(raw)
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+
+
+# --- drain: what outlasts --shutdown-timeout is answered JSON 503 ----------------------------------
+def test_requests_cut_off_by_the_drain_timeout_get_json_503(reranker_int8_dir: object) -> None:
+    args = ["--model", f"rr={reranker_int8_dir}", "--workers", "2", "--shutdown-timeout", "1"]
+    with ServerProcess(args, env={"ENCAPURE_FAULT_INJECTION": "true"}) as srv:
+
+        async def go() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
+                slow = [
+                    asyncio.ensure_future(
+                        c.post(
+                            "/rerank",
+                            json={"query": "q", "documents": [f"doc {i}"]},
+                            headers={"x-encapure-fault": "slow:6000"},
+                        )
+                    )
+                    for i in range(4)
+                ]
+                await asyncio.sleep(0.5)  # all four are in flight
+                srv.signal(signal.SIGTERM)
+                return list(await asyncio.gather(*slow))
+
+        t0 = time.monotonic()
+        answers = asyncio.run(go())
+        waited = time.monotonic() - t0
+        for r in answers:
+            assert r.status_code == 503, r.text
+            assert r.headers["content-type"] == "application/json"
+            assert r.json()["error"]["type"] == "shutting_down"
+        assert waited < 5  # answered at the drain timeout, not when the work would have ended
+        assert srv.wait(30) == 0
+        assert "Internal Server Error" not in srv.log_text()

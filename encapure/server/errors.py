@@ -18,7 +18,14 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from encapure.errors import EncapureError, InvalidInputError, NotFoundError, PayloadTooLargeError
+from encapure.errors import (
+    AuthenticationError,
+    EncapureError,
+    InvalidInputError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+)
 from encapure.server.logs import request_id_var, request_info_var
 
 log = logging.getLogger("encapure.server")
@@ -75,8 +82,23 @@ def error_body(err: EncapureError, request_id: str | None) -> bytes:
     return orjson.dumps({"error": {"type": err.kind, "message": err.message, "request_id": request_id}})
 
 
-def error_response(exc: BaseException, request_id: str | None = None) -> Response:
-    """Render any exception as our JSON error response (status, body and Retry-After)."""
+def error_kinds() -> list[str]:
+    """Every ``type`` an error body can carry (for zero-initialized metric series)."""
+    kinds: set[str] = set()
+    todo: list[type[EncapureError]] = [EncapureError]
+    while todo:
+        cls = todo.pop()
+        kinds.add(cls.kind)
+        todo.extend(cls.__subclasses__())
+    return sorted(kinds)
+
+
+def error_response(
+    exc: BaseException, request_id: str | None = None, extra_headers: dict[str, str] | None = None
+) -> Response:
+    """Render any exception as our JSON error response (status, body and the headers its status
+    calls for: Retry-After on 503, WWW-Authenticate on 401, Allow on 405, Connection: close on
+    408)."""
     err = to_encapure(exc)
     rid = request_id if request_id is not None else request_id_var.get()
     info = request_info_var.get()
@@ -89,12 +111,39 @@ def error_response(exc: BaseException, request_id: str | None = None) -> Respons
     headers = {}
     if err.retry_after is not None:
         headers["retry-after"] = str(max(1, math.ceil(err.retry_after)))
+    if isinstance(err, AuthenticationError):
+        headers["www-authenticate"] = "Bearer"
+    elif isinstance(err, RequestTimeoutError):
+        headers["connection"] = "close"  # the rest of this connection's bytes cannot be trusted
+    if extra_headers:
+        headers.update(extra_headers)
     return Response(
         error_body(err, rid), status_code=err.status, headers=headers, media_type="application/json"
     )
 
 
+def _leaf_routes(routes: list[Any]) -> list[Any]:
+    out = []
+    for r in routes:
+        inner = getattr(r, "original_router", None)  # FastAPI keeps included routers as one entry
+        out.extend(_leaf_routes(list(inner.routes)) if inner is not None else [r])
+    return out
+
+
+def allowed_methods(app: Any, path: str) -> str:
+    """Every method some route serves at this path (Starlette's own 405 names only the first
+    route's, and ``GET /`` and ``POST /`` are two routes)."""
+    methods: set[str] = set()
+    for route in _leaf_routes(list(app.router.routes)):
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(path) and getattr(route, "methods", None):
+            methods.update(route.methods)
+    return ", ".join(sorted(methods))
+
+
 async def _handler(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, StarletteHTTPException) and exc.status_code == 405:
+        return error_response(exc, extra_headers={"allow": allowed_methods(request.app, request.url.path)})
     return error_response(exc)
 
 

@@ -8,7 +8,9 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 
 class HttpMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, error_kinds: list[str] | None = None) -> None:
+        """``error_kinds``: every error ``type`` the server can answer, each given a zero series
+        up front so that a rate() alert on a kind that never happened yet still has data."""
         r = registry
         self.requests = Counter(
             "encapure_http_requests",
@@ -36,6 +38,14 @@ class HttpMetrics:
         self.tokens = Counter(
             "encapure_http_tokens", "Tokens computed for answered requests by route", ["route"], registry=r
         )
+        self.errors = Counter(
+            "encapure_http_errors",
+            "Error answers by their JSON error type (499 client disconnects as request_cancelled)",
+            ["type"],
+            registry=r,
+        )
+        for kind in error_kinds or ():
+            self.errors.labels(kind)
         self.ready = Gauge(
             "encapure_ready", "1 when models are loaded and warmed and not draining", registry=r
         )

@@ -1,5 +1,6 @@
-"""One pure-ASGI middleware for what every request needs: request id, API key, body limit,
-timing headers, HTTP metrics and the per-request log line.
+"""One pure-ASGI middleware for what every request needs: request id, API key, body limit and
+body read timeout, timing headers, HTTP metrics, the per-request log line, and the JSON 503 of a
+request cut off by the end of a drain.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) because it adds no task or stream per request, and because
 it can refuse a body over the limit from its ``Content-Length`` or while it streams in, without
@@ -8,6 +9,7 @@ ever buffering more than the limit.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -16,7 +18,14 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from encapure.errors import AuthenticationError, InvalidInputError, PayloadTooLargeError
+from encapure.errors import (
+    AuthenticationError,
+    CancelledRequestError,
+    InvalidInputError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    ShuttingDownError,
+)
 from encapure.server.errors import error_response
 from encapure.server.logs import request_id_var, request_info_var
 from encapure.server.state import ServerState
@@ -46,6 +55,7 @@ class ServiceMiddleware:
         # routes with a path parameter (/v1/models/{model_id}) are labelled by their template
         self.templates = [(r.split("{", 1)[0], r) for r in sorted(routes) if "{" in r]
         self.limit = state.settings.max_request_bytes
+        self.body_timeout = state.settings.body_timeout_s
         key = state.settings.api_key
         self.expected_auth = f"Bearer {key}".encode() if key else None
 
@@ -90,18 +100,34 @@ class ServiceMiddleware:
         metrics.in_flight.inc()
         status = 500
         started = False
-        too_large = False
+        # A body read that failed for a reason of ours: the app calls any failed read a 400, so
+        # send_wrapper answers what really happened instead.
+        body_error: Exception | None = None
+        body_done = False
         received = 0
         rid_b = rid.encode()
+        body_deadline = t0 + self.body_timeout
 
         async def limited_receive() -> Message:
-            nonlocal received, too_large
-            msg = await receive()
+            nonlocal received, body_error, body_done
+            if body_done:  # after the body only a disconnect can come: no deadline on that wait
+                return await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, body_deadline - time.perf_counter()))
+            except asyncio.TimeoutError:
+                body_error = RequestTimeoutError(
+                    f"the request body did not arrive within {self.body_timeout:g} s (--body-timeout)"
+                )
+                raise body_error from None
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
                 if received > self.limit:
-                    too_large = True
-                    raise PayloadTooLargeError(self._too_large_message())
+                    body_error = PayloadTooLargeError(self._too_large_message())
+                    raise body_error
+                body_done = not msg.get("more_body", False)
+            elif msg["type"] == "http.disconnect":
+                info["disconnected"] = True  # a client that left mid-body is a 499, not our 400
+                body_done = True
             return msg
 
         async def inner_send(msg: Message) -> None:
@@ -116,12 +142,15 @@ class ServiceMiddleware:
             await send(msg)
 
         async def send_wrapper(msg: Message) -> None:
-            if too_large:
-                # The app saw a failing body read (and may call it a 400): answer what really happened.
+            if body_error is not None:
                 if msg["type"] == "http.response.start" and not started:
-                    await self._send_error(PayloadTooLargeError(self._too_large_message()), scope, inner_send)
+                    await self._send_error(body_error, scope, inner_send)
                 return
             await inner_send(msg)
+
+        task = asyncio.current_task()
+        if task is not None:
+            self.state.http_tasks.add(task)
 
         try:
             if (
@@ -141,19 +170,40 @@ class ServiceMiddleware:
                 await self._send_error(PayloadTooLargeError(self._too_large_message()), scope, send_wrapper)
             else:
                 await self.app(scope, limited_receive, send_wrapper)
+        except asyncio.CancelledError:
+            # The end of a drain cuts off what is still running (DrainingServer): answer it with our
+            # 503, not uvicorn's plain-text 500. Any other cancellation is not ours to swallow.
+            if started or not self.state.cutting_off:
+                raise
+            if task is not None and hasattr(task, "uncancel"):
+                task.uncancel()
+            await self._send_error(
+                ShuttingDownError(
+                    "the server shut down before this request finished (--shutdown-timeout); retry on "
+                    "another instance"
+                ),
+                scope,
+                send_wrapper,
+            )
         except Exception as exc:
             if started:
                 log.error("error after the response started", exc_info=exc)
                 raise
             await self._send_error(exc, scope, send_wrapper)
         finally:
+            if task is not None:
+                self.state.http_tasks.discard(task)
             elapsed = time.perf_counter() - t0
             metrics.in_flight.dec()
-            label = "499" if info.get("disconnected") else str(status)
+            gone = bool(info.get("disconnected"))
+            label = "499" if gone else str(status)
             metrics.requests.labels(route, scope["method"], label).inc()
             metrics.latency.labels(route).observe(elapsed)
-            if info.get("disconnected"):
+            if gone:
                 metrics.disconnects.labels(route).inc()
+                info["error"] = CancelledRequestError.kind
+            if info.get("error"):
+                metrics.errors.labels(info["error"]).inc()
             level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
             if log.isEnabledFor(level):
                 log.log(

@@ -18,12 +18,15 @@ import sys
 import threading
 from collections.abc import Generator
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
+from encapure.errors import RequestTimeoutError
 from encapure.server.app import create_app
 from encapure.server.loading import preflight
 from encapure.server.logs import setup_logging
+from encapure.server.protocol import guarded_protocol
 from encapure.server.state import ServerState
 from encapure.settings import Settings
 
@@ -79,14 +82,38 @@ class DrainingServer(uvicorn.Server):
         self.state.begin_drain()
         if await self.state.wait_idle(timeout):
             log.info("drained: no request in flight")
+            # From here a request uvicorn cancels at close (a body still trickling in) is answered
+            # 503 shutting_down too.
+            self.state.cutting_off = True
         else:
-            log.warning("shutdown timeout: %d request(s) still in flight are cut off", self.state.inflight)
+            cut = await self.state.cut_off()
+            log.warning("shutdown timeout: %d request(s) still in flight were answered 503 shutting_down", cut)
             self.config.timeout_graceful_shutdown = 1  # the budget is spent: do not wait for them again
         self.should_exit = True
 
     def fatal(self) -> None:
         self.exit_code = 1
         self.should_exit = True
+
+
+def uvicorn_config(app: Any, state: ServerState, **kwargs: Any) -> uvicorn.Config:
+    """uvicorn's configuration for our app (the server and the test harness share it): our logging,
+    our HTTP protocol (header read timeout, JSON errors), a 5 s keep-alive."""
+    errors = state.http_metrics.errors
+
+    def header_timeout() -> None:
+        errors.labels(RequestTimeoutError.kind).inc()
+
+    options: dict[str, Any] = {
+        "log_config": None,
+        "access_log": False,
+        "lifespan": "on",
+        "http": guarded_protocol(state.settings.header_timeout_s, header_timeout),
+        # A keep-alive connection idle through the drain is closed at shutdown, not mid-request.
+        "timeout_keep_alive": 5,
+        **kwargs,
+    }
+    return uvicorn.Config(app, **options)
 
 
 def serve(settings: Settings) -> int:
@@ -98,16 +125,12 @@ def serve(settings: Settings) -> int:
         return 2
     state = ServerState(settings)
     app = create_app(settings, state)
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
+        state,
         host=settings.host,
         port=settings.port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
         timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s) + 1),
-        # A keep-alive connection idle through the drain is closed at shutdown, not mid-request.
-        timeout_keep_alive=5,
     )
     server = DrainingServer(config, state)
     state.on_fatal = server.fatal

@@ -18,11 +18,16 @@ from prometheus_client import CollectorRegistry
 from encapure.engine.types import InferenceModel
 from encapure.errors import NotReadyError, ShuttingDownError
 from encapure.scheduler.metrics import SchedulerMetrics
+from encapure.server.errors import error_kinds
 from encapure.server.loading import ModelSpec, load_spec, parse_specs
 from encapure.server.metrics import HttpMetrics
 from encapure.settings import Settings
 
 log = logging.getLogger("encapure.server")
+
+# The reasons the scheduler counts (encapure.scheduler.metrics documents them).
+_REJECTION_REASONS = ("overloaded", "shutting_down", "worker_died")
+_DROP_REASONS = ("deadline", "cancelled", "shutdown", "worker_died", "error")
 
 Phase = Literal["starting", "ready", "draining", "stopped", "failed"]
 
@@ -41,14 +46,24 @@ class ServerState:
         self._given = dict(models) if models is not None else None
         self.aliases: dict[str, str] = dict(aliases or {})
         self.registry = CollectorRegistry()
-        self.http_metrics = HttpMetrics(self.registry)
+        self.http_metrics = HttpMetrics(self.registry, error_kinds())
         self.sched_metrics = SchedulerMetrics(self.registry)
+        # Zero series for every rejection and drop reason, so alerts on their rate have data from
+        # the start (a counter child appears only when first used otherwise).
+        for reason in _REJECTION_REASONS:
+            self.sched_metrics.rejected_requests.labels(reason=reason)
+        for reason in _DROP_REASONS:
+            self.sched_metrics.dropped_items.labels(reason=reason)
         self.phase: Phase = "starting"
         self.models: dict[str, InferenceModel] = {}
         self.specs: dict[str, ModelSpec] = {}
         self.load_seconds: dict[str, float] = {}
         self.scheduler: Any = None
         self.inflight = 0
+        # Every HTTP request's task (the service middleware keeps the set), and whether a
+        # cancellation of one now means "the drain is over" (answered 503 shutting_down).
+        self.http_tasks: set[asyncio.Task[Any]] = set()
+        self.cutting_off = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._load_task: asyncio.Task[None] | None = None
@@ -152,6 +167,19 @@ class ServerState:
         log.info(
             "draining: refusing new work, finishing in-flight requests", extra={"in_flight": self.inflight}
         )
+
+    async def cut_off(self, grace_s: float = 1.0) -> int:
+        """The drain's time is up: cancel every request still running; the service middleware
+        answers each with JSON 503 ``shutting_down``. Waits up to ``grace_s`` for those answers to
+        be written, and returns how many requests were cut off."""
+        self.cutting_off = True
+        current = asyncio.current_task()
+        tasks = [t for t in self.http_tasks if t is not current and not t.done()]
+        for t in tasks:
+            t.cancel("encapure: shutdown timeout")
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace_s)
+        return len(tasks)
 
     async def wait_idle(self, timeout: float) -> bool:
         try:

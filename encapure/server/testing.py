@@ -230,10 +230,9 @@ class ThreadedServer:
         self._sock.bind(("127.0.0.1", 0))
         self.port = int(self._sock.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            self.app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5
-        )
-        self.server = uvicorn.Server(config)
+        from encapure.server.run import uvicorn_config
+
+        self.server = uvicorn.Server(uvicorn_config(self.app, self.state, timeout_graceful_shutdown=5))
         self._thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self._sock]}, name="encapure-test-server", daemon=True
         )
