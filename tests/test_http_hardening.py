@@ -279,3 +279,63 @@ def test_requests_cut_off_by_the_drain_timeout_get_json_503(reranker_int8_dir: o
         assert waited < 5  # answered at the drain timeout, not when the work would have ended
         assert srv.wait(30) == 0
         assert "Internal Server Error" not in srv.log_text()
+
+
+# --- a truthful OpenAPI document ---------------------------------------------------------------------
+@pytest.mark.anyio
+async def test_openapi_lists_what_routes_really_answer() -> None:
+    models = {"rr": fake_model("rerank", name="rr")}
+    async with InProcessServer(models, Settings(api_key="k", workers=1)) as srv:
+        doc = (await srv.new_client().get("/openapi.json")).json()
+        assert "bearerAuth" in doc["components"]["securitySchemes"]
+        assert "HTTPValidationError" not in doc["components"]["schemas"]
+        ops = [(p, m, op) for p, item in doc["paths"].items() for m, op in item.items()]
+        assert ("/embed" not in doc["paths"]) and ("/rerank" in doc["paths"])  # no embedder loaded
+        for path, method, op in ops:
+            responses = op["responses"]
+            assert "422" not in responses, (path, method)
+            ok = responses["200"]["content"]
+            schema = next(iter(ok.values()))["schema"]
+            assert schema not in ({}, None), (path, method)  # a real response model
+            for status in ("500",) + (("400", "413", "503") if method == "post" else ()):
+                ref = responses[status]["content"]["application/json"]["schema"]["$ref"]
+                assert ref.endswith("/ErrorResponse"), (path, method, status)
+            if path in ("/health", "/ready", "/ping", "/docs", "/openapi.json"):
+                assert op["security"] == [] and "401" not in responses
+            else:
+                assert "WWW-Authenticate" in responses["401"]["headers"], (path, method)
+        assert list(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+        assert {"get", "head"} <= set(doc["paths"]["/health"]) and {"get", "head"} <= set(doc["paths"]["/ready"])
+        ids = doc["components"]["schemas"]["TEIDecodeRequest"]["properties"]["ids"]
+        assert str(srv.state.models["rr"].vocab_size - 1) in json.dumps(ids)  # ids bounded by the vocabulary
+
+        anon = srv.new_client()
+        for path in ("/health", "/ready"):
+            r = await anon.head(path)
+            assert r.status_code == 200 and r.content == b""
+        r = await srv.client.get("/metrics")
+        assert r.headers["content-type"].startswith("text/plain")
+
+
+def test_schemathesis_finds_nothing(reranker_int8_dir: object) -> None:
+    """Every check schemathesis has, over the whole served document, against a real server.
+    A small example count keeps it well under a minute; `make reliability` runs >= 50 per operation."""
+    pytest.importorskip("schemathesis")
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")
+    assert cli is not None
+    config = Path(__file__).resolve().parents[1] / "scripts" / "schemathesis.toml"
+    with ServerProcess(["--model", f"rr={reranker_int8_dir}", "--workers", "1"], api_key="k") as srv:
+        run = subprocess.run(
+            [cli, "--config-file", str(config), "run", srv.url + "/openapi.json", "--checks", "all",
+             "--max-examples", "8", "--workers", "1", "--no-color", "-H", "Authorization: Bearer k",
+             "--seed", "1"],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+        assert "No issues found" in run.stdout
+        assert "Internal Server Error" not in srv.log_text()

@@ -53,7 +53,11 @@ def _describe_validation(errors: list[Any]) -> str:
         elif e.get("type") == "missing" and not where:
             parts.append("a JSON request body is required")
         else:
-            parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+            msg = str(e.get("msg"))
+            given = e.get("input")
+            if isinstance(given, (str, int, float)) and not isinstance(given, bool) and len(repr(given)) <= 60:
+                msg += f" (got {given!r})"
+            parts.append(f"{where}: {msg}" if where else msg)
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return "; ".join(parts) + more
 

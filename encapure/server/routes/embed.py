@@ -28,7 +28,10 @@ from encapure.server.routes.common import (
     run_inference,
 )
 from encapure.server.schemas import (
+    EmbedAnswer,
     OpenAIEmbeddingsRequest,
+    OpenAIEmbeddingsResponse,
+    SimilarityAnswer,
     SimilarityParameters,
     TEIEmbedRequest,
     TEISimilarityRequest,
@@ -157,8 +160,8 @@ def _prompt_kind(name: str, model: InferenceModel, prompt_name: str) -> Literal[
     return "query" if kind == "query" else "document"
 
 
-@router.post("/v1/embeddings", summary="Embeddings (OpenAI shape; float or base64)")
-@router.post("/embeddings", summary="Embeddings (OpenAI shape; the path without /v1)")
+@router.post("/v1/embeddings", responses={200: {"model": OpenAIEmbeddingsResponse}}, summary="Embeddings (OpenAI shape; float or base64)")
+@router.post("/embeddings", responses={200: {"model": OpenAIEmbeddingsResponse}}, summary="Embeddings (OpenAI shape; the path without /v1)")
 async def embeddings(body: OpenAIEmbeddingsRequest, request: Request) -> Response:
     """``user`` is OpenAI's opaque end-user id: written to the request's log line, never interpreted."""
     if body.user is not None:
@@ -194,7 +197,7 @@ async def embeddings(body: OpenAIEmbeddingsRequest, request: Request) -> Respons
     )
 
 
-@router.post("/embed", summary="Embeddings (TEI shape; texts or token ids)")
+@router.post("/embed", responses={200: {"model": EmbedAnswer}}, summary="Embeddings (TEI shape; texts or token ids)")
 async def tei_embed(body: TEIEmbedRequest, request: Request) -> Response:
     _, out, headers = await _embed(
         request,
@@ -210,7 +213,7 @@ async def tei_embed(body: TEIEmbedRequest, request: Request) -> Response:
     return _json(np.ascontiguousarray(out.embeddings, dtype=np.float32), headers)
 
 
-@router.post("/similarity", summary="Cosine similarity of sentences to a source sentence (TEI shape)")
+@router.post("/similarity", responses={200: {"model": SimilarityAnswer}}, summary="Cosine similarity of sentences to a source sentence (TEI shape)")
 async def tei_similarity(body: TEISimilarityRequest, request: Request) -> Response:
     """The hub's sentence-similarity task: one embedding request for the source and the sentences."""
     params = body.parameters or SimilarityParameters()

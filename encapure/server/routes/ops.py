@@ -7,25 +7,35 @@ from typing import Any
 
 from fastapi import Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from encapure import __version__
 from encapure.engine.types import InferenceModel
 from encapure.errors import ModelNotFoundError, UnavailableError
 from encapure.server.errors import error_response
 from encapure.server.routes.common import _json, _state, family_router
+from encapure.server.schemas import HealthResponse, InfoResponse, ModelCard, ModelList, ReadyResponse
 from encapure.server.state import ServerState
 
 router = family_router()
 
 
 # --- operations -----------------------------------------------------------------------------------
-@router.get("/ping", summary="Readiness (SageMaker's and TEI's ping)")
+# Probes answer HEAD too: load balancers and some orchestrators probe with it.
+_READY: dict[int | str, dict[str, Any]] = {200: {"model": ReadyResponse}}
+_HEALTH: dict[int | str, dict[str, Any]] = {200: {"model": HealthResponse}}
+_PING_DOC = "Readiness (SageMaker's and TEI's ping)"
+_HEALTH_DOC = "Liveness: the inference workers are alive"
+_READY_DOC = "Readiness: models loaded and warmed, not draining"
+
+@router.get("/ping", responses=_READY, summary=_PING_DOC)
+@router.head("/ping", responses=_READY, summary=_PING_DOC)
 async def ping(request: Request) -> Response:
     return await ready(request)
 
 
-@router.get("/health", summary="Liveness: the inference workers are alive")
+@router.get("/health", responses=_HEALTH, summary=_HEALTH_DOC)
+@router.head("/health", responses=_HEALTH, summary=_HEALTH_DOC)
 async def health(request: Request) -> Response:
     state = _state(request)
     if state.phase == "failed":
@@ -38,7 +48,8 @@ async def health(request: Request) -> Response:
     return _json({"status": "ok" if sched is not None else "starting", "phase": state.phase})
 
 
-@router.get("/ready", summary="Readiness: models loaded and warmed, not draining")
+@router.get("/ready", responses=_READY, summary=_READY_DOC)
+@router.head("/ready", responses=_READY, summary=_READY_DOC)
 async def ready(request: Request) -> Response:
     state = _state(request)
     sched = state.require_scheduler()
@@ -62,7 +73,7 @@ def _tei_model_type(model: InferenceModel) -> dict[str, Any]:
                    "label2id": {lab: i for i, lab in enumerate(labels)}}}
 
 
-@router.get("/info", summary="Models, limits and version (TEI's Info fields first)")
+@router.get("/info", responses={200: {"model": InfoResponse}}, summary="Models, limits and version (TEI's Info fields first)")
 async def info(request: Request) -> Response:
     state = _state(request)
     s = state.settings
@@ -131,7 +142,12 @@ async def info(request: Request) -> Response:
     )
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    summary="Prometheus metrics (text exposition format)",
+)
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(_state(request).registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -151,13 +167,13 @@ def _model_card(state: ServerState, name: str, model: InferenceModel, owned_by: 
             "stats": {}}
 
 
-@router.get("/v1/models", summary="Served models (OpenAI shape)")
+@router.get("/v1/models", responses={200: {"model": ModelList}}, summary="Served models (OpenAI shape)")
 async def list_models(request: Request) -> Response:
     state = _state(request)
     return _json({"object": "list", "data": [_model_card(state, n, m) for n, m in state.models.items()]})
 
 
-@router.get("/models", summary="Served models (Infinity's path and shape: OpenAI's, owned_by \"infinity\")")
+@router.get("/models", responses={200: {"model": ModelList}}, summary="Served models (Infinity's path and shape: OpenAI's, owned_by \"infinity\")")
 async def list_models_infinity(request: Request) -> Response:
     """Infinity serves this path and its client accepts only ``owned_by: "infinity"`` (an enum);
     OpenAI clients read the field as free text, so both work here."""
@@ -166,7 +182,7 @@ async def list_models_infinity(request: Request) -> Response:
                   "data": [_model_card(state, n, m, owned_by="infinity") for n, m in state.models.items()]})
 
 
-@router.get("/v1/models/{model_id:path}", summary="One served model (OpenAI shape)")
+@router.get("/v1/models/{model_id:path}", responses={200: {"model": ModelCard}}, summary="One served model (OpenAI shape)")
 async def get_model(model_id: str, request: Request) -> Response:
     """Metadata of a model by its exact name: unlike inference, no other model stands in for it."""
     state = _state(request)

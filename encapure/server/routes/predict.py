@@ -29,7 +29,14 @@ from encapure.server.routes.common import (
     run_inference,
     run_tokenizer,
 )
-from encapure.server.schemas import TEIDecodeRequest, TEIPredictRequest, TEITokenizeRequest
+from encapure.server.schemas import (
+    DecodeAnswer,
+    PredictAnswer,
+    TEIDecodeRequest,
+    TEIPredictRequest,
+    TEITokenizeRequest,
+    TokenizeAnswer,
+)
 
 router = family_router()
 
@@ -105,7 +112,7 @@ def _prepare_predict(
                     truncated=truncated, options=parts[0][1].options)
 
 
-@router.post("/predict", summary="Classification scores (TEI shape)")
+@router.post("/predict", responses={200: {"model": PredictAnswer}}, summary="Classification scores (TEI shape)")
 async def tei_predict(body: TEIPredictRequest, request: Request) -> Response:
     preds, single, headers = await _predict(body, request)
     return _json(preds[0] if single else preds, headers)
@@ -188,7 +195,7 @@ async def _hub_classification(data: dict[str, Any], request: Request) -> Respons
     return _json(preds, headers)
 
 
-@router.post("/tokenize", summary="Tokenize (TEI shape)")
+@router.post("/tokenize", responses={200: {"model": TokenizeAnswer}}, summary="Tokenize (TEI shape)")
 async def tei_tokenize(body: TEITokenizeRequest, request: Request) -> Response:
     state = _state(request)
     _, model = pick_model(state, body.model, ("rerank", "embed", "classify"), "/tokenize")
@@ -264,7 +271,7 @@ def _chunks(texts: list[str]) -> list[list[str]]:
     return out
 
 
-@router.post("/decode", summary="Token ids to text (TEI shape)")
+@router.post("/decode", responses={200: {"model": DecodeAnswer}}, summary="Token ids to text (TEI shape)")
 async def tei_decode(body: TEIDecodeRequest, request: Request) -> Response:
     state = _state(request)
     _, model = pick_model(state, body.model, ("rerank", "embed", "classify"), "/decode")

@@ -29,7 +29,14 @@ from encapure.server.routes.common import (
     pick_model,
     run_inference,
 )
-from encapure.server.schemas import CohereV1RerankRequest, CohereV2RerankRequest, Document, RerankRequest
+from encapure.server.schemas import (
+    CohereRerankResponse,
+    CohereV1RerankRequest,
+    CohereV2RerankRequest,
+    Document,
+    RerankAnswer,
+    RerankRequest,
+)
 
 router = family_router()
 
@@ -151,7 +158,7 @@ def _as_object(d: Document) -> dict[str, Any]:
     return {"text": d} if isinstance(d, str) else d.model_dump(exclude_none=True)
 
 
-@router.post("/rerank", summary="Rerank documents for a query (native, Infinity and TEI shapes)")
+@router.post("/rerank", responses={200: {"model": RerankAnswer}}, summary="Rerank documents for a query (native, Infinity and TEI shapes)")
 async def rerank(body: RerankRequest, request: Request) -> Response:
     """``documents``: the native answer (an object; Infinity's clients read it too). ``texts``:
     TEI's answer, a bare list of ``{"index", "score", "text"?}`` sorted by score."""
@@ -197,7 +204,7 @@ async def rerank(body: RerankRequest, request: Request) -> Response:
     )
 
 
-def _cohere_results(ranked: list[RerankResult], docs: list[Document], with_docs: bool) -> list[dict]:
+def _cohere_results(ranked: list[RerankResult], docs: Sequence[Document], with_docs: bool) -> list[dict]:
     if with_docs:
         return [{"index": r.index, "relevance_score": r.score, "document": _as_object(docs[r.index])} for r in ranked]
     return [{"index": r.index, "relevance_score": r.score} for r in ranked]
@@ -239,11 +246,11 @@ async def _cohere_rerank(
     )
 
 
-@router.post("/v1/rerank", summary="Rerank (Cohere v1 and Jina shapes)")
+@router.post("/v1/rerank", responses={200: {"model": CohereRerankResponse}}, summary="Rerank (Cohere v1 and Jina shapes)")
 async def rerank_v1(body: CohereV1RerankRequest, request: Request) -> Response:
     return await _cohere_rerank(request, body, "1")
 
 
-@router.post("/v2/rerank", summary="Rerank (Cohere v2 shape)")
+@router.post("/v2/rerank", responses={200: {"model": CohereRerankResponse}}, summary="Rerank (Cohere v2 shape)")
 async def rerank_v2(body: CohereV2RerankRequest, request: Request) -> Response:
     return await _cohere_rerank(request, body, "2")

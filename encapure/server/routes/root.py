@@ -20,6 +20,8 @@ from encapure.server.routes.rerank import rerank
 from encapure.server.schemas import (
     OpenAIEmbeddingsRequest,
     RerankRequest,
+    RootAnswer,
+    ServiceInfo,
     TEIEmbedRequest,
     TEIPredictRequest,
     TEISimilarityRequest,
@@ -36,7 +38,8 @@ def _root_route(state: ServerState, data: dict[str, Any]) -> str:
     one model and answers by its task; with several, the request's shape (and ``model``) decides."""
     if "query" in data and ("texts" in data or "documents" in data):
         return "/rerank"
-    if "input" in data:
+    served = {m.task for m in state.models.values()}
+    if "input" in data and ("inputs" not in data or "embed" in served):
         return "/v1/embeddings"
     inputs = data.get("inputs")
     if isinstance(inputs, dict) and "source_sentence" in inputs:
@@ -77,9 +80,9 @@ _ROOT_BODY = {
 }
 
 
-@router.post("/", summary="Inference by the model's task and the request's shape (TEI)", openapi_extra=_ROOT_BODY)
+@router.post("/", responses={200: {"model": RootAnswer}}, summary="Inference by the model's task and the request's shape (TEI)", openapi_extra=_ROOT_BODY)
 @router.post(
-    "/invocations", summary="Inference by the model's task and the request's shape (SageMaker)",
+    "/invocations", responses={200: {"model": RootAnswer}}, summary="Inference by the model's task and the request's shape (SageMaker)",
     openapi_extra=_ROOT_BODY,
 )
 async def root_inference(request: Request) -> Response:
@@ -102,7 +105,7 @@ async def root_inference(request: Request) -> Response:
     return response
 
 
-@router.get("/", summary="Service name, version, models and where the docs are")
+@router.get("/", responses={200: {"model": ServiceInfo}}, summary="Service name, version, models and where the docs are")
 async def root_info(request: Request) -> Response:
     state = _state(request)
     return _json({"name": "encapure", "version": __version__, "phase": state.phase, "docs": "/docs",
