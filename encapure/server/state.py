@@ -25,10 +25,6 @@ from encapure.settings import Settings
 
 log = logging.getLogger("encapure.server")
 
-# The reasons the scheduler counts (encapure.scheduler.metrics documents them).
-_REJECTION_REASONS = ("overloaded", "shutting_down", "worker_died")
-_DROP_REASONS = ("deadline", "cancelled", "shutdown", "worker_died", "error")
-
 Phase = Literal["starting", "ready", "draining", "stopped", "failed"]
 
 
@@ -48,12 +44,6 @@ class ServerState:
         self.registry = CollectorRegistry()
         self.http_metrics = HttpMetrics(self.registry, error_kinds())
         self.sched_metrics = SchedulerMetrics(self.registry)
-        # Zero series for every rejection and drop reason, so alerts on their rate have data from
-        # the start (a counter child appears only when first used otherwise).
-        for reason in _REJECTION_REASONS:
-            self.sched_metrics.rejected_requests.labels(reason=reason)
-        for reason in _DROP_REASONS:
-            self.sched_metrics.dropped_items.labels(reason=reason)
         self.phase: Phase = "starting"
         self.models: dict[str, InferenceModel] = {}
         self.specs: dict[str, ModelSpec] = {}
