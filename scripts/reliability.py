@@ -493,6 +493,7 @@ def soak(ctx: Context) -> list[dict[str, Any]]:
             "RSS": f"{samples[0][1]:.0f} MB at start, {base:.0f} MB after warm-up, {end:.0f} MB at the end, "
                    f"max {max(r for _, r in samples):.0f} MB",
             "RSS growth": f"{(end - base) / base:+.1%}",
+            "RSS each minute": " ".join(f"{r:.0f}" for t, r in samples if int(t) % 60 < 5) + " MB",
         }]
         # /tokenize of the largest body the server takes: many short texts (the most tokens per byte)
         limit = int(httpx.get(srv.url + "/info", timeout=30).json()["limits"]["max_request_bytes"])
