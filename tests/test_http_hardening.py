@@ -317,7 +317,7 @@ async def test_openapi_lists_what_routes_really_answer() -> None:
         assert r.headers["content-type"].startswith("text/plain")
 
 
-def test_schemathesis_finds_nothing(reranker_int8_dir: object) -> None:
+def test_schemathesis_finds_nothing(reranker_int8_dir: object, tmp_path: object) -> None:
     """Every check schemathesis has, over the whole served document, against a real server.
     A small example count keeps it well under a minute; `make reliability` runs >= 50 per operation."""
     pytest.importorskip("schemathesis")
@@ -334,7 +334,7 @@ def test_schemathesis_finds_nothing(reranker_int8_dir: object) -> None:
             [cli, "--config-file", str(config), "run", srv.url + "/openapi.json", "--checks", "all",
              "--max-examples", "8", "--workers", "1", "--no-color", "-H", "Authorization: Bearer k",
              "--seed", "1"],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True, text=True, timeout=300, cwd=str(tmp_path),  # its cache dir goes there
         )
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
         assert "No issues found" in run.stdout
