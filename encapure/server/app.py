@@ -94,6 +94,7 @@ _TASKS: dict[str, set[str]] = {
     "/similarity": {"embed"},
     "/predict": {"classify", "rerank"},
 }
+_TOKEN_OUTPUTS = ("multi_vector", "token_embeddings")
 _ROOT_BODIES = {  # the request shapes POST / and /invocations dispatch, by the task they need
     "RerankRequest": "rerank",
     "TEIPredictRequest": "classify|rerank",
@@ -159,6 +160,9 @@ def _describe_served(doc: dict[str, Any], state: ServerState) -> None:
     tasks = {m.task for m in state.models.values()}
     for path in [p for p, need in _TASKS.items() if not need & tasks]:
         doc["paths"].pop(path, None)
+    if not any(m.manifest.output_kind in _TOKEN_OUTPUTS for m in state.models.values()):
+        for path in ("/embed_all", "/embed_multivector"):  # only models with token outputs answer them
+            doc["paths"].pop(path, None)
     for path in ("/", "/invocations"):
         body = doc["paths"].get(path, {}).get("post", {}).get("requestBody")
         if body is None:

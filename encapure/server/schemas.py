@@ -224,10 +224,10 @@ class TEIEmbedAllRequest(_Req):
     ``prompt_name`` ``query`` or ``document``/``passage`` picks how a ColBERT model encodes the texts
     (documents when absent) and, on other embedding models, adds the model's prefix."""
 
-    inputs: str | list[int] | list[str | list[int]]
+    inputs: str | list[Int] | list[str | list[Int]]
     truncate: bool | None = True
     truncation_direction: TruncationDirection | None = None
-    prompt_name: str | None = None
+    prompt_name: PromptName | None = None
     model: str | None = None
 
 
@@ -235,7 +235,9 @@ class MultiVectorRequest(_Req):
     """``/embed_multivector``: token vectors per text; ``kind`` says query or document (ColBERT models
     encode them differently and need it)."""
 
-    input: str | list[str] = Field(validation_alias=AliasChoices("input", "texts", "inputs"))
+    input: str | Annotated[list[str], Field(min_length=1)] = Field(
+        validation_alias=AliasChoices("input", "texts", "inputs")
+    )
     kind: Literal["query", "document"] | None = None
     truncate: bool | None = True
     model: str | None = None
@@ -397,3 +399,22 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"]
     data: list[ModelCard]
+
+
+class EmbedAllAnswer(RootModel[list[list[list[float]]]]):
+    """TEI ``/embed_all``: per input, its tokens' vectors."""
+
+
+class MultiVectorItem(BaseModel):
+    object: Literal["multi_vector"]
+    index: int
+    tokens: int
+    embedding: list[list[float]]
+
+
+class MultiVectorResponse(BaseModel):
+    object: Literal["list"]
+    data: list[MultiVectorItem]
+    model: str
+    dimension: int
+    usage: Usage

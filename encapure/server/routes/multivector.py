@@ -11,7 +11,7 @@ import asyncio
 import functools
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
 from encapure.engine.types import InferenceModel, MultiVectorOutput, Prepared, Side
@@ -26,14 +26,20 @@ from encapure.server.routes.common import (
     _state,
     _tokens,
     estimate_for_texts,
+    family_router,
     pick_model,
     run_inference,
 )
 from encapure.server.routes.embed import _decode_ids, _prompt_kind
-from encapure.server.schemas import MultiVectorRequest, TEIEmbedAllRequest
+from encapure.server.schemas import (
+    EmbedAllAnswer,
+    MultiVectorRequest,
+    MultiVectorResponse,
+    TEIEmbedAllRequest,
+)
 from encapure.server.state import ServerState
 
-router = APIRouter()
+router = family_router()
 
 _TOKEN_KINDS = ("multi_vector", "token_embeddings")
 
@@ -101,7 +107,7 @@ async def _multivector(
     return name, model, out, headers
 
 
-@router.post("/embed_all", summary="Per-token vectors (TEI shape; ColBERT query/document vectors)")
+@router.post("/embed_all", responses={200: {"model": EmbedAllAnswer}}, summary="Per-token vectors (TEI shape; ColBERT query/document vectors)")
 async def tei_embed_all(body: TEIEmbedAllRequest, request: Request) -> Response:
     """TEI's answer: ``[[[float]]]``, per input its tokens' vectors. ColBERT models encode the inputs
     as documents unless ``prompt_name`` is ``query``."""
@@ -112,7 +118,7 @@ async def tei_embed_all(body: TEIEmbedAllRequest, request: Request) -> Response:
     return _json(out.vectors, headers)
 
 
-@router.post("/embed_multivector", summary="Per-token vectors of queries or documents (native shape)")
+@router.post("/embed_multivector", responses={200: {"model": MultiVectorResponse}}, summary="Per-token vectors of queries or documents (native shape)")
 async def embed_multivector(body: MultiVectorRequest, request: Request) -> Response:
     name, _model, out, headers = await _multivector(
         request, body.model, body.input, route="/embed_multivector", kind=body.kind,
