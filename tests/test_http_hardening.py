@@ -53,6 +53,8 @@ SURROGATE_BODIES: list[tuple[str, str]] = [
     ("/decode", f'{{"ids": [101, 102], "model": "{S}"}}'),
     ("/similarity", f'{{"inputs": {{"source_sentence": "{S}", "sentences": ["a"]}}}}'),
     ("/similarity", f'{{"inputs": {{"source_sentence": "a", "sentences": ["a"]}}, "parameters": {{"prompt_name": "{S}"}}}}'),
+    ("/embed_all", f'{{"inputs": ["ok", "{S}"]}}'),
+    ("/embed_multivector", f'{{"input": ["{S}"], "kind": "query"}}'),
     ("/", f'{{"inputs": "{S}"}}'),
     ("/invocations", f'{{"query": "q", "texts": ["{S}"]}}'),
 ]
