@@ -318,24 +318,11 @@ def build(
         with prog.step("Optimizing graph (fusion)"):
             fusions = opt.fuse(fp32_path, fp32_path, info.config, info.model_type)
     manifest.save(work)  # a draft, so the engine can tokenize calibration and parity inputs
-    quant: dict[str, Any] = {}
-    if precision == "int8":
-        # Token vectors are embeddings: the embedder recipe (attention MatMuls in int8, FFN in fp32).
-        recipe = qz.int8_recipe("embed", info.model_type)
-        with prog.step(f"Quantizing (int8, {recipe['method']})"):
-            feeds = _calibration_feeds(work, calibration)
-            quant = qz.quantize_int8_static(fp32_path, final, recipe, feeds)
-            quant["calibration"] = str(calibration) if calibration else "encapure/data/calibration.jsonl"
-    elif precision == "int4":
-        with prog.step("Quantizing (int4)"):
-            quant = qz.quantize_int4(fp32_path, final)
-    elif precision == "fp16":
-        with prog.step("Converting (fp16)"):
-            quant = qz.convert_fp16(fp32_path, final)
-    if fp32_path != final:
-        for p in (fp32_path, fp32_path.with_name(fp32_path.name + ".data")):
-            if p.exists():
-                p.unlink()
+    # Token vectors are embeddings: the embedder recipe (attention MatMuls in int8, FFN in fp32).
+    recipe = qz.int8_recipe("embed", info.model_type) if precision == "int8" else None
+    quant = qz.apply_precision(precision, fp32_path, final, recipe=recipe,
+                               feeds=lambda: _calibration_feeds(work, calibration), calibration=calibration,
+                               prog=prog)
     manifest.model_file = "model.onnx"
     manifest.precision = precision
     manifest.fusions = fusions

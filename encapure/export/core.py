@@ -356,39 +356,25 @@ def _build(
         with prog.step("Optimizing graph (fusion)"):
             fusions = opt.fuse(fp32_path, fp32_path, info.config, info.model_type)
 
-    quant: dict[str, Any] = {}
+    recipe: dict[str, Any] | None = None
     if precision == "int8":
         large = fp32_path.with_name(fp32_path.name + ".data").exists()  # weights past the 2 GB protobuf limit
         recipe = qz.int8_recipe(info.task, info.model_type, large=large)
         if large:
             prog.info("int8: the model is over 2 GB, so dynamic int8 (static calibration does not fit in memory yet)")
-        with prog.step(f"Quantizing (int8, {recipe['method']})"):
-            if recipe["method"] == "static":
-                from encapure.export import calibration as cal
 
-                items = cal.load_items(calibration, info.task)
-                if info.prompt_template is not None:
-                    from encapure.export import qwen3
+    def feeds() -> list[dict[str, Any]]:
+        from encapure.export import calibration as cal
 
-                    feeds = qwen3.template_feeds(rust_tok, info.prompt_template, items, min(info.max_length, 512),
-                                                 pad_id)
-                else:
-                    feeds = cal.feeds(rust_tok, items, input_names, min(info.max_length, 512), pad_id)
-                quant = qz.quantize_int8_static(fp32_path, final, recipe, feeds)
-                quant["calibration"] = str(calibration) if calibration else "encapure/data/calibration.jsonl"
-            else:
-                quant = qz.quantize_int8(fp32_path, final, recipe)
-    elif precision == "int4":
-        with prog.step("Quantizing (int4)"):
-            quant = qz.quantize_int4(fp32_path, final)
-    elif precision == "fp16":
-        with prog.step("Converting (fp16)"):
-            quant = qz.convert_fp16(fp32_path, final)
+        items = cal.load_items(calibration, info.task)
+        if info.prompt_template is not None:
+            from encapure.export import qwen3
 
-    if fp32_path != final:
-        for p in (fp32_path, fp32_path.with_name(fp32_path.name + ".data")):
-            if p.exists():
-                p.unlink()
+            return qwen3.template_feeds(rust_tok, info.prompt_template, items, min(info.max_length, 512), pad_id)
+        return cal.feeds(rust_tok, items, input_names, min(info.max_length, 512), pad_id)
+
+    quant = qz.apply_precision(precision, fp32_path, final, recipe=recipe, feeds=feeds, calibration=calibration,
+                               prog=prog)
 
     hidden = info.config.get("hidden_size") or info.config.get("dim") or info.config.get("d_model")
     manifest = Manifest(

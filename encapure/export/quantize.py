@@ -7,7 +7,7 @@ and the closing note of issue 2): which MatMuls stay fp32, per-channel or per-te
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import numpy as np
 
 from encapure.errors import ExportError
 from encapure.export.onnx_export import save_model
+from encapure.export.progress import Progress
 
 
 @contextmanager
@@ -263,6 +264,42 @@ def quantize_int8_static(
     applied["quantized_gathers"] = gathers if want_gather else []
     applied["calibration_batches"] = len(calibration)
     return applied
+
+
+def apply_precision(
+    precision: str,
+    fp32_path: Path,
+    final: Path,
+    *,
+    recipe: dict[str, Any] | None,
+    feeds: Callable[[], list[dict[str, Any]]],
+    calibration: str | Path | None,
+    prog: Progress,
+) -> dict[str, Any]:
+    """Turn the fp32 graph into ``final`` at ``precision`` (int8 per ``recipe``, calibrated on
+    ``feeds()`` when static) and remove the fp32 intermediate; the manifest's quantization record.
+    Every model family's exporter ends here, so a precision is added once."""
+    quant: dict[str, Any] = {}
+    if precision == "int8":
+        if recipe is None:
+            raise ExportError("int8 needs a recipe")
+        with prog.step(f"Quantizing (int8, {recipe['method']})"):
+            if recipe["method"] == "static":
+                quant = quantize_int8_static(fp32_path, final, recipe, feeds())
+                quant["calibration"] = str(calibration) if calibration else "encapure/data/calibration.jsonl"
+            else:
+                quant = quantize_int8(fp32_path, final, recipe)
+    elif precision == "int4":
+        with prog.step("Quantizing (int4)"):
+            quant = quantize_int4(fp32_path, final)
+    elif precision == "fp16":
+        with prog.step("Converting (fp16)"):
+            quant = convert_fp16(fp32_path, final)
+    if fp32_path != final:
+        for p in (fp32_path, fp32_path.with_name(fp32_path.name + ".data")):
+            if p.exists():
+                p.unlink()
+    return quant
 
 
 def resolve_exclusions(model: Any, rules: list[str]) -> list[str]:

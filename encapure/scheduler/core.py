@@ -351,11 +351,13 @@ class Scheduler:
         finally:
             self._preparing -= 1
 
-    def _check_open(self, model: str) -> None:
+    def _check_open(self, model: str, accepting: Callable[[], bool] | None = None) -> None:
+        """Refuse what cannot run: not started, shutting down (unless ``accepting`` grants a drain
+        grace), an unknown model, or no live worker."""
         if self.phase is Phase.NEW:
             raise NotReadyError("the scheduler is not started")
         self._check_loop()
-        if self.phase is not Phase.RUNNING:
+        if not (accepting() if accepting is not None else self.phase is Phase.RUNNING):
             self.metrics.rejected_requests.labels(reason="shutting_down").inc()
             raise ShuttingDownError("the server is shutting down", retry_after=None)
         if model not in self.models:
@@ -443,18 +445,8 @@ class Scheduler:
         ``PayloadTooLargeError`` (more than ``max_units_per_request`` units).
         """
         t0 = time.monotonic()
-        if self.phase is Phase.NEW:
-            raise NotReadyError("the scheduler is not started")
-        self._check_loop()
-        if self.phase is Phase.STOPPED or not (self.phase is Phase.RUNNING or self._take_grace(prepared)):
-            self.metrics.rejected_requests.labels(reason="shutting_down").inc()
-            raise ShuttingDownError("the server is shutting down", retry_after=None)
-        if model not in self.models:
-            known = ", ".join(sorted(self.models)) or "none"
-            raise ModelNotFoundError(f"model {model!r} is not served here (served: {known})")
-        if self.workers.alive == 0:
-            self.metrics.rejected_requests.labels(reason="worker_died").inc()
-            raise WorkerDiedError("every inference worker has died; the server must be restarted")
+        self._check_open(model, lambda: self.phase is not Phase.STOPPED
+                         and (self.phase is Phase.RUNNING or self._take_grace(prepared)))
         n = len(prepared.units)
         if deadline is None:
             deadline = t0 + self.settings.request_timeout_s
