@@ -209,3 +209,26 @@ def test_scheduler_refuses_a_foreign_event_loop(rr_model: Any) -> None:
 
     asyncio.run(use())
     sched.abandon()
+
+
+def test_library_calls_have_no_per_request_caps(rr_model: Any) -> None:
+    """``--max-units-per-request`` and the one-request work limit keep an HTTP client from crowding
+    out the others; a library caller asked for all of its work: it must not get a 413."""
+    from encapure.errors import PayloadTooLargeError
+
+    docs = [f"document number {i} about something" for i in range(12)]
+    settings = Settings(workers=1, max_units_per_request=4)
+
+    async def main() -> tuple[list[Any], Any]:
+        async with AsyncReranker(rr_model, settings=settings) as rr:
+            got = await rr.rerank("query", docs)
+        shared = Scheduler({rr_model.name: rr_model}, settings)  # a server's scheduler keeps them
+        await shared.start()
+        rr2 = AsyncReranker(rr_model, scheduler=shared)
+        with pytest.raises(PayloadTooLargeError) as caught:
+            await rr2.rerank("query", docs)
+        await shared.shutdown(5)
+        return got, caught
+
+    got, _ = asyncio.run(main())
+    assert sorted(r.index for r in got) == list(range(12))

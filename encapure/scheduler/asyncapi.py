@@ -80,7 +80,7 @@ class _AsyncBase:
             self.scheduler = scheduler
             self._owns = False
         else:
-            self.scheduler = Scheduler({self.name: inner}, settings or Settings(), metrics)
+            self.scheduler = Scheduler({self.name: inner}, settings or Settings(), metrics, request_caps=False)
             self._owns = True
         self._closed = False
 

@@ -94,9 +94,15 @@ class Scheduler:
         models: Mapping[str, Runner],
         settings: Settings,
         metrics: SchedulerMetrics | None = None,
+        *,
+        request_caps: bool = True,
     ) -> None:
+        """``request_caps=False`` (the library's own schedulers): no per-request size limits. They
+        keep one HTTP client from crowding out the others; a library caller asked for all of its
+        work, which still has its deadline and the admission's bounds."""
         self.models: dict[str, Runner] = dict(models)
         self.settings = settings
+        self.request_caps = request_caps
         self.metrics = metrics if metrics is not None else SchedulerMetrics()
         runners: dict[str, Runner] = dict(models)
         if settings.fault_injection:  # tests only: the production path has no fault checks
@@ -262,7 +268,7 @@ class Scheduler:
         self._check_open(model)
         if deadline is None:
             deadline = t0 + self.settings.request_timeout_s
-        cap = self.settings.max_units_per_request
+        cap = self.settings.max_units_per_request if self.request_caps else 1 << 62
         if estimate.inputs > cap:
             self._too_large(estimate.inputs, at_least=True)
         # room for its likely size (the real one replaces it after tokenization), never more than
@@ -382,8 +388,8 @@ class Scheduler:
         measured throughput, on the workers a heavy request may hold) is refused now rather than
         computed and thrown away at the deadline."""
         adm = self.admission
-        if adm.rate <= 0:
-            return  # not measured yet: no grounds to refuse
+        if adm.rate <= 0 or not self.request_caps:
+            return  # not measured yet (no grounds to refuse), or a library call
         alive = max(1, self.workers.alive)
         share = (alive - 1) / alive if alive > 1 and is_heavy(work, self._limits()) else 1.0
         need = work / (adm.rate * share)  # on the workers it may hold
@@ -452,7 +458,7 @@ class Scheduler:
             deadline = t0 + self.settings.request_timeout_s
         if n == 0:
             return np.empty((0, 0), dtype=np.float32)
-        if n > self.settings.max_units_per_request:
+        if self.request_caps and n > self.settings.max_units_per_request:
             self._too_large(n)
         if deadline <= t0:
             self.metrics.dropped_items.labels(reason="deadline").inc(n)
