@@ -594,7 +594,7 @@ def compare(hf_tok: Any, light: SpmTokenizer, texts: tuple[str, ...] = CHECK_TEX
             for batch in batches:
                 for add in (True, False):
                     for item in batch:
-                        results = []
+                        results: list[list[Any] | None] = []
                         for tok in (hf_tok, light):
                             try:
                                 results.append(flat(tok.encode_batch([item], add_special_tokens=add)[0]))
