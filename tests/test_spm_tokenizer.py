@@ -77,7 +77,7 @@ def _random_text(rng: random.Random, words: list[str], alphabet: list[str]) -> s
     return rng.choice(words) + rng.choice(alphabet) * rng.randint(1, 4) + rng.choice(words)
 
 
-ALPHABET = (list("abcXYZ  \t\n\r\x00\x01\x1f\x7f\x85\xa0\u1680\u2000\u3000\u2581.,!?-'\"éçñüß日本語中文한국어")
+ALPHABET = (list("abcXYZ  \t\n\r\x0b\x0c\x00\x01\x1f\x7f\x85\xa0\u1680\u2000\u3000\u2581.,!?-'\"éçñüß日本語中文한국어")
             + list("русскийعربيहिन्दी") + ["🙂", "👍🏽", "🇫🇷", "e\u0301", "ﾊﾟ", "ｶ", "ﬁ", "①", "㍿", "<s>", "</s>",
                                            "<mask>", " <mask>", "<pad>", "<unk>", "\u200b", "\u200d", "\ufeff", "𠀀"])
 
@@ -123,6 +123,15 @@ def test_matches_hf_tokenizers_property(arch: Path, light: SpmTokenizer, hf: Any
         hf.no_truncation()
         light.no_truncation()
     assert compared == 900
+
+
+def test_plain_ascii_shortcut_holds(light: SpmTokenizer) -> None:
+    """PrecompiledCharsmap skips printable ASCII and \\t\\n\\r\\f: the charsmap must leave the former alone
+    and turn the latter into spaces (\\v is removed, so it is not in the shortcut)."""
+    cm = light._charsmap
+    assert [chr(c) for c in range(0x20, 0x7F) if cm._lookup(chr(c)) is not None] == []
+    assert [cm._lookup(c) for c in "\t\n\r\x0c"] == [" "] * 4
+    assert cm._lookup("\x0b") == ""
 
 
 def test_windows_like_the_engine(light: SpmTokenizer, hf: Any) -> None:

@@ -41,6 +41,7 @@ _WS_CHARS = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u30
                       + "".join(chr(c) for c in range(0x2000, 0x200B)))
 
 _GRAPHEME = regex.compile(r"\X")
+_PLAIN = re.compile(r"[\t\n\r\x0c\x20-\x7e]*")
 
 _BOS, _PAD, _EOS, _UNK = 0, 1, 2, 3
 _SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
@@ -446,6 +447,10 @@ class PrecompiledCharsmap:
         is aligned with, by HF's rules: a replacement's characters take the original characters
         one by one, extra ones share the previous one's span, and characters removed are folded
         into the previous output character (or, at the very start, shift the alignment: HF does so)."""
+        if _PLAIN.fullmatch(text, begin, end):
+            # Printable ASCII and \t\n\r\f: the charsmap leaves the characters of words alone and maps
+            # these whitespace characters to spaces (checked in tests), so words keep their positions.
+            return text[begin:end], [(i, i + 1) for i in range(begin, end)]
         out: list[str] = []
         changes: list[int] = []
 
