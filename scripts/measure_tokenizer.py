@@ -71,7 +71,7 @@ def speed(folder: Path, pairs: list[tuple[str, str]]) -> dict[str, Any]:
     from encapure.engine.spm_tokenizer import SPM_FILE, SpmTokenizer
 
     out: dict[str, Any] = {}
-    toks = {"hf": Tokenizer.from_file(str(folder / "tokenizer.json")), "sentencepiece": SpmTokenizer(folder / SPM_FILE)}
+    toks: dict[str, Any] = {"hf": Tokenizer.from_file(str(folder / "tokenizer.json")), "sentencepiece": SpmTokenizer(folder / SPM_FILE)}
     ids = {}
     for name, tok in toks.items():
         tok.no_padding()

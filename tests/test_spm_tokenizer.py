@@ -220,3 +220,17 @@ def test_engine_scores_equal_with_either_tokenizer(tiny_xlmr_reranker_dir: Path)
         assert [u.ids.tolist() for u in a.units] == [u.ids.tolist() for u in b.units]
         assert a.truncated == b.truncated and a.tokens == b.tokens
         np.testing.assert_array_equal(auto.forward(a.units), ref.forward(b.units))
+
+
+def test_exporter_refuses_tokenizers_with_extra_added_tokens(arch: Path, tmp_path: Path) -> None:
+    """A ColBERT marker or any token added to tokenizer.json is unknown to SpmTokenizer: keep tokenizers."""
+    transformers = pytest.importorskip("transformers")
+    from encapure.export.tokenizer import light_tokenizer, write_tokenizer
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(arch))
+    assert light_tokenizer(arch, tok, write_tokenizer(tok, tmp_path), "xlm-roberta", tmp_path) == "sentencepiece"
+    assert (tmp_path / SPM_FILE).is_file()
+    tok.add_tokens(["[Q]"], special_tokens=True)
+    (tmp_path / SPM_FILE).unlink()
+    assert light_tokenizer(arch, tok, write_tokenizer(tok, tmp_path), "xlm-roberta", tmp_path) == ""
+    assert not (tmp_path / SPM_FILE).exists()

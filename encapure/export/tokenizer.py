@@ -90,7 +90,16 @@ def light_tokenizer(tok_dir: Path | None, tok: Any, rust_tok: Any, model_type: s
     xlmr = model_type in _XLMR_TYPES or type(tok).__name__.startswith("XLMRobertaTokenizer")
     if spm_file is None or not xlmr:
         return ""
-    if json.loads(rust_tok.to_str()).get("model", {}).get("type") != "Unigram":
+    spec = json.loads(rust_tok.to_str())
+    if spec.get("model", {}).get("type") != "Unigram":
+        return ""
+    # Added tokens (ColBERT markers, new specials) live only in tokenizer.json: SpmTokenizer knows XLM-R's five.
+    added = {(t.get("content"), t.get("id"), bool(t.get("lstrip"))) for t in spec.get("added_tokens") or []}
+    n_vocab = len(spec["model"].get("vocab") or [])
+    expected = {("<s>", 0, False), ("<pad>", 1, False), ("</s>", 2, False), ("<unk>", 3, False),
+                ("<mask>", n_vocab - 1, True)}
+    if added != expected:
+        log.info("tokenizer has added tokens beyond XLM-R's specials; serving keeps tokenizers")
         return ""
     try:
         light = spt.SpmTokenizer(spm_file)
