@@ -155,6 +155,13 @@ def test_windows_like_the_engine(light: SpmTokenizer, hf: Any) -> None:
         light.no_truncation()
 
 
+def test_refuses_like_tokenizers(light: SpmTokenizer, hf: Any) -> None:
+    for bad in (["a\ud800b"], [("q", "\udfff")], [3], [("a", "b", "c")]):
+        for tok in (hf, light):
+            with pytest.raises(TypeError):
+                tok.encode_batch(bad)
+
+
 def test_decode_matches(light: SpmTokenizer, hf: Any) -> None:
     for text in ("Hello world!", "  spaces   here ", "日本語のテキスト", "<s> x <mask> y", "ﬁ ①"):
         ids = hf.encode(text).ids

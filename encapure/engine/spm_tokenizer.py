@@ -252,12 +252,15 @@ class SpmTokenizer:
         return _UNK if i == 0 else i + 1
 
     def _encode_one(self, item: Any, add_special_tokens: bool) -> SpmEncoding:
-        if isinstance(item, str):
-            a, b = self._tokenize(item), None
-        elif isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item):
-            a, b = self._tokenize(item[0]), self._tokenize(item[1], type_id=1)
-        else:
-            raise TypeError("TextEncodeInput must be a str or a (str, str) pair")
+        try:
+            if isinstance(item, str):
+                a, b = self._tokenize(item), None
+            elif isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item):
+                a, b = self._tokenize(item[0]), self._tokenize(item[1], type_id=1)
+            else:
+                raise TypeError("TextEncodeInput must be a str or a (str, str) pair")
+        except UnicodeEncodeError as e:  # a lone surrogate: tokenizers refuses it with a TypeError too
+            raise TypeError(f"TextEncodeInput must be valid Unicode text: {e}") from e
         if self._trunc is not None:
             self._truncate(a, b, add_special_tokens)
         return self._post_process(a, b, add_special_tokens)
