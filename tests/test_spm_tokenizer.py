@@ -241,3 +241,23 @@ def test_exporter_refuses_tokenizers_with_extra_added_tokens(arch: Path, tmp_pat
     (tmp_path / SPM_FILE).unlink()
     assert light_tokenizer(arch, tok, write_tokenizer(tok, tmp_path), "xlm-roberta", tmp_path) == ""
     assert not (tmp_path / SPM_FILE).exists()
+
+
+@pytest.mark.anyio
+async def test_server_answers_the_same_with_either_tokenizer(tiny_xlmr_reranker_dir: Path) -> None:
+    """/tokenize (ids, token texts, offsets, special flags) and /rerank scores through the real server."""
+    from encapure.engine.loading import load_model
+    from encapure.server.testing import InProcessServer
+    from encapure.settings import Settings
+
+    docs = ["Paris is the capital of France. " * 30, "日本の首都は東京です。", "ﬁ ① <mask>  tabs\there", "🙂"]
+    answers = []
+    for kind in ("hf", "auto"):
+        model = load_model(tiny_xlmr_reranker_dir, settings=Settings(tokenizer=kind, max_length=64))
+        async with InProcessServer({"x": model}, Settings()) as srv:
+            tok = await srv.client.post("/tokenize", json={"inputs": docs, "model": "x"})
+            rr = await srv.client.post("/rerank", json={"query": "capital of France", "documents": docs,
+                                                         "model": "x", "return_documents": False})
+            assert tok.status_code == 200 and rr.status_code == 200, (tok.text, rr.text)
+            answers.append((tok.json(), [(r["index"], r["relevance_score"]) for r in rr.json()["results"]]))
+    assert answers[0] == answers[1]
