@@ -37,6 +37,9 @@ class Manifest:
     output_kind: OutputKind
     model_file: str = "model.onnx"
     tokenizer_file: str = "tokenizer.json"
+    # "sentencepiece": the exporter checked that encapure.engine.spm_tokenizer reproduces tokenizer.json
+    # (and copied sentencepiece.bpe.model); "" = tokenizers only.
+    tokenizer: str = ""
     pooling: Pooling | None = None  # embed only
     normalize: bool = False  # embed only
     labels: list[str] | None = None  # classify (and rerank: one label)

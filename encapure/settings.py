@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     truncation_side: Literal["left", "right"] = Field(
         default="right", description="which end of a too-long text is cut"
     )
+    tokenizer: Literal["auto", "hf", "sentencepiece"] = Field(
+        default="auto",
+        description="auto: the light SentencePiece tokenizer where the export checked it against tokenizer.json "
+        "(XLM-R models: ~280 MB less RSS), else Hugging Face tokenizers; hf or sentencepiece force one",
+    )
     window_overlap: int = Field(
         default=64, ge=0, description='tokens shared by neighbouring windows (long_documents="window")'
     )

@@ -126,6 +126,7 @@ def tiny_xlmr_reranker_dir() -> Path:
     from encapure.export import export_model
 
     arch = need(BGE_ARCH)
-    files = [arch / n for n in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
+    files = [arch / n for n in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                "sentencepiece.bpe.model") if (arch / n).is_file()]
     key = _model_key("tiny-xlmr", files, "fp32", extra=repr(sorted(TINY_XLMR.items())))
     return cached_export(key, lambda out: export_model(build_tiny_xlmr(), out, precision="fp32", tokenizer=arch))

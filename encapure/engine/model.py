@@ -17,11 +17,12 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from tokenizers import Encoding, Tokenizer
+from tokenizers import Encoding
 
 from encapure.engine.backends import create_session
 from encapure.engine.batching import plan_batches
 from encapure.engine.prompts import PairTemplate, check_instruction, encode_pairs
+from encapure.engine.spm_tokenizer import open_tokenizer
 from encapure.engine.types import (
     ClassifyOutput,
     EmbedOutput,
@@ -109,7 +110,8 @@ class OnnxModel:
         # One tokenizer per model, reconfigured per truncation mode under a lock: a Tokenizer holds its
         # whole vocabulary (XLM-R's 250k-piece Unigram trie is ~280 MB), so one instance per mode
         # cost bge-reranker-v2-m3 ~0.8 GB of RSS. Tokenizing is a few % of a request's time.
-        self._tok = Tokenizer.from_file(str(tok_path))
+        # XLM-R models checked at export get the SentencePiece-backed tokenizer (a few MB, not ~280).
+        self._tok, self.tokenizer_kind = open_tokenizer(tok_path, manifest.tokenizer, self.settings.tokenizer)
         self._tok.no_padding()
         self._tok_mode: str | None = None
         self._tok_lock = threading.Lock()

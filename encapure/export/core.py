@@ -189,7 +189,12 @@ def _export(
     with prog.step("Loading model"):
         import torch
 
-        from encapure.export.tokenizer import load_hf_tokenizer, pad_token_id, write_tokenizer
+        from encapure.export.tokenizer import (
+            light_tokenizer,
+            load_hf_tokenizer,
+            pad_token_id,
+            write_tokenizer,
+        )
 
         torch.set_grad_enabled(False)
         if tok_obj is None:
@@ -222,6 +227,8 @@ def _export(
             result = _build(model, info, work, rust_tok, pad_id, precision=precision, optimize=optimize,
                             check_parity=check_parity, prog=prog, calibration=calibration)
         manifest, report = result
+        with prog.step("Checking the SentencePiece tokenizer"):
+            manifest.tokenizer = light_tokenizer(tok_dir, tok_obj, rust_tok, info.model_type, work)
         manifest.source = src_label
         manifest.tool_versions = _versions()
         files = sorted(p.name for p in work.iterdir() if p.is_file() and p.name not in (MANIFEST_NAME, "parity.json"))

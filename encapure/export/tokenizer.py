@@ -64,3 +64,53 @@ def pad_token_id(tok: Any, config: dict[str, Any]) -> int:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+_XLMR_TYPES = ("xlm-roberta", "xlm-roberta-xl", "xlm_roberta")
+
+
+def light_tokenizer(tok_dir: Path | None, tok: Any, rust_tok: Any, model_type: str, output: Path) -> str:
+    """``"sentencepiece"`` when encapure's SentencePiece-backed tokenizer reproduces ``rust_tok`` for this
+    (XLM-R-family) model, with sentencepiece.bpe.model copied into ``output``; ``""`` otherwise.
+
+    Checked here, at export, because at load the point is to never build the HF tokenizer's
+    ~280 MB Unigram trie; the engine then trusts the manifest.
+    """
+    import json
+    import logging
+    import shutil
+
+    from encapure.engine import spm_tokenizer as spt
+
+    log = logging.getLogger(__name__)
+    candidates = [Path(p) for p in (getattr(tok, "vocab_file", None),) if isinstance(p, str)]
+    if tok_dir is not None:
+        candidates.insert(0, tok_dir / spt.SPM_FILE)
+    spm_file = next((p for p in candidates if p.is_file() and p.name == spt.SPM_FILE), None)
+    xlmr = model_type in _XLMR_TYPES or type(tok).__name__.startswith("XLMRobertaTokenizer")
+    if spm_file is None or not xlmr:
+        return ""
+    spec = json.loads(rust_tok.to_str())
+    if spec.get("model", {}).get("type") != "Unigram":
+        return ""
+    # Added tokens (ColBERT markers, new specials) live only in tokenizer.json: SpmTokenizer knows XLM-R's five.
+    added = {(t.get("content"), t.get("id"), bool(t.get("lstrip"))) for t in spec.get("added_tokens") or []}
+    n_vocab = len(spec["model"].get("vocab") or [])
+    expected = {("<s>", 0, False), ("<pad>", 1, False), ("</s>", 2, False), ("<unk>", 3, False),
+                ("<mask>", n_vocab - 1, True)}
+    if added != expected:
+        log.info("tokenizer has added tokens beyond XLM-R's specials; serving keeps tokenizers")
+        return ""
+    try:
+        light = spt.SpmTokenizer(spm_file)
+        work = rust_tok.__class__.from_str(rust_tok.to_str())
+        problems = spt.compare(work, light)
+    except (ImportError, ValueError, OSError) as e:
+        log.warning("SentencePiece tokenizer not usable for this model (%s); serving keeps tokenizers", e)
+        return ""
+    if problems:
+        log.warning("SentencePiece tokenizer differs from tokenizer.json on %d checks (first: %s); "
+                    "serving keeps tokenizers", len(problems), problems[0])
+        return ""
+    shutil.copyfile(spm_file, output / spt.SPM_FILE)
+    return "sentencepiece"
