@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import IN_CI, ROOT, TEST_MODELS, _model_key, cached_export, embedder_source
 
 from encapure.engine import Embedder, Reranker, maxsim
 from encapure.engine.colbert import ColbertModel
 from encapure.errors import InvalidInputError, WrongTaskError
 from encapure.export.parity import spearman
 from encapure.settings import Settings
-from tests.conftest import IN_CI, ROOT, TEST_MODELS, _model_key, cached_export, embedder_source
 
 ST5 = Path(sys.prefix) / "pylate-st5"
 

@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from tests.conftest import BGE_ARCH, need
+from conftest import BGE_ARCH, need
 
 pytest.importorskip("sentencepiece")
 
