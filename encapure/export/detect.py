@@ -142,6 +142,15 @@ def position_limit(config: dict[str, Any]) -> int | None:
     return mpe
 
 
+def check_max_length(explicit: int, limit: int | None) -> int:
+    """A ``--max-length`` the model's positions can hold, or an ``ExportError`` saying why not."""
+    if explicit <= 0:
+        raise ExportError(f"--max-length must be positive, got {explicit}")
+    if limit is not None and explicit > limit:
+        raise ExportError(f"--max-length {explicit} exceeds what the model's positions allow ({limit})")
+    return explicit
+
+
 def derive_max_length(
     config: dict[str, Any],
     *,
@@ -152,11 +161,7 @@ def derive_max_length(
     """--max-length, else sentence-transformers max_seq_length, else tokenizer limit capped by positions."""
     limit = position_limit(config)
     if explicit is not None:
-        if explicit <= 0:
-            raise ExportError(f"--max-length must be positive, got {explicit}")
-        if limit is not None and explicit > limit:
-            raise ExportError(f"--max-length {explicit} exceeds what the model's positions allow ({limit})")
-        return explicit
+        return check_max_length(explicit, limit)
     if st_root is not None and (st_root / "sentence_bert_config.json").is_file():
         msl = read_json(st_root / "sentence_bert_config.json").get("max_seq_length")
         if isinstance(msl, int) and msl > 0:

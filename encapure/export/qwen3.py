@@ -98,11 +98,9 @@ def check_template(template: dict[str, str]) -> None:
 
 def default_max_length(config: dict[str, Any], explicit: int | None, limit: int | None) -> int:
     if explicit is not None:
-        if explicit <= 0:
-            raise ExportError(f"--max-length must be positive, got {explicit}")
-        if limit is not None and explicit > limit:
-            raise ExportError(f"--max-length {explicit} exceeds what the model's positions allow ({limit})")
-        return explicit
+        from encapure.export.detect import check_max_length
+
+        return check_max_length(explicit, limit)
     return min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH
 
 
