@@ -106,6 +106,17 @@ class Settings(BaseSettings):
     openvino_device: str = Field(
         default="CPU", min_length=1, description="OpenVINO device name for --backend openvino (CPU, GPU, AUTO:...)"
     )
+    openvino_mmap: bool = Field(
+        default=True,
+        description="OpenVINO reads an IR's weights (model.bin) by mapping the file; off: reads them into memory "
+        "once and drops that copy after compiling (measure RSS both ways: scripts/measure_bge_memory.py)",
+    )
+    openvino_dynamic_quantization_group_size: int = Field(
+        default=0,
+        ge=0,
+        description="OpenVINO CPU: quantize activations to int8 per group of this many channels of each token "
+        "for int4/int8-weight IR (faster; 0 = off, f32 activations)",
+    )
     # Inference workers (threads sharing one ORT session). Measured on the 2-core dev machine
     # (scripts/bench_engine.py --sections threads): 2 single-thread workers beat one 2-thread run
     # for throughput, both for bulk scoring and for streams of small requests.

@@ -66,6 +66,7 @@ def export_model(
     overwrite: bool = True,
     calibration: str | Path | None = None,
     template: dict[str, str] | None = None,
+    format: str = "onnx",
 ) -> ExportResult:
     """Export ``source`` (folder, hub id, or in-memory transformers model) into ``output``.
 
@@ -75,6 +76,8 @@ def export_model(
     ``template``: a prompt template (``prefix``, ``body``, ``suffix``, ``instruction``) that makes a
     decoder LM (Qwen3/Qwen2 ``*ForCausalLM``) a yes/no reranker; Qwen3-Reranker's is the default for
     such models detected by name or ``task="rerank"`` (see ``encapure.export.qwen3``).
+    ``format``: "onnx" (``model.onnx``, any backend) or "openvino" (``model.xml``/``model.bin`` IR with
+    NNCF weight-only int4/int8, run by the OpenVINO backend only; see ``encapure.export.openvino_ir``).
     Raises ExportError subclasses with one-line messages; ParityError when fp32 does not match.
     """
     prog = progress if isinstance(progress, Progress) else Progress(bool(progress))
@@ -82,12 +85,18 @@ def export_model(
         raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if optimize not in ("auto", "on", "off"):
         raise ExportError(f"optimize must be auto, on or off, not {optimize!r}")
+    from encapure.export import openvino_ir
+
+    if format not in openvino_ir.FORMATS:
+        raise ExportError(f"unknown format {format!r}; choose one of {', '.join(openvino_ir.FORMATS)}")
+    if format == "openvino":
+        openvino_ir.recipe(precision)  # refuses fp16 before minutes of work
     output = Path(output).expanduser().resolve()
     _check_output(output, overwrite)
     try:
         return _export(source, output, task=task, precision=precision, max_length=max_length,
                        tokenizer=tokenizer, optimize=optimize, check_parity=check_parity, prog=prog,
-                       calibration=calibration, template=template)
+                       calibration=calibration, template=template, fmt=format)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ExportError(f"disk full while writing the export next to {output}: free some space") from e
@@ -140,6 +149,7 @@ def _export(
     prog: Progress,
     calibration: str | Path | None = None,
     template: dict[str, str] | None = None,
+    fmt: str = "onnx",
 ) -> ExportResult:
     t_start = time.perf_counter()
     in_memory = not isinstance(source, (str, Path))
@@ -173,6 +183,8 @@ def _export(
         detect(config, task=task, name=name, template=template)
         if tokenizer is None and not has_tokenizer(tok_dir):
             raise ExportError(f"no tokenizer in {root}: expected tokenizer.json (or vocab/sentencepiece files)")
+        if colbert_src is not None and fmt != "onnx":
+            raise ExportError("ColBERT models export to ONNX only (--format onnx)")
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
         tok_obj = tokenizer
     elif tok_dir is not None and not has_tokenizer(tok_dir):
@@ -225,7 +237,7 @@ def _export(
                                    calibration=calibration)
         else:
             result = _build(model, info, work, rust_tok, pad_id, precision=precision, optimize=optimize,
-                            check_parity=check_parity, prog=prog, calibration=calibration)
+                            check_parity=check_parity, prog=prog, calibration=calibration, fmt=fmt)
         manifest, report = result
         with prog.step("Checking the SentencePiece tokenizer"):
             manifest.tokenizer = light_tokenizer(tok_dir, tok_obj, rust_tok, info.model_type, work)
@@ -242,7 +254,7 @@ def _export(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    size = sum(p.stat().st_size for p in output.iterdir() if p.name.startswith("model.onnx"))
+    size = sum(p.stat().st_size for p in output.iterdir() if p.name.startswith(("model.onnx", "model.xml", "model.bin")))
     prog.timings["total"] = round(time.perf_counter() - t_start, 3)
     return ExportResult(output=output, manifest=manifest, parity=report, timings=dict(prog.timings), size_bytes=size)
 
@@ -312,7 +324,7 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {}
-    for pkg in ("encapure", "torch", "transformers", "onnx", "onnxruntime", "tokenizers"):
+    for pkg in ("encapure", "torch", "transformers", "onnx", "onnxruntime", "tokenizers", "openvino", "nncf"):
         with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
     out["export_version"] = EXPORT_VERSION
@@ -331,6 +343,7 @@ def _build(
     check_parity: bool,
     prog: Progress,
     calibration: str | Path | None = None,
+    fmt: str = "onnx",
 ) -> tuple[Manifest, dict[str, Any]]:
     from encapure.export import optimize as opt
     from encapure.export import quantize as qz
@@ -351,20 +364,32 @@ def _build(
                                        batch_size=4)
     else:
         batches = par.encode(rust_tok, items[:4], min(info.max_length, 512), pad_id)
+    ir = fmt == "openvino"
     final = work / "model.onnx"
-    fp32_path = final if precision == "fp32" else work / "fp32.onnx"
+    fp32_path = final if precision == "fp32" and not ir else work / "fp32.onnx"
     with prog.step("Exporting to ONNX (fp32)"):
         export_onnx(traced, fp32_path, input_names=input_names, output_name=output_name,
                     output_kind=output_kind, sample=batches[0])
 
     fusions: dict[str, int] = {}
-    want_fusion = opt.should_fuse(info.model_type, precision, optimize)
+    # IR: OpenVINO fuses attention/LayerNorm itself; ORT's contrib-op fusions would not convert.
+    want_fusion = not ir and opt.should_fuse(info.model_type, precision, optimize)
     if want_fusion:
         with prog.step("Optimizing graph (fusion)"):
             fusions = opt.fuse(fp32_path, fp32_path, info.config, info.model_type)
 
     recipe: dict[str, Any] | None = None
-    if precision == "int8":
+    ir_quant: dict[str, Any] | None = None
+    if ir:
+        from encapure.export import openvino_ir
+
+        label = {"fp32": "Converting to OpenVINO IR (fp32)"}.get(
+            precision, f"Converting to OpenVINO IR and compressing weights ({precision}, NNCF)")
+        with prog.step(label):
+            ir_quant = openvino_ir.convert(fp32_path, work / openvino_ir.IR_FILE, precision)
+        for p in (fp32_path, fp32_path.with_name(fp32_path.name + ".data")):
+            p.unlink(missing_ok=True)
+    elif precision == "int8":
         large = fp32_path.with_name(fp32_path.name + ".data").exists()  # weights past the 2 GB protobuf limit
         recipe = qz.int8_recipe(info.task, info.model_type, large=large)
         if large:
@@ -380,8 +405,11 @@ def _build(
             return qwen3.template_feeds(rust_tok, info.prompt_template, items, min(info.max_length, 512), pad_id)
         return cal.feeds(rust_tok, items, input_names, min(info.max_length, 512), pad_id)
 
-    quant = qz.apply_precision(precision, fp32_path, final, recipe=recipe, feeds=feeds, calibration=calibration,
-                               prog=prog)
+    if ir_quant is not None:
+        quant = ir_quant
+    else:
+        quant = qz.apply_precision(precision, fp32_path, final, recipe=recipe, feeds=feeds, calibration=calibration,
+                                   prog=prog)
 
     hidden = info.config.get("hidden_size") or info.config.get("dim") or info.config.get("d_model")
     manifest = Manifest(
@@ -405,6 +433,8 @@ def _build(
         fusions=fusions,
         quantization=quant,
     )
+    if ir:
+        manifest.model_file = "model.xml"
     report: dict[str, Any] = {"precision": precision, "task": info.task, "fusions": fusions, "quantization": quant}
     if check_parity:
         with prog.step("Verifying against PyTorch"):

@@ -52,12 +52,23 @@ def _open(name: str, path: Path, settings: Settings) -> Session:
 
 
 def create_session(model_path: str | Path, settings: Settings | None = None) -> Session:
-    """Open ``model_path`` with the backend ``settings.backend`` names (``auto``: the probe's pick)."""
+    """Open ``model_path`` with the backend ``settings.backend`` names (``auto``: the probe's pick).
+
+    An OpenVINO IR (``.xml``) always opens on OpenVINO; asking for onnxruntime explicitly is an error,
+    the default backend (not set by the user) gives way so ``encapure serve IR_FOLDER`` just works.
+    """
     settings = settings or Settings()
     path = Path(model_path)
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
     name: str = settings.backend
+    if path.suffix.lower() == ".xml":  # OpenVINO IR: only OpenVINO reads it
+        if name == "onnxruntime" and "backend" in settings.model_fields_set:
+            raise ModelError(
+                f"{path.name} is an OpenVINO IR (encapure export --format openvino): it runs on --backend openvino "
+                "(or auto), not onnxruntime; export with --format onnx for onnxruntime"
+            )
+        return _open("openvino", path, settings)
     if name == "auto":
         from encapure.engine.backends.auto import choose
 

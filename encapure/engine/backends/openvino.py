@@ -9,6 +9,12 @@ the compiled model gets one stream per worker and ``threads_per_worker`` threads
 each calling thread keeps its own infer request (a request is not thread-safe; the compiled model is).
 Inference precision is pinned to f32: on CPUs with bf16 (AVX-512 BF16, AMX) OpenVINO would
 otherwise compute in bf16 by default, and a score must not change with the CPU it runs on.
+
+An OpenVINO IR (``model.xml`` + ``model.bin``, ``encapure export --format openvino``) loads here too,
+and only here. Its weights are mapped from ``model.bin`` by default; with ``Settings.openvino_mmap``
+off they are read into memory and the read copy is dropped once the plugin has compiled (repacked)
+them. ``Settings.openvino_dynamic_quantization_group_size`` turns on int8 activations for
+weight-compressed IR (off by default: see BENCHMARKS.md "bge-reranker-v2-m3 memory").
 """
 
 from __future__ import annotations
@@ -46,14 +52,20 @@ class OpenVINOSession:
         except ImportError as e:
             raise ModelError("the openvino backend needs the openvino package: pip install openvino") from e
         streams = settings.workers
-        config = {
+        config: dict[str, Any] = {
             "INFERENCE_NUM_THREADS": settings.resolved_threads() * streams,
             "NUM_STREAMS": str(streams),
             "INFERENCE_PRECISION_HINT": "f32",
         }
+        if settings.openvino_device.upper().startswith("CPU"):
+            config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = int(settings.openvino_dynamic_quantization_group_size)
         try:
             core = ov.Core()
-            self._compiled = core.compile_model(core.read_model(str(path)), settings.openvino_device, config)
+            core.set_property({"ENABLE_MMAP": bool(settings.openvino_mmap)})
+            model = core.read_model(str(path))
+            self._compiled = core.compile_model(model, settings.openvino_device, config)
+            # The compiled model holds what it needs (repacked weights); the read copy can go.
+            del model
         except Exception as e:  # OpenVINO raises RuntimeError with multi-line text
             raise ModelError(f"OpenVINO cannot load {path}: {str(e).strip().splitlines()[0]}") from e
         self._inputs = _ports(self._compiled.inputs)

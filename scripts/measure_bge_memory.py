@@ -1,0 +1,202 @@
+"""bge-reranker-v2-m3 (random weights, exact config): export time, file size, startup, RSS and 8x64 latency.
+
+    python scripts/measure_bge_memory.py [--variants ort-int8,ov-int4,ov-int8] [--runs 100] [--out .work/bge-memory]
+    python scripts/measure_bge_memory.py --probe-only   # re-measure the folders already exported
+
+Exports each variant once (``export_model`` on a seeded random ``XLMRobertaForSequenceClassification``
+built from /work/shared/models/bge-reranker-v2-m3-arch), then measures every runtime configuration in
+a fresh subprocess: the session alone (no tokenizer) -> RSS after load, ``--runs`` batches of 8 x 64
+tokens (RSS after runs, p50), then the tokenizer the engine loads (``tokenizer.json``) -> RSS with it.
+Startup = session creation + tokenizer load. Also, for OpenVINO IR, batch invariance: each of 8 rows of
+different lengths scored alone vs in the padded batch (max |Δ| of the logits). 2 threads, 1 stream.
+RSS is split into anonymous (heap, repacked weights) and file-backed (mapped model.bin pages).
+Results: printed table + <out>/results.json. Random weights cost what real ones do; scores mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BGE_ARCH = Path(os.environ.get("ENCAPURE_SHARED", "/work/shared")) / "models" / "bge-reranker-v2-m3-arch"
+
+# variant -> (export format, precision)
+VARIANTS = {"ort-int8": ("onnx", "int8"), "ov-int4": ("openvino", "int4"), "ov-int8": ("openvino", "int8")}
+# runtime configurations measured per exported variant: (label, backend, mmap, dyn-quant group)
+CONFIGS = {
+    "ort-int8": [("ORT int8 (dynamic)", "onnxruntime", True, 0)],
+    "ov-int4": [("OV int4 IR, mmap on, dq off", "openvino", True, 0),
+                ("OV int4 IR, mmap off, dq off", "openvino", False, 0),
+                ("OV int4 IR, mmap on, dq 128", "openvino", True, 128),
+                ("OV int4 IR, mmap off, dq 128", "openvino", False, 128)],
+    "ov-int8": [("OV int8-weights IR, mmap on, dq off", "openvino", True, 0),
+                ("OV int8-weights IR, mmap off, dq off", "openvino", False, 0)],
+}
+
+_PROBE = r"""
+import json, sys, time
+import numpy as np
+folder, backend, mmap, dq, runs = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5])
+
+def rss():
+    out = {}
+    for line in open("/proc/self/status"):
+        if line.startswith(("VmRSS", "RssAnon", "RssFile")):
+            k, v = line.split(":")
+            out[k] = int(v.split()[0]) / 1024
+    return out
+
+from pathlib import Path
+from encapure.engine.backends import create_session
+from encapure.manifest import Manifest
+from encapure.settings import Settings
+m = Manifest.load(folder)
+settings = Settings(backend=backend, workers=1, threads_per_worker=2, openvino_mmap=mmap,
+                    openvino_dynamic_quantization_group_size=dq)
+base = rss()
+t0 = time.perf_counter()
+s = create_session(Path(folder) / m.model_file, settings)
+load_s = time.perf_counter() - t0
+after_load = rss()
+rng = np.random.default_rng(0)
+ids = rng.integers(5, 250000, (8, 64)).astype(np.int64); ids[:, 0] = 0; ids[:, -1] = 2
+names = [i.name for i in s.get_inputs()]
+def feed(ids, mask):
+    f = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    return {k: v for k, v in f.items() if k in names}
+full = feed(ids, np.ones_like(ids))
+t = time.perf_counter(); s.run(None, full); first_s = time.perf_counter() - t
+lat = []
+for _ in range(runs):
+    t = time.perf_counter(); s.run(None, full); lat.append(time.perf_counter() - t)
+after_runs = rss()
+# batch invariance: rows of different lengths, padded batch vs each row alone
+lengths = np.linspace(64, 6, 8).astype(int)
+mask = np.zeros_like(ids)
+for r, n in enumerate(lengths):
+    mask[r, :n] = 1
+pids = np.where(mask == 1, ids, 1)
+batched = s.run(None, feed(pids, mask))[0]
+alone = np.concatenate([s.run(None, feed(pids[r:r + 1, :n], mask[r:r + 1, :n]))[0] for r, n in enumerate(lengths)])
+inv = float(np.abs(batched - alone).max())
+t = time.perf_counter()
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file(str(Path(folder) / m.tokenizer_file))
+tok_s = time.perf_counter() - t
+with_tok = rss()
+print(json.dumps({"base_rss_mb": round(base["VmRSS"]), "session_load_s": round(load_s, 2),
+                  "startup_s": round(load_s + tok_s, 2),
+                  "rss_after_load_mb": round(after_load["VmRSS"]), "anon_after_load_mb": round(after_load["RssAnon"]),
+                  "file_after_load_mb": round(after_load["RssFile"]),
+                  "rss_after_runs_mb": round(after_runs["VmRSS"]), "anon_after_runs_mb": round(after_runs["RssAnon"]),
+                  "file_after_runs_mb": round(after_runs["RssFile"]),
+                  "rss_with_tokenizer_mb": round(with_tok["VmRSS"]),
+                  "tokenizer_mb": round(with_tok["VmRSS"] - after_runs["VmRSS"]),
+                  "first_run_ms": round(1000 * first_s), "p50_ms": round(1000 * float(np.median(lat)), 1),
+                  "min_ms": round(1000 * min(lat), 1), "runs": runs, "batch_invariance_max_abs": inv}))
+"""
+
+
+def cpu_isa() -> str:
+    from encapure.engine.backends.auto import cpu_signature
+
+    return cpu_signature()
+
+
+def export(variant: str, out: Path, parity: bool = True) -> dict[str, Any]:
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, XLMRobertaForSequenceClassification
+
+    from encapure.export import export_model
+
+    fmt, precision = VARIANTS[variant]
+    config = AutoConfig.from_pretrained(str(BGE_ARCH))
+    tok = AutoTokenizer.from_pretrained(str(BGE_ARCH))
+    torch.manual_seed(0)
+    model = XLMRobertaForSequenceClassification(config).eval()
+    t = time.perf_counter()
+    res = export_model(model, out, precision=precision, tokenizer=tok, format=fmt, progress=True,
+                       check_parity=parity)
+    export_s = time.perf_counter() - t
+    size = sum(p.stat().st_size for p in out.iterdir() if p.name.startswith(("model.onnx", "model.xml", "model.bin")))
+    return {"export_s": round(export_s, 1), "steps_s": res.timings, "size_mb": round(size / 1e6, 1),
+            "quantization": res.manifest.quantization,
+            "parity": {k: v for k, v in res.parity.items() if k not in ("quantization", "timings_s")}}
+
+
+def probe(folder: Path, backend: str, mmap: bool, dq: int, runs: int) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", _PROBE, str(folder), backend, "1" if mmap else "0", str(dq),
+                           str(runs)], capture_output=True, text=True, timeout=3600, env=env)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = ["| variant | export | file | startup | RSS after load (anon/file) | after N runs (anon/file) | "
+             "+ HF tokenizer | 8x64 p50 | batch-invariance max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for variant, res in results.get("variants", {}).items():
+        ex = res.get("export", {})
+        for label, p in res.get("configs", {}).items():
+            if "error" in p:
+                lines.append(f"| {label} | | | | error: {p['error']} | | | | |")
+                continue
+            lines.append(
+                f"| {label} | {ex.get('export_s', '?')} s | {ex.get('size_mb', '?')} MB | {p['startup_s']} s | "
+                f"{p['rss_after_load_mb']} MB ({p['anon_after_load_mb']}/{p['file_after_load_mb']}) | "
+                f"{p['rss_after_runs_mb']} MB ({p['anon_after_runs_mb']}/{p['file_after_runs_mb']}) | "
+                f"{p['rss_with_tokenizer_mb']} MB (+{p['tokenizer_mb']}) | {p['p50_ms']} ms | "
+                f"{p['batch_invariance_max_abs']:.1e} |")
+        del variant
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="ov-int4,ort-int8,ov-int8")
+    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--out", type=Path, default=ROOT / ".work" / "bge-memory")
+    ap.add_argument("--probe-only", action="store_true")
+    ap.add_argument("--skip-export", default="", help="variants already exported (their folders are reused)")
+    ap.add_argument("--no-parity", action="store_true",
+                    help="skip the PyTorch parity check (10 minutes per variant on a busy 2-core machine)")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    res_path = args.out / "results.json"
+    results: dict[str, Any] = json.loads(res_path.read_text()) if res_path.exists() else {}
+    results["conditions"] = {"cpu": cpu_isa(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+                             "loadavg_start": os.getloadavg(), "threads": 2, "note": "shared CPU"}
+    variants = results.setdefault("variants", {})
+    names = args.variants.split(",")
+    if not args.probe_only:  # export all first: the probes then run without an export beside them
+        for v in names:
+            if v in args.skip_export.split(","):
+                continue
+            variants.setdefault(v, {})["export"] = export(v, args.out / v, parity=not args.no_parity)
+            print(f"{v}: export {json.dumps(variants[v]['export'])}", flush=True)
+            res_path.write_text(json.dumps(results, indent=2) + "\n")
+    for v in names:
+        for label, backend, mmap, dq in CONFIGS[v]:
+            p = probe(args.out / v, backend, mmap, dq, args.runs)
+            variants.setdefault(v, {}).setdefault("configs", {})[label] = p
+            print(f"{label}: {json.dumps(p)}", flush=True)
+            res_path.write_text(json.dumps(results, indent=2) + "\n")
+    results["conditions"]["loadavg_end"] = os.getloadavg()
+    res_path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{results['conditions']['cpu']}, 2 threads, {args.runs} runs, shared CPU\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

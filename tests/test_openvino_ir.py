@@ -1,0 +1,165 @@
+"""``encapure export --format openvino``: OpenVINO IR with NNCF weight-only int4/int8, served by OpenVINO.
+
+Real exports of the trained MiniLM reranker fixture (BERT, hidden 384 = 3 groups of 128) and of a
+tiny random XLM-R (bge-reranker-v2-m3's model type and vocabulary); scores checked against the fp32
+ONNX export on WikiQA-test-gold queries (ranking quality), alone vs batched (batch invariance).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import BGE_ARCH, RERANKER_FIXTURE, WIKIQA_TEST, _model_key, cached_export, need
+
+from encapure.engine import Reranker
+from encapure.errors import ExportError, ModelError
+from encapure.manifest import Manifest
+from encapure.settings import Settings
+
+pytest.importorskip("openvino", reason="--format openvino needs openvino (the openvino extra)")
+pytest.importorskip("nncf", reason="--format openvino int4/int8 needs nncf (the export extra)")
+
+PAIRS = [
+    ("what is the capital of france", "Paris is the capital and most populous city of France."),
+    ("what is the capital of france", "Lyon is a city in France."),
+    ("how do vaccines work", "Vaccines train the immune system with a harmless piece of a pathogen. " * 8),
+    ("¿Cuál es el río más largo?", "El Nilo y el Amazonas compiten por el título."),
+    ("", "an empty query still scores"),
+    ("short", "x"),
+]
+
+
+def _ir(precision: str) -> Path:
+    from encapure.export import export_model
+
+    src = need(RERANKER_FIXTURE)
+    key = _model_key("reranker-ov", [src], precision, extra="openvino")
+    return cached_export(key, lambda out: export_model(src, out, precision=precision, format="openvino"))
+
+
+@pytest.fixture(scope="module")
+def ir_int4() -> Path:
+    return _ir("int4")
+
+
+@pytest.fixture(scope="module")
+def ir_int8() -> Path:
+    return _ir("int8")
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_ir_folder_and_manifest(precision: str, reranker_fp32_dir: Path) -> None:
+    folder = _ir(precision)
+    m = Manifest.load(folder)
+    assert m.model_file == "model.xml" and m.precision == precision
+    assert {"model.xml", "model.bin", "tokenizer.json"} <= set(m.files)
+    assert not (folder / "model.onnx").exists()
+    q = m.quantization
+    assert q["format"] == "openvino" and q["method"] == "nncf_weights"
+    assert q["mode"] == {"int4": "int4_sym", "int8": "int8_asym"}[precision]
+    if precision == "int4":
+        assert q["group_size"] == 128
+    parity = json.loads((folder / "parity.json").read_text())
+    assert parity["precision"] == precision and parity["cosine"] > {"int4": 0.98, "int8": 0.999}[precision]
+    onnx_fp32 = (reranker_fp32_dir / "model.onnx").stat().st_size
+    # 4 or 8 bits per weight (embeddings included) plus scales and the f32 biases and LayerNorms
+    assert (folder / "model.bin").stat().st_size < {"int4": 0.2, "int8": 0.3}[precision] * onnx_fp32
+
+
+def _wikiqa_map(model: Reranker, n_queries: int = 60) -> float:
+    from encapure.evaluation import load_dataset
+    from encapure.evaluation.ranking import evaluate
+
+    groups = [g for g in load_dataset(need(WIKIQA_TEST)) if any(v > 0 for v in g.labels)][:n_queries]
+    pairs = [(g.query, d) for g in groups for d in g.documents]
+    scores = model.score(pairs, raw_scores=True)
+    per_query, i = [], 0
+    for g in groups:
+        per_query.append((g.labels, scores[i:i + len(g.documents)]))
+        i += len(g.documents)
+    return evaluate(per_query).map
+
+
+@pytest.mark.parametrize("precision,floor", [("int8", 0.99), ("int4", 0.95)])
+def test_ir_ranks_like_fp32(precision: str, floor: float, reranker_fp32_dir: Path) -> None:
+    """The ranking bar: WikiQA MAP (60 queries) of the IR against the fp32 ONNX export."""
+    ir = Reranker.from_pretrained(_ir(precision))  # default backend: an IR opens on OpenVINO
+    assert type(ir.model.session).__name__ == "OpenVINOSession"
+    fp32 = Reranker.from_pretrained(reranker_fp32_dir)
+    want = fp32.score(PAIRS, raw_scores=True)
+    got = ir.score(PAIRS, raw_scores=True)
+    # measured max |Δ logit| on these pairs: int8 weights 0.65, int4 0.5 (over all WikiQA pairs 0.71 / 3.2)
+    assert np.abs(got - want).max() < 1.0
+    assert got[0] > got[1]  # Paris beats Lyon, as in fp32
+    assert _wikiqa_map(ir) >= floor * _wikiqa_map(fp32)
+
+
+def _alone_and_batched(folder: Path, dq: int) -> tuple[np.ndarray, np.ndarray]:
+    settings = Settings(workers=1, threads_per_worker=2, openvino_dynamic_quantization_group_size=dq)
+    model = Reranker.from_pretrained(folder, settings=settings)
+    batched = model.score(PAIRS, raw_scores=True)
+    alone = np.array([model.score([p], raw_scores=True)[0] for p in PAIRS])
+    return alone, batched
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_ir_is_batch_invariant(precision: str) -> None:
+    """Weight-only compression keeps activations f32 (the default): a pair scores the same alone
+    and in a padded batch."""
+    alone, batched = _alone_and_batched(_ir(precision), 0)
+    np.testing.assert_allclose(alone, batched, atol=1e-5, rtol=0)
+
+
+def test_dynamic_quantization_is_only_close_alone_vs_batched(ir_int4: Path) -> None:
+    """Why ``openvino_dynamic_quantization_group_size`` defaults to 0: with int8 activations the
+    same pair scored alone and in a batch differed (measured 3.9e-3 on the 1-token pair, OpenVINO
+    2026.4, AMD EPYC AVX-512 VNNI; the plugin does not quantize every shape alike). Bounded, not equal."""
+    alone, batched = _alone_and_batched(ir_int4, 128)
+    assert np.abs(alone - batched).max() < 0.05
+
+
+def test_ir_refuses_onnxruntime_when_asked(ir_int4: Path) -> None:
+    with pytest.raises(ModelError, match=r"OpenVINO IR.*--backend openvino"):
+        Reranker.from_pretrained(ir_int4, settings=Settings(backend="onnxruntime"))
+
+
+def test_ir_mmap_off_scores_the_same(ir_int4: Path) -> None:
+    on = Reranker.from_pretrained(ir_int4, settings=Settings(openvino_mmap=True)).score(PAIRS, raw_scores=True)
+    off = Reranker.from_pretrained(ir_int4, settings=Settings(openvino_mmap=False)).score(PAIRS, raw_scores=True)
+    np.testing.assert_allclose(off, on, atol=1e-6, rtol=0)
+
+
+def test_ir_export_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    from encapure.export import export_model
+
+    src = need(RERANKER_FIXTURE)
+    with pytest.raises(ExportError, match="--format openvino supports precision"):
+        export_model(src, tmp_path / "a", precision="fp16", format="openvino")
+    with pytest.raises(ExportError, match="unknown format"):
+        export_model(src, tmp_path / "b", precision="int4", format="tflite")
+
+
+def test_tiny_xlmr_int4_ir_exports_and_serves(tmp_path: Path) -> None:
+    """bge-reranker-v2-m3's model type and 250k vocabulary (int4 embedding) at a tiny width."""
+    import torch
+    from transformers import AutoConfig, XLMRobertaForSequenceClassification
+
+    from encapure.export import export_model
+
+    arch = need(BGE_ARCH)
+    config = AutoConfig.from_pretrained(str(arch), num_hidden_layers=2, hidden_size=128, num_attention_heads=2,
+                                        intermediate_size=256, max_position_embeddings=514)
+    torch.manual_seed(0)
+    res = export_model(XLMRobertaForSequenceClassification(config).eval(), tmp_path / "x", precision="int4",
+                       tokenizer=arch, format="openvino")
+    assert res.manifest.model_file == "model.xml"
+    assert res.parity["cosine"] > 0.999
+    # the int4 word embedding: 250002 x 128 at 4 bits is 16 MB, f32 would be 128 MB
+    assert res.size_bytes < 40e6
+    model = Reranker.from_pretrained(res.output)
+    scores = model.score(PAIRS, raw_scores=True)
+    alone = np.array([model.score([p], raw_scores=True)[0] for p in PAIRS])
+    np.testing.assert_allclose(alone, scores, atol=1e-5, rtol=0)
