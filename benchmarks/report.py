@@ -322,6 +322,9 @@ def render(r: dict[str, Any], plot_files: list[str], plot_dir: Path, md_dir: Pat
     qwen3 = ROOT / "benchmarks" / "results" / "qwen3-reranker-0.6b.md"
     if qwen3.is_file():  # written by scripts/measure_qwen3.py (a separate, slower measurement)
         L.append(qwen3.read_text().rstrip() + "\n")
+    bge_memory = ROOT / "benchmarks" / "results" / "bge-reranker-v2-m3-memory.md"
+    if bge_memory.is_file():  # written by scripts/measure_bge_memory.py (a separate, slower measurement)
+        L.append(bge_memory.read_text().rstrip() + "\n")
     if r["profile"]:
         p = r["profile"]
         L.append("## CPU profile of the Encapure server under load (py-spy)\n")
