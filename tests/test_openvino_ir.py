@@ -156,6 +156,7 @@ def test_tiny_xlmr_int4_ir_exports_and_serves(tmp_path: Path) -> None:
     res = export_model(XLMRobertaForSequenceClassification(config).eval(), tmp_path / "x", precision="int4",
                        tokenizer=arch, format="openvino")
     assert res.manifest.model_file == "model.xml"
+    assert not list(res.output.glob("*.onnx*")), "the fp32 intermediate must not stay in the folder"
     assert res.parity["cosine"] > 0.999
     # the int4 word embedding: 250002 x 128 at 4 bits is 16 MB, f32 would be 128 MB
     assert res.size_bytes < 40e6
