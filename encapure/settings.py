@@ -115,7 +115,7 @@ class Settings(BaseSettings):
         default=0,
         ge=0,
         description="OpenVINO CPU: quantize activations to int8 per group of this many channels of each token "
-        "for int4/int8-weight IR (faster; 0 = off, f32 activations)",
+        "for int4/int8-weight IR (~1.4x faster, but scores then move with batch-mates; 0 = off, f32 activations)",
     )
     # Inference workers (threads sharing one ORT session). Measured on the 2-core dev machine
     # (scripts/bench_engine.py --sections threads): 2 single-thread workers beat one 2-thread run
