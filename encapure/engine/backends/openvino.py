@@ -116,7 +116,9 @@ class OpenVINOSession:
         except Exception as e:  # OpenVINO raises RuntimeError with multi-line text
             raise ModelError(f"OpenVINO cannot load {path}: {str(e).strip().splitlines()[0]}") from e
         # Mapped IR weights: their resident pages are dropped after each inference (see release_pages).
-        self._mapped = mapped_ranges(path.with_suffix(".bin")) if path.suffix.lower() == ".xml" else []
+        # The ranges are read again each time: a range remembered from load could since have been
+        # unmapped and reused by an anonymous allocation, which MADV_DONTNEED would zero.
+        self._bin = path.with_suffix(".bin") if path.suffix.lower() == ".xml" and settings.openvino_mmap else None
         self._inputs = _ports(self._compiled.inputs)
         self._outputs = _ports(self._compiled.outputs)
         self._local = threading.local()
@@ -132,7 +134,8 @@ class OpenVINOSession:
         if request is None:
             request = self._local.request = self._compiled.create_infer_request()
         result = request.infer(feed)
-        release_pages(self._mapped)
+        if self._bin is not None:
+            release_pages(mapped_ranges(self._bin))
         names = output_names or [p.name for p in self._outputs]
         # Copies: the request reuses its output buffers on the next call from this thread.
         return [result[self._compiled.output(n)].copy() for n in names]
