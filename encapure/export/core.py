@@ -36,7 +36,7 @@ from encapure.manifest import MANIFEST_NAME, Manifest
 from encapure.settings import PRECISIONS
 
 # Bump when the exporter's output changes (the test fixture cache keys on it).
-EXPORT_VERSION = "7"
+EXPORT_VERSION = "8"
 
 
 @dataclass
