@@ -19,8 +19,6 @@ weight-compressed IR (off by default: see BENCHMARKS.md "bge-reranker-v2-m3 memo
 
 from __future__ import annotations
 
-import functools
-import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,51 +33,6 @@ from encapure.settings import Settings
 class _Port:
     name: str
     shape: Sequence[Any]
-
-
-def mapped_ranges(path: Path) -> list[tuple[int, int]]:
-    """Address ranges of this process's read-only mappings of ``path`` (Linux; empty elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return []
-    target = str(path.resolve())
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as f:
-            lines = f.readlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) == 6 and parts[5].strip() == target and "w" not in parts[1]:
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            out.append((start, end))
-    return out
-
-
-def release_pages(ranges: list[tuple[int, int]]) -> None:
-    """``madvise(MADV_DONTNEED)`` the ranges: drop their resident pages from this process's RSS.
-
-    Why: OpenVINO maps ``model.bin``; the CPU plugin repacks the compressed weights into its own
-    (anonymous) buffers at the first inference, and the mapped pages it read stay counted in RSS
-    beside that copy: the "double count", 149 MB of 294 for bge-reranker-v2-m3 int4. They are clean
-    pages of a read-only file mapping, so dropping them loses nothing: what is read again (the rows of
-    the word-embedding table a Gather looks up, which stays in the mapping) faults back in from the
-    page cache. Done after every inference, so the embedding rows touched stay bounded by one batch's.
-    """
-    if not ranges:
-        return
-    madvise = _madvise()
-    for start, end in ranges:
-        madvise(start, end - start, 4)  # MADV_DONTNEED
-
-
-@functools.cache
-def _madvise() -> Any:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise
 
 
 def _ports(ports: Any) -> list[_Port]:
@@ -115,10 +68,6 @@ class OpenVINOSession:
             del model
         except Exception as e:  # OpenVINO raises RuntimeError with multi-line text
             raise ModelError(f"OpenVINO cannot load {path}: {str(e).strip().splitlines()[0]}") from e
-        # Mapped IR weights: their resident pages are dropped after each inference (see release_pages).
-        # The ranges are read again each time: a range remembered from load could since have been
-        # unmapped and reused by an anonymous allocation, which MADV_DONTNEED would zero.
-        self._bin = path.with_suffix(".bin") if path.suffix.lower() == ".xml" and settings.openvino_mmap else None
         self._inputs = _ports(self._compiled.inputs)
         self._outputs = _ports(self._compiled.outputs)
         self._local = threading.local()
@@ -134,8 +83,6 @@ class OpenVINOSession:
         if request is None:
             request = self._local.request = self._compiled.create_infer_request()
         result = request.infer(feed)
-        if self._bin is not None:
-            release_pages(mapped_ranges(self._bin))
         names = output_names or [p.name for p in self._outputs]
         # Copies: the request reuses its output buffers on the next call from this thread.
         return [result[self._compiled.output(n)].copy() for n in names]
