@@ -67,10 +67,14 @@ def export_seconds(folder: Path) -> float | None:
 def _do_export(name: str, precision: str, out: Path) -> None:
     from encapure.export import export_model
 
+    # "int4-openvino": the OpenVINO IR with NNCF int4 weights (--format openvino); plain names are ONNX.
+    precision, _, fmt = precision.partition("-")
+    fmt = fmt or "onnx"
+
     if name == "reranker":
-        export_model(str(RERANKER_FIXTURE), out, precision=precision, progress=True)
+        export_model(str(RERANKER_FIXTURE), out, precision=precision, format=fmt, progress=True)
     elif name == "embedder":
-        export_model(str(embedder_source()), out, precision=precision, progress=True)
+        export_model(str(embedder_source()), out, precision=precision, format=fmt, progress=True)
     elif name == "bge-m3":
         import torch
         from transformers import AutoConfig, AutoTokenizer, XLMRobertaForSequenceClassification
@@ -80,7 +84,8 @@ def _do_export(name: str, precision: str, out: Path) -> None:
         model = XLMRobertaForSequenceClassification(config).eval()
         tok = AutoTokenizer.from_pretrained(BGE_ARCH)
         # max_length 512: the headline workload is short pairs; the full 8192 only changes limits.
-        export_model(model, out, tokenizer=tok, precision=precision, max_length=512, progress=True)
+        export_model(model, out, tokenizer=tok, precision=precision, max_length=512, format=fmt,
+                     progress=True)
     else:
         raise SystemExit(f"unknown model {name}")
 

@@ -219,6 +219,9 @@ def render(r: dict[str, Any], plot_files: list[str], plot_dir: Path, md_dir: Pat
              f"{', '.join(f'{x:.2f}' for x in la1) if la1 and la1[0] is not None else '?'}. "
              "A load average well above 2 before the run means other work shared the cores: absolute numbers are "
              "then low and noisy; ratios inside one cell (systems alternated ABBA) are the robust part.")
+    if (ls := m.get("loadavg_1min_samples")):
+        L.append(f"- 1-minute load average sampled every 5 s during the run: median {ls['median']:.1f}, max "
+                 f"{ls['max']:.1f} (our own server plus load generator bring it to ~2-3; more means other work).")
     L.append("- Servers run one at a time under load; the others idle (idle CPU of each server measured below).\n")
 
     L.append("## Goals\n")

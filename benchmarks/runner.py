@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -307,6 +308,12 @@ class Bench:
                 specs.append(encapure_spec(dirs[prec], name=f"encapure-{prec}", label=f"Encapure server {prec}"))
         int8 = dirs.get("int8")
         if int8 is not None:
+            # The same int8 file on the OpenVINO backend, and the one-worker x 2-thread split (the
+            # light-load candidate for the default): rows beside the default so one run decides.
+            specs.append(encapure_spec(int8, name="encapure-int8-openvino", label="Encapure server int8, OpenVINO",
+                                       extra=["--backend", "openvino"]))
+            specs.append(encapure_spec(int8, name="encapure-int8-1x2", label="Encapure server int8, 1 worker x 2 threads",
+                                       extra=["--workers", "1", "--threads-per-worker", "2"]))
             specs.append(naive_spec(int8))
         specs.append(st_spec(RERANKER_FIXTURE))
         if any(x.startswith("infinity") for x in p.peers) and (py := self.peer("infinity")):
@@ -373,6 +380,8 @@ class Bench:
         wls: dict[str, Workload] = {"wikiqa": self.wikiqa, **getattr(self, "_synth", {})}
         systems: list[tuple[str, str, str]] = [(f"engine-{prec}", "engine", str(dirs[prec]))
                                                 for prec in p.precisions if prec in dirs]
+        if "int8" in dirs:
+            systems.append(("engine-int8-openvino", "engine", str(dirs["int8"])))
         systems.append(("st-inproc", "st", str(RERANKER_FIXTURE)))
         systems = [x for x in systems if p.wants(x[0])]
         for wi, wname in enumerate(p.inproc_workloads):
@@ -385,7 +394,8 @@ class Bench:
             for name, kind, model in order:
                 log(f"inproc: {name} on {wname}")
                 res = self.run_inproc(kind, "rerank", model, wf, max_length=256 if kind == "st" else None,
-                                      full_pass=wname == "wikiqa" and kind == "engine")
+                                      full_pass=wname == "wikiqa" and kind == "engine",
+                                      backend="openvino" if name.endswith("-openvino") else None)
                 if res is None:
                     continue
                 row = {**{k: v for k, v in res.items() if k != "scores_by_key"}, "system": name, "workload": wname}
@@ -400,7 +410,7 @@ class Bench:
                     f"{res['seq_p50_ms'] or 0:.1f} ms" + (f"  MAP {row['map']:.4f}" if "map" in row else ""))
 
     def run_inproc(self, kind: str, task: str, model: str, wf: Path, max_length: int | None = None,
-                   full_pass: bool = False) -> dict[str, Any] | None:
+                   full_pass: bool = False, backend: str | None = None) -> dict[str, Any] | None:
         out = self.tmp / "inproc.json"
         out.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "benchmarks.inproc", "--system", kind, "--task", task, "--model", model,
@@ -410,6 +420,8 @@ class Bench:
             cmd += ["--max-length", str(max_length)]
         if full_pass:
             cmd += ["--full-pass"]
+        if backend:
+            cmd += ["--backend", backend]
         try:
             r = subprocess.run(cmd, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=600, check=False)
         except subprocess.TimeoutExpired as e:
@@ -429,6 +441,8 @@ class Bench:
         specs: list[ServerSpec] = []
         if int8 is not None:
             specs.append(encapure_spec(int8, name="encapure-embed-int8", label="Encapure server int8", task="embed"))
+            specs.append(encapure_spec(int8, name="encapure-embed-int8-openvino", label="Encapure server int8, OpenVINO",
+                                       task="embed", extra=["--backend", "openvino"]))
             specs.append(naive_spec(int8, task="embed"))
         specs.append(st_spec(emb_src, task="embed"))
         if any(x.startswith("infinity") for x in p.peers) and (py := self.peer("infinity")):
@@ -487,7 +501,7 @@ class Bench:
 
     def headline_phase(self) -> None:
         p = self.plan
-        for prec in ("int8", "int4"):
+        for prec in ("int8", "int4", "int4-openvino"):
             d = self.export("bge-m3", prec)
             if d is None:
                 continue
@@ -520,6 +534,17 @@ class Bench:
     def run(self) -> dict[str, Any]:
         p = self.plan
         t0 = time.perf_counter()
+        # The 1-minute load average sampled through the run: start and end alone hid a busy middle
+        # (other jobs on the cores) in earlier reports. Our own servers and load generator count too.
+        samples: list[float] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(5.0):
+                samples.append(os.getloadavg()[0])
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         dirs = {prec: d for prec in p.precisions if (d := self.export("reranker", prec)) is not None}
         phases = p.only or ["rerank", "inproc", "embed", "headline"]
         for ph in phases:
@@ -538,7 +563,11 @@ class Bench:
                 del e
             self.r["meta"].setdefault("phase_s", {})[ph] = time.perf_counter() - t_ph
         self.r["meta"]["total_s"] = time.perf_counter() - t0
+        stop.set()
         self.r["meta"]["loadavg_end"] = os.getloadavg()
+        if samples:
+            self.r["meta"]["loadavg_1min_samples"] = {"max": max(samples), "median": float(np.median(samples)),
+                                                      "n": len(samples)}
         self.r["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         shutil.rmtree(self.tmp, ignore_errors=True)
         return self.r
