@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +29,37 @@ def need(path: Path) -> Path:
             pytest.fail(msg + " — CI must have it")
         pytest.skip(msg)
     return path
+
+
+# --- logging must never fail -----------------------------------------------------------------------
+# A handler that fails does not raise: logging prints "--- Logging error ---" to stderr and goes on,
+# so a broken log call (a closed stream, a bad format or ``extra``) passed every test unnoticed.
+# Every handler's failure is recorded here and fails the test during which it happened.
+_LOGGING_ERRORS: list[str] = []
+_handle_error = logging.Handler.handleError
+
+
+def _record_logging_error(self: logging.Handler, record: logging.LogRecord) -> None:
+    _LOGGING_ERRORS.append(f"{type(self).__name__} on {record.msg!r}: {sys.exc_info()[1]!r}")
+    _handle_error(self, record)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _watch_logging_errors() -> Iterator[None]:
+    logging.Handler.handleError = _record_logging_error  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        logging.Handler.handleError = _handle_error  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def _no_logging_errors(_watch_logging_errors: Any) -> Iterator[None]:
+    _LOGGING_ERRORS.clear()
+    yield
+    errors = list(_LOGGING_ERRORS)
+    _LOGGING_ERRORS.clear()
+    assert not errors, f"a log call failed: {errors[:3]}"
 
 
 @pytest.fixture(scope="session")

@@ -752,6 +752,38 @@ async def test_long_documents_window_and_error(client: httpx.AsyncClient, engine
     assert_error(await client.post("/rerank", json={"query": q, "documents": docs, "long_documents": "error"}), 400)
 
 
+# --- logging ------------------------------------------------------------------------------------------
+def test_the_log_handler_writes_to_the_stderr_of_the_moment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serve`` sets logging up once; a ``sys.stderr`` swapped and closed since (pytest's capture
+    does that after each test) must not turn every later log line into a logging error (it did:
+    "Message: 'request'" from the access log of a later test). tests/conftest.py also fails any
+    test during which a log handler failed."""
+    import io
+    import sys
+
+    from encapure.server.logs import setup_logging
+
+    names = ("encapure", "uvicorn", "uvicorn.error")
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in map(logging.getLogger, names)]
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    try:
+        setup_logging("text", "info")
+        first.close()
+        second = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", second)
+        logging.getLogger("encapure.server.access").info(
+            "request", extra={"request_id": "r1", "route": "/rerank", "status": 200}
+        )
+        assert "request" in second.getvalue() and "status=200" in second.getvalue(), second.getvalue()
+        assert "Logging error" not in second.getvalue()
+    finally:
+        for lg, handlers, level, propagate in saved:
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
+
+
 # --- the front door: models that need exporting -----------------------------------------------------
 def test_preflight_says_what_to_install_before_listening(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:

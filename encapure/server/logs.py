@@ -57,9 +57,32 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+class StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not the one of set-up time.
+
+    Why: ``StreamHandler(sys.stderr)`` keeps the stream object it was given. Whoever swaps
+    ``sys.stderr`` (pytest's capture, an embedding application) and closes the old one left our
+    handler writing to a closed file: every later record failed ("--- Logging error --- ...
+    Message: 'request'", seen from tests/test_server_limits.py after a test had called ``serve``).
+    """
+
+    terminator = "\n"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            stream = sys.stderr
+            stream.write(msg + self.terminator)
+            stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(fmt: str = "text", level: str = "info") -> None:
     """Route our loggers and uvicorn's through one handler on stderr."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     lvl = getattr(logging, level.upper(), logging.INFO)
     for name in ("encapure", "uvicorn", "uvicorn.error"):
