@@ -352,6 +352,9 @@ def test_retry_middleware_replays_lost_requests_only() -> None:
             what = behaviour[min(len(calls), len(behaviour)) - 1]
             if what == "lost":  # what Ray's proxy does when the replica died: nothing
                 return
+            if what == "cut":  # the replica died between the response's start and its body
+                await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+                raise RuntimeError("ActorDiedError")
             status, ctype = {"ok": (200, b"application/json"), "ray500": (500, b"text/plain"),
                              "app500": (500, b"application/json")}[what]
             await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", ctype)]})
@@ -366,6 +369,8 @@ def test_retry_middleware_replays_lost_requests_only() -> None:
 
     r = asyncio.run(post(["lost", "ok"]))
     assert (r.status_code, r.text, calls) == (200, "ok", [b"payload", b"payload"])
+    r = asyncio.run(post(["cut", "ok"]))  # nothing reached the client before the body: replayed
+    assert (r.status_code, r.text, len(calls)) == (200, "ok", 2)
     r = asyncio.run(post(["ray500", "ok"]))
     assert (r.status_code, len(calls)) == (200, 2)
     r = asyncio.run(post(["app500"]))  # our own errors are answers, never replayed

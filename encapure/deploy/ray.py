@@ -189,10 +189,19 @@ class RetryLostRequests:
         await error_response(lost, request_id=None)(scope, receive, send)
 
     async def _try(self, scope: Any, body: bytes, receive: Any, send: Any) -> bool:
-        """Run the request once; False (nothing sent to the client) when Ray lost it."""
+        """Run the request once; False (nothing sent to the client) when Ray lost it.
+
+        The response is held until its last body message has arrived, then sent: a replica killed
+        between sending the response start and its body (Ray's proxy passes them on as they come)
+        had already given the client the headers, so the request could not be retried and the
+        client saw the connection close mid-answer ("peer closed connection without sending
+        complete message body", the flaky case of the two-replica test). Our app's answers are one
+        start and one body message, so holding them costs no latency.
+        """
         replayed = False
         lost = False
-        started = False
+        complete = False
+        held: list[Any] = []
 
         async def replay() -> Any:
             nonlocal replayed
@@ -202,26 +211,34 @@ class RetryLostRequests:
             return await receive()  # later reads only wait for the client to disconnect
 
         async def guarded_send(message: Any) -> None:
-            nonlocal lost, started
-            if message["type"] == "http.response.start" and not started:
+            nonlocal lost, complete
+            if lost:
+                return
+            if complete:
+                await send(message)
+                return
+            if message["type"] == "http.response.start":
                 headers = dict(message.get("headers") or [])
                 is_json = headers.get(b"content-type", b"").startswith(b"application/json")
                 if message["status"] >= 500 and not is_json:
                     lost = True
                     return
-                started = True
-            if not lost:
-                await send(message)
+            held.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
+                for m in held:
+                    await send(m)
+                held.clear()
 
         try:
             await self.app(scope, replay, guarded_send)
         except Exception:
-            if started:
+            if complete:
                 raise
             return False
         # Ray's proxy answers a lost replica's 500 by sending nothing (uvicorn then writes a bare
-        # 500 outside of us): no response started means lost too.
-        return started and not lost
+        # 500 outside of us): no complete response means lost too.
+        return complete and not lost
 
 
 def proxy_middlewares() -> list[Any]:
