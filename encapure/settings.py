@@ -172,6 +172,23 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         default=30.0, ge=0, description="seconds before a request's queued work is dropped (503)"
     )
+    # Work-based admission (scheduler/admission.py): the shares of time that measured work may
+    # fill. The rest is margin for a throughput estimate that drifts (a shared CPU) and for the
+    # fair scheduler serving later small requests first; the backlog share also bounds Retry-After.
+    admission_deadline_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="a request is admitted when the work ahead of it plus its own drains, at the measured "
+        "throughput, within this share of its time left",
+    )
+    admission_backlog_share: float = Field(
+        default=0.33,
+        gt=0,
+        le=1,
+        description="all admitted work may hold at most this share of --request-timeout (one request at "
+        "most half of it)",
+    )
     # Tests only: wrap each model in scheduler.faults.FaultyRunner; faults.mark(prepared, ...) (the
     # x-encapure-fault header) then acts: "fail_batch" | "kill_worker" | "slow:<ms>".
     fault_injection: bool = Field(
@@ -219,6 +236,15 @@ class Settings(BaseSettings):
         default=60.0,
         gt=0,
         description="seconds a client has to send a request's whole body (then 408 and the connection closes)",
+    )
+    # uvicorn's default (5 s) closed connections that clients honouring Retry-After (9-15 s seen
+    # under overload; at most 60 s) then reused: 1-3 client errors per overload run. Above 60 s it
+    # also outlasts the usual load balancer idle timeout (60 s), so the balancer closes first.
+    keep_alive_timeout_s: float = Field(
+        default=65.0,
+        gt=0,
+        description="seconds an idle keep-alive connection stays open (above the 60 s cap on Retry-After, "
+        "so a client that waits it out finds its connection)",
     )
     shutdown_timeout_s: float = Field(
         default=30.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM"

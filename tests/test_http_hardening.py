@@ -12,6 +12,7 @@ a plain-text answer, a hung socket or an untruthful OpenAPI document.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import signal
@@ -248,6 +249,94 @@ def test_unparseable_http_is_a_json_400(threaded: ThreadedServer) -> None:
     raw, _ = read_all(s)
     status, body = status_and_json(raw)
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
+
+
+# --- overload: refused before the body is read, on a connection that stays usable -------------------
+def read_response(s: socket.socket, limit_s: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP response from a keep-alive connection: status, headers, body."""
+    s.settimeout(limit_s)
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed after {raw!r}"
+        raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict((k.lower(), v.strip()) for k, v in (line.split(":", 1) for line in lines[1:]))
+    while len(body) < int(headers["content-length"]):
+        chunk = s.recv(65536)
+        assert chunk, "connection closed mid-body"
+        body += chunk
+    return int(lines[0].split(" ", 2)[1]), headers, body
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_a_saturated_server_refuses_before_reading_the_body(parser: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While admitted work is beyond what drains in time, an inference request is refused 503
+    overloaded_error at once from its headers: its body is never awaited (one that never arrives
+    still gets its answer well within --body-timeout), so it is never parsed nor tokenized; the
+    refusal is counted like any other. The connection stays usable: the body that comes after the
+    answer is discarded, then the socket idles under the keep-alive timeout (not a stale 408 at
+    --header-timeout), and the next request on it is served. Under both of uvicorn's parsers."""
+    if parser == "h11":
+        from encapure.server import protocol
+
+        monkeypatch.setattr(protocol, "_Fast", None)
+    settings = Settings(workers=1, max_wait_ms=1, body_timeout_s=5.0, header_timeout_s=TIMEOUT_S,
+                        keep_alive_timeout_s=30.0)
+    with ThreadedServer({"rr": fake_model("rerank", name="rr")}, settings) as srv:
+        sched = srv.state.scheduler
+        assert sched is not None and sched._loop is not None
+        loop, adm = sched._loop, sched.admission
+        before = httpx.get(srv.url + "/metrics").text
+        # what a burst leaves behind: admitted work far beyond what drains within the deadline
+        huge = adm.throughput * settings.request_timeout_s * 10
+        ticket = asyncio.run_coroutine_threadsafe(adm.admit(1, huge, time.monotonic() + 60), loop).result(5)
+        s = connect(srv)
+        try:
+            t0 = time.monotonic()
+            s.sendall(b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"X-Request-Id: storm-1\r\nContent-Length: 1000\r\n\r\n")  # and no body yet
+            status, headers, body = read_response(s)
+            waited = time.monotonic() - t0
+            assert status == 503, body
+            assert waited < 1.0, waited  # not after the 5 s body timeout: the body was never awaited
+            assert json.loads(body) == {"error": {"type": "overloaded_error", "message": json.loads(body)["error"]["message"],
+                                                  "request_id": "storm-1"}}
+            assert headers["content-type"] == "application/json" and int(headers["retry-after"]) >= 1
+            assert headers["x-request-id"] == "storm-1"
+            # /health and the other GET routes are not gated
+            assert httpx.get(srv.url + "/health").status_code == 200
+        finally:
+            loop.call_soon_threadsafe(functools.partial(adm.release, ticket, claimed=False))
+        after = httpx.get(srv.url + "/metrics").text
+        for name, labels in (("encapure_http_requests_total", {"route": "/rerank", "status": "503"}),
+                             ("encapure_http_errors_total", {"type": "overloaded_error"}),
+                             ("encapure_rejected_requests_total", {"reason": "overloaded"})):
+            assert (metric(after, name, **labels) or 0) == (metric(before, name, **labels) or 0) + 1, name
+        s.sendall(b"x" * 1000)  # the body it had promised arrives after the answer
+        time.sleep(TIMEOUT_S + 0.5)  # idle past the header timeout: nothing may be sent, nothing closed
+        s.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            s.recv(1)
+        req = b'{"query": "q", "documents": ["a", "b"]}'
+        s.sendall(b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(req), req))
+        status, _, body = read_response(s)
+        assert status == 200 and len(json.loads(body)["results"]) == 2, body
+        s.close()
+
+
+def test_keep_alive_outlasts_the_longest_retry_after() -> None:
+    """A client that waits out Retry-After finds its keep-alive connection still open (uvicorn's
+    5 s closed it under the 9-15 s Retry-After of an overload run: 1-3 client errors a run)."""
+    from encapure.scheduler.admission import RETRY_AFTER_MAX_S
+    from encapure.server.run import uvicorn_config
+    from encapure.server.state import ServerState
+
+    assert Settings().keep_alive_timeout_s > RETRY_AFTER_MAX_S
+    settings = Settings(keep_alive_timeout_s=7.5)
+    assert uvicorn_config(object(), ServerState(settings)).timeout_keep_alive == 7.5
 
 
 # --- drain: what outlasts --shutdown-timeout is answered JSON 503 ----------------------------------

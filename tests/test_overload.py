@@ -85,6 +85,31 @@ async def _grant(adm: Admission, units: int, work: float) -> Any:
     return await adm.admit(units, work, time.monotonic() + 1000)
 
 
+def test_admission_shares_are_settings() -> None:
+    """``admission_backlog_share`` and ``admission_deadline_share`` bound what is admitted: the
+    same requests fit under one share and are refused at once under a smaller one."""
+
+    async def third_fits(third: float, **shares: float) -> bool:
+        adm = Admission(100, 10_000, 0.0, SchedulerMetrics(), backlog_s=10.0, **shares)
+        adm.observe(1000.0, 1.0, 1)  # 1,000 work/s: 1 s of work is 1,000
+        await adm.admit(1, 500.0, time.monotonic() + 100)
+        await adm.admit(1, 500.0, time.monotonic() + 100)
+        try:
+            await adm.admit(1, third, time.monotonic() + 100)
+        except OverloadedError:
+            return False
+        return True
+
+    assert asyncio.run(third_fits(100.0)) is True  # 1.1 s of backlog, within 0.33 x 10 s
+    assert asyncio.run(third_fits(100.0, backlog_share=0.1)) is False  # over 0.1 x 10 s
+    assert asyncio.run(third_fits(600.0)) is True
+    # 1 s ahead of it plus its own 0.6 s: over 1.2% of the 100 s it has left
+    assert asyncio.run(third_fits(600.0, deadline_share=0.012)) is False
+    sched = Scheduler({}, Settings(admission_backlog_share=0.2, admission_deadline_share=0.7))
+    assert (sched.admission.backlog_share, sched.admission.deadline_share) == (0.2, 0.7)
+    assert sched.stats()["limits"]["admission_backlog_share"] == 0.2
+
+
 def test_overload_is_refused_fast_untokenized_and_admitted_work_meets_its_deadline() -> None:
     """Twice what fits within the deadline arrives at once: what is admitted all finishes in time
     (no deadline_exceeded, nothing computed for nothing); the rest gets a fast 503 with a Retry-After

@@ -61,6 +61,8 @@ _BAD = [
     ("max_queued_items", 0), ("max_wait_ms", -1), ("admission_timeout_s", -0.5), ("request_timeout_s", -1),
     ("threads_per_worker", -1), ("port", 70000), ("max_length", 0), ("window_overlap", -1),
     ("max_request_bytes", 0), ("max_client_batch_size", 0), ("shutdown_timeout_s", -1), ("model", []),
+    ("admission_deadline_share", 0), ("admission_deadline_share", 1.5), ("admission_backlog_share", 0),
+    ("admission_backlog_share", 2), ("keep_alive_timeout_s", 0),
 ]
 
 
@@ -82,6 +84,8 @@ def test_edges_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     s = Settings(workers=1, max_wait_ms=0, admission_timeout_s=0, request_timeout_s=0, threads_per_worker=0,
                  port=0, max_length=None)
     assert s.workers == 1 and s.port == 0
+    s = Settings(admission_deadline_share=1, admission_backlog_share=1)
+    assert (s.admission_deadline_share, s.admission_backlog_share) == (1, 1)
     monkeypatch.setenv("ENCAPURE_LOG_LEVEL", "WARNING")
     assert Settings().log_level == "warning"
 

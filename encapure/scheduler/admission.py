@@ -10,9 +10,11 @@ least remaining work first (``policy.fair_order``), so what a new request waits 
 whole backlog but, of each admitted request, at most as much as its own work (the
 processor-sharing bound, above what least-work-first gives). A request is admitted when
 
-- that work ahead of it plus its own drains within ``ADMIT_FRACTION`` of its time left, and
-- the whole backlog, its own included, drains within ``BACKLOG_FRACTION`` of the request timeout
+- that work ahead of it plus its own drains within ``deadline_share`` of its time left, and
+- the whole backlog, its own included, drains within ``backlog_share`` of the request timeout
   (so the requests it overtakes still finish in time).
+
+(``Settings.admission_deadline_share`` and ``admission_backlog_share``; defaults 0.5 and 0.33.)
 
 Capacity is taken when it is granted (a ``Ticket``), before the request registers, so two waiters
 can never be granted the same room. A request that plainly cannot fit within the admission timeout
@@ -30,15 +32,13 @@ from dataclasses import dataclass
 
 from encapure.errors import DeadlineExceededError, EncapureError, OverloadedError
 from encapure.scheduler.metrics import SchedulerMetrics
+from encapure.settings import Settings
 
-# A request is admitted when all work in the system (its own included) drains within this share
-# of its time left: the rest is margin for a throughput estimate that drifts (a shared CPU) and
-# for the fair scheduler serving later small requests before it.
-ADMIT_FRACTION = 0.5
-# The whole backlog may hold at most this share of the request timeout in work.
-BACKLOG_FRACTION = 0.33
-# One request may hold at most this share of the request timeout in work (half the backlog).
-SINGLE_FRACTION = BACKLOG_FRACTION / 2
+# The defaults of the two shares (Settings fields: their docs say why these values).
+ADMIT_FRACTION: float = Settings.model_fields["admission_deadline_share"].default
+BACKLOG_FRACTION: float = Settings.model_fields["admission_backlog_share"].default
+# The most Retry-After says, in seconds (the keep-alive timeout's default is above it).
+RETRY_AFTER_MAX_S = 60
 # Per-unit cost beyond its tokens (padding, the per-row head, copying), in tokens.
 UNIT_OVERHEAD = 16
 # Work per second assumed before the first batch is measured: low on purpose (a 2-core CPU runs a
@@ -53,6 +53,11 @@ TOKENIZER_WEIGHT = 0.02
 def unit_work(tokens: int, units: int = 1) -> float:
     """The work of ``units`` units holding ``tokens`` tokens in all."""
     return float(tokens + UNIT_OVERHEAD * units)
+
+
+# The least work any admitted request brings (one unit, whatever its tokens, or a tokenizer-only
+# request): what a request weighs before its body is read.
+MIN_REQUEST_WORK = unit_work(0, 1)
 
 
 @dataclass(eq=False)
@@ -78,8 +83,13 @@ class Admission:
         timeout_s: float,
         metrics: SchedulerMetrics,
         backlog_s: float = 30.0,
+        *,
+        deadline_share: float = ADMIT_FRACTION,
+        backlog_share: float = BACKLOG_FRACTION,
     ) -> None:
         self.max_requests = max_requests
+        self.deadline_share = deadline_share
+        self.backlog_share = backlog_share
         self.backlog_s = backlog_s
         self.max_items = max_items
         self.timeout_s = timeout_s
@@ -100,7 +110,7 @@ class Admission:
     def max_single_work(self) -> float:
         """The most work one request may bring: half the backlog budget, so small requests still
         fit beside the largest one allowed."""
-        return self.throughput * SINGLE_FRACTION * self.backlog_s
+        return self.throughput * self.backlog_share / 2 * self.backlog_s
 
     def drain_s(self, extra: float = 0.0) -> float:
         """Seconds until the work in the system (plus ``extra``) is computed, at the measured rate."""
@@ -116,9 +126,9 @@ class Admission:
         rate = self.throughput
         ahead = max(0.0, self.ahead_of(t.work) - drained)
         backlog = max(0.0, self.work - drained)
-        return (ahead + t.work) / rate <= ADMIT_FRACTION * max(0.0, deadline - now) and (
+        return (ahead + t.work) / rate <= self.deadline_share * max(0.0, deadline - now) and (
             backlog + t.work
-        ) / rate <= BACKLOG_FRACTION * self.backlog_s
+        ) / rate <= self.backlog_share * self.backlog_s
 
     def fits(self, t: Ticket, deadline: float, now: float) -> bool:
         if self.active + self.reserved >= self.max_requests:
@@ -138,6 +148,17 @@ class Admission:
         # the requests already waiting are granted first (first fit): their work counts too
         waiting = sum(w[0].work for w in self.waiters)
         return not self._work_fits(t, deadline, now + wait, drained=self.throughput * wait - waiting)
+
+    def refuses_now(self, work: float, deadline: float) -> bool:
+        """Whether any request of at least ``work`` (one unit or more) would be refused at once now:
+        it does not fit, and waiting the admission timeout could not make room. Reserves nothing.
+        True for ``work`` means true for anything larger (both tests grow with the work), so the
+        HTTP layer can ask with the least work a request brings and refuse before reading a body."""
+        t = Ticket(1, work)
+        now = time.monotonic()
+        if now >= deadline or (not self.waiters and self.fits(t, deadline, now)):
+            return False
+        return self._hopeless(t, deadline, now)
 
     def _grant(self, t: Ticket) -> None:
         self.tickets.add(t)
@@ -279,5 +300,6 @@ class Admission:
         return min(max(inst, self.rate / 2), self.rate * 2)
 
     def retry_after(self) -> float:
-        """Seconds until the work in progress is computed at the measured throughput (1 to 60)."""
-        return float(min(60, max(1, math.ceil(self.drain_s()))))
+        """Seconds until the work in progress is computed at the measured throughput (1 to
+        ``RETRY_AFTER_MAX_S``)."""
+        return float(min(RETRY_AFTER_MAX_S, max(1, math.ceil(self.drain_s()))))

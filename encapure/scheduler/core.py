@@ -43,7 +43,7 @@ from encapure.errors import (
     ShuttingDownError,
     WorkerDiedError,
 )
-from encapure.scheduler.admission import ADMIT_FRACTION, TOKENIZER_WEIGHT, Admission, Ticket, unit_work
+from encapure.scheduler.admission import TOKENIZER_WEIGHT, Admission, Ticket, unit_work
 from encapure.scheduler.faults import FaultyRunner
 from encapure.scheduler.metrics import SchedulerMetrics
 from encapure.scheduler.pending import Batch, InProgress, Item
@@ -70,6 +70,8 @@ _LIMITS = (
     "max_units_per_request",
     "admission_timeout_s",
     "request_timeout_s",
+    "admission_deadline_share",
+    "admission_backlog_share",
 )
 
 
@@ -113,7 +115,13 @@ class Scheduler:
         self._prep_pool: concurrent.futures.ThreadPoolExecutor | None = None
         s = settings
         self.admission = Admission(
-            s.max_concurrent_requests, s.max_queued_items, s.admission_timeout_s, self.metrics, s.request_timeout_s
+            s.max_concurrent_requests,
+            s.max_queued_items,
+            s.admission_timeout_s,
+            self.metrics,
+            s.request_timeout_s,
+            deadline_share=s.admission_deadline_share,
+            backlog_share=s.admission_backlog_share,
         )
         self.inprogress = InProgress(list(self.models), self.admission, self.metrics, s.request_timeout_s)
         self.pending = self.inprogress.pending
@@ -233,6 +241,19 @@ class Scheduler:
             "admitted_work_s": round(adm.drain_s(), 3),
             "limits": {k: getattr(s, k) for k in _LIMITS},
         }
+
+    def refuse_early(self, min_work: float, deadline: float) -> float | None:
+        """Before a request is even read: when any request of at least ``min_work`` (see
+        ``admission.MIN_REQUEST_WORK``) would be refused as overloaded at once, count the refusal
+        and return its Retry-After in seconds; else None (the request goes the normal way, which
+        may still wait for room or refuse it). So in a retry storm a refusal costs no body read, no
+        parsing and no tokenizing: the work it would have taken from inference."""
+        if self.phase is not Phase.RUNNING or self.workers.alive == 0:
+            return None  # not started, draining, dead: the normal path says which
+        if not self.admission.refuses_now(min_work, deadline):
+            return None
+        self.metrics.rejected_requests.labels(reason="overloaded").inc()
+        return self.admission.retry_after()
 
     # ------------------------------------------------------------------ public API
     async def run(
@@ -393,7 +414,7 @@ class Scheduler:
         alive = max(1, self.workers.alive)
         share = (alive - 1) / alive if alive > 1 and is_heavy(work, self._limits()) else 1.0
         need = work / (adm.rate * share)  # on the workers it may hold
-        allowed = ADMIT_FRACTION * max(0.0, deadline - time.monotonic())
+        allowed = adm.deadline_share * max(0.0, deadline - time.monotonic())
         if need > allowed or work > adm.max_single_work():
             self.metrics.rejected_requests.labels(reason="too_large").inc()
             limit = min(allowed, need * adm.max_single_work() / work)

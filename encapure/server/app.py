@@ -10,8 +10,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from encapure import __version__
-from encapure.server.errors import install_error_handlers
-from encapure.server.middleware import OPEN_PATHS, ServiceMiddleware
+from encapure.server.errors import install_error_handlers, leaf_routes
+from encapure.server.middleware import OPEN_PATHS, OverloadGate, ServiceMiddleware
 from encapure.server.routes import router
 from encapure.server.state import ServerState
 from encapure.settings import Settings
@@ -52,6 +52,12 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         [getattr(r, "path", "") for r in [*app.routes, *router.routes]]
         + ["/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"]
     )
+    # Inside the service middleware (after auth, inside metrics and the log line): the routes that
+    # go through admission are refused unread while the scheduler is saturated.
+    admitted = frozenset(
+        r.path for r in leaf_routes(list(router.routes)) if "POST" in (getattr(r, "methods", None) or ())
+    )
+    app.add_middleware(OverloadGate, state=st, routes=admitted)
     app.add_middleware(ServiceMiddleware, state=st, routes=paths)
     app.openapi = lambda: _openapi(app, st)  # type: ignore[method-assign]
     return app

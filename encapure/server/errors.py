@@ -126,11 +126,11 @@ def error_response(
     )
 
 
-def _leaf_routes(routes: list[Any]) -> list[Any]:
+def leaf_routes(routes: list[Any]) -> list[Any]:
     out = []
     for r in routes:
         inner = getattr(r, "original_router", None)  # FastAPI keeps included routers as one entry
-        out.extend(_leaf_routes(list(inner.routes)) if inner is not None else [r])
+        out.extend(leaf_routes(list(inner.routes)) if inner is not None else [r])
     return out
 
 
@@ -138,7 +138,7 @@ def allowed_methods(app: Any, path: str) -> str:
     """Every method some route serves at this path (Starlette's own 405 names only the first
     route's, and ``GET /`` and ``POST /`` are two routes)."""
     methods: set[str] = set()
-    for route in _leaf_routes(list(app.router.routes)):
+    for route in leaf_routes(list(app.router.routes)):
         regex = getattr(route, "path_regex", None)
         if regex is not None and regex.match(path) and getattr(route, "methods", None):
             methods.update(route.methods)

@@ -1,6 +1,7 @@
-"""One pure-ASGI middleware for what every request needs: request id, API key, body limit and
-body read timeout, timing headers, HTTP metrics, the per-request log line, and the JSON 503 of a
-request cut off by the end of a drain.
+"""Two pure-ASGI layers. ``ServiceMiddleware``, for what every request needs: request id, API
+key, body limit and body read timeout, timing headers, HTTP metrics, the per-request log line, and
+the JSON 503 of a request cut off by the end of a drain. Inside it (after auth), ``OverloadGate``:
+while the scheduler is saturated, inference routes are refused before their body is read.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) because it adds no task or stream per request, and because
 it can refuse a body over the limit from its ``Content-Length`` or while it streams in, without
@@ -12,21 +13,25 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import time
 import uuid
 from typing import Any
 
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from encapure.errors import (
     AuthenticationError,
     CancelledRequestError,
     InvalidInputError,
+    OverloadedError,
     PayloadTooLargeError,
     RequestTimeoutError,
     ShuttingDownError,
 )
-from encapure.server.errors import error_response
+from encapure.scheduler.admission import MIN_REQUEST_WORK
+from encapure.server.errors import error_body, error_response, to_encapure
 from encapure.server.logs import request_id_var, request_info_var
 from encapure.server.state import ServerState
 
@@ -236,3 +241,60 @@ class ServiceMiddleware:
             return {"type": "http.disconnect"}
 
         await error_response(exc)(scope, no_receive, send)
+
+
+class OverloadGate:
+    """Refuses requests to the routes that go through admission, before reading their body, while
+    the scheduler would refuse any request at once (``Scheduler.refuse_early``).
+
+    Why: clients that ignore Retry-After and retry at once (a retry storm) sent hundreds of
+    refusals a second, and each one read its body, parsed the JSON, built the pydantic model and
+    estimated its size before admission said no: that CPU came out of inference (goodput fell to
+    50-76% of the saturating throughput on 2 cores). Here a refusal is one call into the scheduler
+    and a pre-serialized answer. The gate asks with the least work any request brings
+    (``MIN_REQUEST_WORK``): ``Content-Length`` gives no honest lower bound on a request's work
+    (whitespace, metadata that is never tokenized), and when the scheduler is saturated even the
+    smallest request is refused, so the gate refuses exactly what the full path would refuse at
+    once, and nothing it would admit or let wait. The unread body is discarded by uvicorn once the
+    answer is sent; the connection stays open (see ``protocol._HeaderGuard``).
+    """
+
+    def __init__(self, app: ASGIApp, state: ServerState, routes: frozenset[str]) -> None:
+        self.app = app
+        self.state = state
+        self.routes = routes  # the POST routes that go through the scheduler's admission
+        err = OverloadedError(
+            "the server is at capacity: the work it has admitted fills what it can finish in time; "
+            "retry after the Retry-After seconds",
+            retry_after=1.0,
+        )
+        self.error = to_encapure(err)  # the one error -> status mapping
+        marker = "@request-id@"
+        head, _, tail = error_body(self.error, marker).partition(orjson.dumps(marker))
+        self.body_head, self.body_tail = head, tail
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.routes:
+            sched = self.state.scheduler
+            st = scope.get("state") or {}
+            deadline = st.get("deadline")
+            if sched is not None and deadline is not None:
+                retry = sched.refuse_early(MIN_REQUEST_WORK, deadline)
+                if retry is not None:
+                    await self._refuse(st, retry, send)
+                    return
+        await self.app(scope, receive, send)
+
+    async def _refuse(self, st: dict[str, Any], retry_after: float, send: Send) -> None:
+        info = st.get("info")
+        if info is not None:
+            info["error"] = self.error.kind  # counted in encapure_http_errors_total and logged
+        rid = st.get("request_id")
+        body = self.body_head + orjson.dumps(rid) + self.body_tail
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(max(1, math.ceil(retry_after))).encode()),
+        ]
+        await send({"type": "http.response.start", "status": self.error.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import h11
 import orjson
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -47,6 +48,11 @@ class _HeaderGuard:
     on_timeout: Callable[[], None] | None = None
     cycle: Any
     transport: asyncio.Transport
+    # uvicorn's keep-alive timer, which the guard re-arms where uvicorn would not
+    loop: asyncio.AbstractEventLoop
+    timeout_keep_alive: int
+    timeout_keep_alive_task: asyncio.TimerHandle | None
+    timeout_keep_alive_handler: Callable[[], None]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -62,9 +68,30 @@ class _HeaderGuard:
             self._disarm()
             self._partial = False
         elif idle and not self.transport.is_closing():
-            self._partial = True
-            if self._header_timer is None:
-                self._arm()
+            between = self._between()
+            if between == "idle":
+                # The rest of a body answered before it was read (an overload 503, a 401, a 413 by
+                # Content-Length) has all arrived: the connection is idle again. uvicorn stopped its
+                # keep-alive timer when the bytes came; without it the socket would stay open.
+                self._disarm()
+                self._partial = False
+                self._keep_alive()
+            else:
+                # "head": a new request has begun, its headers are due within the timeout (else
+                # 408). "body": the rest of an answered request's body; it too must arrive within
+                # the timeout, else the connection closes without a word (the client has its answer).
+                self._partial = between == "head"
+                if self._header_timer is None:
+                    self._arm()
+
+    def _between(self) -> str:
+        """Once a response is complete, what the parser is in: "idle", "head" (a new request's
+        headers) or "body" (the rest of the answered request's body)."""
+        raise NotImplementedError
+
+    def _keep_alive(self) -> None:
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -101,13 +128,36 @@ class _HeaderGuard:
 
 
 class GuardedH11Protocol(_HeaderGuard, H11Protocol):
-    pass
+    def _between(self) -> str:
+        their = self.conn.their_state
+        if their is h11.SEND_BODY:
+            return "body"
+        if their is h11.IDLE and self.conn.trailing_data[0]:
+            return "head"
+        return "idle"
 
 
 if _Fast is not None:
 
     class GuardedHttpToolsProtocol(_HeaderGuard, _Fast):
-        pass
+        # httptools reports where it is through callbacks; uvicorn's own ignore a body that comes
+        # after the response, so the guard follows them here.
+        _parsing = "idle"
+
+        def on_message_begin(self) -> None:
+            self._parsing = "head"
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            self._parsing = "body"
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._parsing = "idle"
+            super().on_message_complete()
+
+        def _between(self) -> str:
+            return self._parsing
 
 
 def guarded_protocol(header_timeout_s: float, on_timeout: Callable[[], None] | None = None) -> type[asyncio.Protocol]:

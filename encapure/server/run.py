@@ -98,7 +98,7 @@ class DrainingServer(uvicorn.Server):
 
 def uvicorn_config(app: Any, state: ServerState, **kwargs: Any) -> uvicorn.Config:
     """uvicorn's configuration for our app (the server and the test harness share it): our logging,
-    our HTTP protocol (header read timeout, JSON errors), a 5 s keep-alive."""
+    our HTTP protocol (header read timeout, JSON errors), ``--keep-alive-timeout``."""
     errors = state.http_metrics.errors
 
     def header_timeout() -> None:
@@ -109,8 +109,9 @@ def uvicorn_config(app: Any, state: ServerState, **kwargs: Any) -> uvicorn.Confi
         "access_log": False,
         "lifespan": "on",
         "http": guarded_protocol(state.settings.header_timeout_s, header_timeout),
-        # A keep-alive connection idle through the drain is closed at shutdown, not mid-request.
-        "timeout_keep_alive": 5,
+        # Longer than the longest Retry-After (see the setting); a keep-alive connection idle
+        # through a drain is closed at shutdown, not mid-request.
+        "timeout_keep_alive": state.settings.keep_alive_timeout_s,
         **kwargs,
     }
     return uvicorn.Config(app, **options)
