@@ -307,14 +307,24 @@ def test_a_saturated_server_refuses_before_reading_the_body(parser: str, monkeyp
             assert headers["x-request-id"] == "storm-1"
             # /health and the other GET routes are not gated
             assert httpx.get(srv.url + "/health").status_code == 200
+            # a refused client that never finishes its body is closed at the header timeout, silently
+            s2 = connect(srv)
+            s2.sendall(b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+            assert read_response(s2)[0] == 503
+            s2.sendall(b"x" * 10)
+            rest, closed_after = read_all(s2, limit_s=TIMEOUT_S + 3)
+            assert rest == b"" and closed_after < TIMEOUT_S + 2, (rest, closed_after)
+            s2.close()
         finally:
             loop.call_soon_threadsafe(functools.partial(adm.release, ticket, claimed=False))
         after = httpx.get(srv.url + "/metrics").text
         for name, labels in (("encapure_http_requests_total", {"route": "/rerank", "status": "503"}),
                              ("encapure_http_errors_total", {"type": "overloaded_error"}),
                              ("encapure_rejected_requests_total", {"reason": "overloaded"})):
-            assert (metric(after, name, **labels) or 0) == (metric(before, name, **labels) or 0) + 1, name
-        s.sendall(b"x" * 1000)  # the body it had promised arrives after the answer
+            assert (metric(after, name, **labels) or 0) == (metric(before, name, **labels) or 0) + 2, name
+        s.sendall(b"x" * 600)  # the body it had promised arrives after the answer, in two parts
+        time.sleep(0.1)
+        s.sendall(b"x" * 400)
         time.sleep(TIMEOUT_S + 0.5)  # idle past the header timeout: nothing may be sent, nothing closed
         s.settimeout(0.2)
         with pytest.raises(TimeoutError):

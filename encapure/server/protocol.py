@@ -63,13 +63,14 @@ class _HeaderGuard:
     def data_received(self, data: bytes) -> None:
         before = self.cycle
         idle = before is None or before.response_complete
+        was = self._between() if idle else "idle"
         super().data_received(data)  # type: ignore[misc]
         if self.cycle is not before:  # a request's headers are complete
             self._disarm()
             self._partial = False
         elif idle and not self.transport.is_closing():
-            between = self._between()
-            if between == "idle":
+            now = self._between()
+            if was == "body" and now == "idle":
                 # The rest of a body answered before it was read (an overload 503, a 401, a 413 by
                 # Content-Length) has all arrived: the connection is idle again. uvicorn stopped its
                 # keep-alive timer when the bytes came; without it the socket would stay open.
@@ -77,10 +78,11 @@ class _HeaderGuard:
                 self._partial = False
                 self._keep_alive()
             else:
-                # "head": a new request has begun, its headers are due within the timeout (else
-                # 408). "body": the rest of an answered request's body; it too must arrive within
-                # the timeout, else the connection closes without a word (the client has its answer).
-                self._partial = between == "head"
+                # "body": more of an answered request's body; the rest must arrive within the
+                # timeout, else the connection closes without a word (the client has its answer).
+                # Anything else (a new request's first bytes): its headers are due within the
+                # timeout, else 408.
+                self._partial = now != "body"
                 if self._header_timer is None:
                     self._arm()
 
