@@ -175,9 +175,12 @@ def overload(ctx: Context, honour: bool = True) -> list[dict[str, Any]]:
             "200 p50 / p99": f"{ms(pct([o.seconds for o in ok], 50))} / {ms(pct([o.seconds for o in ok], 99))}",
         })
         m0 = scrape(srv.url)
+        pid = srv.proc.pid  # type: ignore[union-attr]
+        cpu0 = _cpu_s(pid)
         t = time.monotonic()
         res = asyncio.run(closed_loop(srv.url, ctx.queries, a.clients, a.duration, honour_retry_after=honour, seed=2))
         wall = time.monotonic() - t
+        cpu = _cpu_s(pid) - cpu0
         m1 = scrape(srv.url)
         ok = [o for o in res if o.status == 200]
         refused = [o for o in res if o.status == 503 and o.kind == "overloaded_error"]
@@ -199,6 +202,8 @@ def overload(ctx: Context, honour: bool = True) -> list[dict[str, Any]]:
             "Retry-After seen": (f"{min(o.retry_after or 0 for o in refused):g}-{max(o.retry_after or 0 for o in refused):g} s"
                                  if refused else "-"),
             "computed then discarded": f"{discarded:.0f} of {computed:.0f} units ({discarded / max(computed, 1):.2%})",
+            # the server's own CPU (the clients share the machine): what the answers cost it
+            "server CPU": f"{cpu:.0f} s of {wall:.0f} s wall; {len(refused) / max(wall, 1e-9):.0f} refusals/s",
         })
     finally:
         srv.stop()
@@ -284,6 +289,12 @@ def _largest_allowed(url: str, doc: str, n: int) -> int:
 
 
 # ------------------------------------------------------------------------ HTTP-side scenarios
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -492,7 +503,8 @@ def soak(ctx: Context) -> list[dict[str, Any]]:
             "200 p50 / p99": f"{ms(pct([o.seconds for o in ok], 50))} / {ms(pct([o.seconds for o in ok], 99))}",
             "RSS": f"{samples[0][1]:.0f} MB at start, {base:.0f} MB after warm-up, {end:.0f} MB at the end, "
                    f"max {max(r for _, r in samples):.0f} MB",
-            "RSS growth": f"{(end - base) / base:+.1%}",
+            "RSS growth": f"{(end - base) / base:+.1%} after the first minute, "
+                          f"{(end - samples[0][1]) / samples[0][1]:+.1%} from the start",
             "RSS each minute": " ".join(f"{r:.0f}" for t, r in samples if int(t) % 60 < 5) + " MB",
         }]
         # /tokenize of the largest body the server takes: many short texts (the most tokens per byte)
