@@ -112,6 +112,13 @@ class Settings(BaseSettings):
         "a copy that stayed beside the plugin's repacked weights when measured (bge-reranker-v2-m3 int4, "
         "model only: 652 MB after 100 requests; scripts/measure_bge_memory.py)",
     )
+    openvino_release_mapped_weights: bool = Field(
+        default=True,
+        description="after an OpenVINO inference (at most once a second), ask Linux to reclaim the resident pages "
+        "of the mapped model.bin (madvise MADV_PAGEOUT, which never changes memory contents): the CPU plugin "
+        "has repacked those weights into its own copy, so they would otherwise count twice in RSS; pages still "
+        "read (embedding rows) fault back in from the file",
+    )
     openvino_dynamic_quantization_group_size: int = Field(
         default=0,
         ge=0,

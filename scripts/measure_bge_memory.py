@@ -2,6 +2,7 @@
 
     python scripts/measure_bge_memory.py [--variants ort-int8,ov-int4,ov-int8] [--runs 100] [--out .work/bge-memory]
     python scripts/measure_bge_memory.py --probe-only   # re-measure the folders already exported
+    python scripts/measure_bge_memory.py --probe-only --variants ov-int4 --only engine   # the engine rows only
 
 Exports each variant once (``export_model`` on a seeded random ``XLMRobertaForSequenceClassification``
 built from /work/shared/models/bge-reranker-v2-m3-arch), then measures every runtime configuration in
@@ -11,6 +12,13 @@ Startup = session creation + tokenizer load. Also, for OpenVINO IR, batch invari
 different lengths scored alone vs in the padded batch (max |Δ| of the logits). 2 threads, 1 stream.
 RSS is split into anonymous (heap, repacked weights) and file-backed (mapped model.bin pages).
 Results: printed table + <out>/results.json. Random weights cost what real ones do; scores mean nothing.
+
+Engine rows (``ENGINE_CONFIGS``): what ``encapure serve`` holds, measured the way the issue's bar reads.
+A fresh process runs ``load_model`` (tokenizer the export recorded, SentencePiece for XLM-R; warm-up),
+RSS at ready, then ``--runs`` requests of 8 WikiQA-test-gold pairs, each cut to exactly 64 tokens
+(the document repeated until truncation bites), RSS after. Scores of 16 fixed pairs are taken at ready
+and again after the requests (must be identical), and compared across the rows (mmap on, with and
+without paging the mapped weights out, and mmap off: must agree within float noise).
 """
 
 from __future__ import annotations
@@ -31,19 +39,72 @@ BGE_ARCH = Path(os.environ.get("ENCAPURE_SHARED", "/work/shared")) / "models" / 
 # variant -> (export format, precision)
 VARIANTS = {"ort-int8": ("onnx", "int8"), "ov-int4": ("openvino", "int4"), "ov-int8": ("openvino", "int8")}
 # runtime configurations measured per exported variant: (label, backend, mmap, dyn-quant group)
+# (label, backend, mmap, dq group, release mapped weights)
 CONFIGS = {
-    "ort-int8": [("ORT int8 (dynamic)", "onnxruntime", True, 0)],
-    "ov-int4": [("OV int4 IR, mmap on, dq off", "openvino", True, 0),
-                ("OV int4 IR, mmap on, dq 128", "openvino", True, 128),
-                ("OV int4 IR, mmap off, dq off", "openvino", False, 0)],
-    "ov-int8": [("OV int8-weights IR, mmap on, dq off", "openvino", True, 0),
-                ("OV int8-weights IR, mmap off, dq off", "openvino", False, 0)],
+    "ort-int8": [("ORT int8 (dynamic)", "onnxruntime", True, 0, False)],
+    "ov-int4": [("OV int4 IR, mmap on, page-out on, dq off", "openvino", True, 0, True),
+                ("OV int4 IR, mmap on, page-out off, dq off", "openvino", True, 0, False),
+                ("OV int4 IR, mmap on, page-out on, dq 128", "openvino", True, 128, True),
+                ("OV int4 IR, mmap off, dq off", "openvino", False, 0, False)],
+    "ov-int8": [("OV int8-weights IR, mmap on, page-out on, dq off", "openvino", True, 0, True),
+                ("OV int8-weights IR, mmap off, dq off", "openvino", False, 0, False)],
 }
+# engine rows, OpenVINO IR variants only: (label, mmap, release mapped weights)
+ENGINE_CONFIGS = [("engine, mmap on, page-out on (default)", True, True),
+                  ("engine, mmap on, page-out off", True, False),
+                  ("engine, mmap off", False, False)]
+
+_ENGINE_PROBE = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np
+from encapure.engine.loading import load_model
+from encapure.settings import Settings
+
+def rss():
+    out = {}
+    for line in open("/proc/self/status"):
+        if line.startswith(("VmRSS", "RssAnon", "RssFile")):
+            k, v = line.split(":")
+            out[k] = int(v.split()[0]) / 1024
+    return out
+
+folder, mmap, release, runs = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1", int(sys.argv[4])
+pairs = [tuple(p) for p in json.loads(sys.argv[5])]
+settings = Settings(workers=1, threads_per_worker=2, max_length=64, openvino_mmap=mmap,
+                    openvino_release_mapped_weights=release)
+model = load_model(folder, settings=settings)
+ready_s = time.perf_counter() - t0
+at_ready = rss()
+fixed = pairs[:16]
+def score(batch):
+    prep = model.prepare_pair_list(batch)
+    return np.asarray(model.forward(prep.units), dtype=np.float64).ravel(), [len(u.ids) for u in prep.units]
+first = np.concatenate([score(fixed[i:i + 8])[0] for i in (0, 8)])
+lat, lengths = [], set()
+for i in range(runs):
+    batch = pairs[(i * 8) % len(pairs):][:8]
+    t = time.perf_counter()
+    _, lens = score(batch)
+    lat.append(time.perf_counter() - t)
+    lengths.update(lens)
+after = rss()
+again = np.concatenate([score(fixed[i:i + 8])[0] for i in (0, 8)])
+lat.sort()
+print(json.dumps({"tokenizer": model.tokenizer_kind, "startup_s": round(ready_s, 2),
+                  "rss_ready_mb": round(at_ready["VmRSS"]), "anon_ready_mb": round(at_ready["RssAnon"]),
+                  "file_ready_mb": round(at_ready["RssFile"]),
+                  "rss_after_mb": round(after["VmRSS"]), "anon_after_mb": round(after["RssAnon"]),
+                  "file_after_mb": round(after["RssFile"]), "requests": runs, "token_lengths": sorted(lengths),
+                  "p50_ms": round(1000 * lat[len(lat) // 2], 1), "min_ms": round(1000 * lat[0], 1),
+                  "repeat_max_abs": float(np.abs(first - again).max()), "scores": first.tolist()}))
+"""
 
 _PROBE = r"""
 import json, sys, time
 import numpy as np
 folder, backend, mmap, dq, runs = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5])
+release = sys.argv[6] == "1"
 
 def rss():
     out = {}
@@ -59,7 +120,7 @@ from encapure.manifest import Manifest
 from encapure.settings import Settings
 m = Manifest.load(folder)
 settings = Settings(backend=backend, workers=1, threads_per_worker=2, openvino_mmap=mmap,
-                    openvino_dynamic_quantization_group_size=dq)
+                    openvino_dynamic_quantization_group_size=dq, openvino_release_mapped_weights=release)
 base = rss()
 t0 = time.perf_counter()
 s = create_session(Path(folder) / m.model_file, settings)
@@ -135,14 +196,35 @@ def export(variant: str, out: Path, parity: bool = True) -> dict[str, Any]:
             "parity": {k: v for k, v in res.parity.items() if k not in ("quantization", "timings_s")}}
 
 
-def probe(folder: Path, backend: str, mmap: bool, dq: int, runs: int) -> dict[str, Any]:
+def _run_probe(args: list[str]) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", _PROBE, str(folder), backend, "1" if mmap else "0", str(dq),
-                           str(runs)], capture_output=True, text=True, timeout=3600, env=env)
+    proc = subprocess.run([sys.executable, "-c", *args], capture_output=True, text=True, timeout=3600, env=env)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
+
+
+def probe(folder: Path, backend: str, mmap: bool, dq: int, runs: int, release: bool) -> dict[str, Any]:
+    return _run_probe([_PROBE, str(folder), backend, "1" if mmap else "0", str(dq), str(runs), "1" if release else "0"])
+
+
+def long_pairs(n: int = 800) -> list[tuple[str, str]]:
+    """WikiQA-test-gold pairs whose document is repeated until it is well past 64 tokens: every
+    request is then 8 x 64 tokens after truncation, with real text's token ids."""
+    from encapure.evaluation import load_dataset
+
+    path = BGE_ARCH.parents[1] / "data" / "wikiqa" / "WikiQA-test-gold.tsv"
+    out = []
+    for g in load_dataset(path):
+        for d in g.documents:
+            out.append((g.query, " ".join([d] * max(1, 600 // max(len(d), 1) + 1))))
+    return out[:n]
+
+
+def engine_probe(folder: Path, mmap: bool, release: bool, runs: int, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    return _run_probe([_ENGINE_PROBE, str(folder), "1" if mmap else "0", "1" if release else "0", str(runs),
+                       json.dumps(pairs)])
 
 
 def table(results: dict[str, Any]) -> str:
@@ -163,6 +245,26 @@ def table(results: dict[str, Any]) -> str:
                 f"{p['rss_with_tokenizer_mb']} MB (+{p['tokenizer_mb']}) | {p['p50_ms']:.0f} ({p['min_ms']:.0f}) ms | "
                 f"{p['batch_invariance_max_abs']:.1e} |")
         del variant
+    return "\n".join(lines)
+
+
+def engine_table(results: dict[str, Any]) -> str:
+    lines = ["| variant | startup (to ready) | RSS at ready (anon/file) | after N requests (anon/file) | "
+             "8x64 p50 (min) | repeat max abs Δ | vs first row max abs Δ |",
+             "|---|---|---|---|---|---|---|"]
+    for variant, res in results.get("variants", {}).items():
+        rows = res.get("engine", {})
+        ref = next((p["scores"] for p in rows.values() if "scores" in p), None)
+        for label, p in rows.items():
+            if "error" in p:
+                lines.append(f"| {variant}: {label} | error: {p['error']} | | | | | |")
+                continue
+            vs = max(abs(a - b) for a, b in zip(p["scores"], ref, strict=True)) if ref else float("nan")
+            lines.append(
+                f"| {variant}: {label} ({p['tokenizer']}) | {p['startup_s']} s | {p['rss_ready_mb']} MB "
+                f"({p['anon_ready_mb']}/{p['file_ready_mb']}) | {p['rss_after_mb']} MB ({p['anon_after_mb']}/"
+                f"{p['file_after_mb']}) | {p['p50_ms']:.0f} ({p['min_ms']:.0f}) ms | {p['repeat_max_abs']:.1e} | "
+                f"{vs:.1e} |")
     return "\n".join(lines)
 
 
@@ -192,7 +294,12 @@ def section(results: dict[str, Any], runs: int) -> str:
         "mmap = `--openvino-mmap`, dq = `--openvino-dynamic-quantization-group-size`. Batch invariance = max "
         "|Δ logit| between 8 rows of different lengths scored alone and in one padded batch.\n",
         *exports, "",
-        table(results), ""])
+        table(results), "",
+        "Through the engine (`load_model` with the tokenizer the export recorded and its warm-up, 1 worker x 2 "
+        f"threads, max length 64; {runs} requests of 8 WikiQA-test-gold pairs, each exactly 64 tokens; a fresh "
+        "process per row, RSS at ready and after the requests; scores of 16 fixed pairs at ready vs after the "
+        "requests, and vs the first row):\n",
+        engine_table(results), ""])
 
 
 def main() -> None:
@@ -202,6 +309,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / ".work" / "bge-memory")
     ap.add_argument("--probe-only", action="store_true")
     ap.add_argument("--skip-export", default="", help="variants already exported (their folders are reused)")
+    ap.add_argument("--only", choices=["all", "session", "engine"], default="all",
+                    help="session: the session-only rows; engine: the engine rows (OpenVINO IR variants)")
     ap.add_argument("--no-parity", action="store_true",
                     help="skip the PyTorch parity check (10 minutes per variant on a busy 2-core machine)")
     args = ap.parse_args()
@@ -219,16 +328,26 @@ def main() -> None:
             variants.setdefault(v, {})["export"] = export(v, args.out / v, parity=not args.no_parity)
             print(f"{v}: export {json.dumps(variants[v]['export'])}", flush=True)
             res_path.write_text(json.dumps(results, indent=2) + "\n")
-    for v in names:
-        for label, backend, mmap, dq in CONFIGS[v]:
-            p = probe(args.out / v, backend, mmap, dq, args.runs)
+    for v in names if args.only in ("all", "session") else []:
+        for label, backend, mmap, dq, release in CONFIGS[v]:
+            p = probe(args.out / v, backend, mmap, dq, args.runs, release)
             variants.setdefault(v, {}).setdefault("configs", {})[label] = p
             print(f"{label}: {json.dumps(p)}", flush=True)
+            res_path.write_text(json.dumps(results, indent=2) + "\n")
+    pairs = long_pairs()
+    for v in names if args.only in ("all", "engine") else []:
+        if VARIANTS[v][0] != "openvino":
+            continue
+        for label, mmap, release in ENGINE_CONFIGS:
+            p = engine_probe(args.out / v, mmap, release, args.runs, pairs)
+            variants.setdefault(v, {}).setdefault("engine", {})[label] = p
+            print(f"{v} {label}: {json.dumps({k: x for k, x in p.items() if k != 'scores'})}", flush=True)
             res_path.write_text(json.dumps(results, indent=2) + "\n")
     results["conditions"]["loadavg_end"] = os.getloadavg()
     res_path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{results['conditions']['cpu']}, 2 threads, {args.runs} runs, shared CPU\n")
     print(table(results))
+    print(engine_table(results))
     MD.write_text(section(results, args.runs) + "\n")
     print(f"wrote {MD}")
 

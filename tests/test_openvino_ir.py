@@ -169,3 +169,128 @@ def test_tiny_xlmr_int4_ir_exports_and_serves(tmp_path: Path) -> None:
     scores = model.score(PAIRS, raw_scores=True)
     alone = np.array([model.score([p], raw_scores=True)[0] for p in PAIRS])
     np.testing.assert_allclose(alone, scores, atol=1e-5, rtol=0)
+
+
+# --- paging out the mapped weights (Settings.openvino_release_mapped_weights) --------------------
+
+
+def _mapped_rss_kb(path: Path) -> int:
+    """Resident KB of this process's mappings of ``path`` (Linux /proc/self/smaps)."""
+    target, total, inside = str(path.resolve()), 0, False
+    with open("/proc/self/smaps", encoding="utf-8") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                inside = line.rstrip("\n").endswith(target)
+            elif inside and line.startswith("Rss:"):
+                total += int(head[1])
+    return total
+
+
+linux_only = pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+
+
+@linux_only
+def test_page_out_never_changes_memory(tmp_path: Path) -> None:
+    """The advice must keep every byte: on a private anonymous buffer (what an address range reused
+    since /proc/self/maps was read could hold; MADV_DONTNEED would zero it) and on a read-only file
+    mapping (whose pages leave RSS and read back from the file)."""
+    import ctypes
+    import mmap
+    import os
+
+    from encapure.engine.backends.openvino import mapped_ranges, page_out
+
+    size = 64 * mmap.PAGESIZE
+    data = np.random.default_rng(0).integers(1, 256, size, dtype=np.uint8).tobytes()
+    anon = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # Python's default is shared
+    anon.write(data)
+    view = ctypes.c_char.from_buffer(anon)
+    addr = ctypes.addressof(view)
+    del view
+    page_out([(addr, addr + size)])
+    assert anon[:] == data
+    anon.close()
+
+    path = tmp_path / "weights.bin"
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # clean pages: reclaimable without writeback
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        assert m[:] == data  # every page touched
+        before = _mapped_rss_kb(path)
+        ranges = mapped_ranges(path)
+        assert ranges and before > 0
+        assert page_out(ranges), "MADV_PAGEOUT refused: Linux < 5.4?"
+        after = _mapped_rss_kb(path)
+        assert m[:] == data
+    assert after < before / 2, (before, after)
+
+
+def _tiny_xlmr_ir() -> Path:
+    import torch
+    from transformers import AutoConfig, XLMRobertaForSequenceClassification
+
+    from encapure.export import export_model
+
+    arch = need(BGE_ARCH)
+
+    def build(out: Path) -> object:
+        config = AutoConfig.from_pretrained(str(arch), num_hidden_layers=2, hidden_size=128, num_attention_heads=2,
+                                            intermediate_size=256, max_position_embeddings=514)
+        torch.manual_seed(0)
+        model = XLMRobertaForSequenceClassification(config).eval()
+        return export_model(model, out, precision="int4", tokenizer=arch, format="openvino", check_parity=False)
+
+    return cached_export(_model_key("tiny-xlmr-ov", [arch], "int4", extra="openvino-h128-l2"), build)
+
+
+def _scores(folder: Path, **kw: object) -> tuple[Reranker, list[np.ndarray]]:
+    settings = Settings(workers=1, threads_per_worker=2, **kw)  # type: ignore[arg-type]
+    model = Reranker.from_pretrained(folder, settings=settings)
+    return model, [model.score(PAIRS, raw_scores=True) for _ in range(3)]
+
+
+@linux_only
+@pytest.mark.parametrize("which", ["minilm", "tiny-xlmr"])
+def test_page_out_leaves_scores_unchanged(which: str, ir_int4: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scores with the mapped weights paged out after inference are those without, bit for bit,
+    on every repeated call, after a reload, and equal mmap off within float noise; and the page-out
+    did happen (the mapping's resident pages are gone after a call)."""
+    from encapure.engine.backends import openvino as ov_backend
+
+    monkeypatch.setattr(ov_backend, "RELEASE_COST_FACTOR", 0.0)  # after every call, not throttled
+    folder = ir_int4 if which == "minilm" else _tiny_xlmr_ir()
+    paged, on = _scores(folder, openvino_release_mapped_weights=True)
+    bin_path = folder / "model.bin"
+    assert _mapped_rss_kb(bin_path) < 0.1 * bin_path.stat().st_size / 1024, "nothing was paged out"
+    _, kept = _scores(folder, openvino_release_mapped_weights=False)
+    _, reloaded = _scores(folder, openvino_release_mapped_weights=True)
+    _, off = _scores(folder, openvino_mmap=False)
+    for got in (*on, *kept, *reloaded):
+        np.testing.assert_array_equal(got, on[0])
+    np.testing.assert_allclose(off[0], on[0], atol=1e-6, rtol=0)
+    del paged
+
+
+@linux_only
+def test_page_out_under_concurrent_inference(ir_int4: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two workers run while one of them pages the mapping out: every result equals the reference."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from encapure.engine.backends import create_session
+    from encapure.engine.backends import openvino as ov_backend
+
+    session = create_session(ir_int4 / "model.xml", Settings(workers=2, threads_per_worker=1))
+    rng = np.random.default_rng(0)
+    feeds = []
+    for rows, length in [(8, 64), (1, 7), (3, 33), (2, 128)]:
+        ids = rng.integers(1000, 30000, (rows, length)).astype(np.int64)
+        feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)})
+    want = [session.run(None, f)[0] for f in feeds]
+    monkeypatch.setattr(ov_backend, "RELEASE_COST_FACTOR", 0.0)  # after every call, racing the other worker
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda i: (i % 4, session.run(None, feeds[i % 4])[0]), range(24)))
+    for i, out in got:
+        np.testing.assert_array_equal(out, want[i])
