@@ -24,6 +24,9 @@ the kernel to reclaim them. Unlike ``MADV_DONTNEED`` (tried before and removed a
 wrong in a full test run) it never changes what memory reads back as: clean file pages are re-read
 from the file when touched, and anything else in the range (dirty or anonymous pages) is written
 back or swapped, or simply left resident. Any wrong range is therefore only a missed saving.
+Linux also skips pages other processes map too, and file pages unless this process owns the file
+or may write it (a side-channel guard): a model folder shared read-only between users keeps its
+pages, correctly, just without the saving.
 """
 
 from __future__ import annotations

@@ -1,0 +1,123 @@
+"""int4 IR recipes (NNCF weight-only) on the reranker fixture: which one keeps WikiQA MAP >= 99.5% of fp32?
+
+Usage: python experiments/int4_ir_recipe.py [--variants a,b,...]
+Takes the fp32 ONNX of the reranker fixture (the tests' cached export, or exports it), converts it to
+OpenVINO IR and compresses it with each NNCF recipe below, then scores all WikiQA-test-gold pairs
+through the engine (OpenVINO backend, default settings: f32 activations) and reports MAP vs the fp32
+ONNX export on ONNX Runtime, with compression time and model.bin size. Data-aware recipes calibrate
+on the shipped calibration set (encapure/data/calibration.jsonl, engine batching), never on WikiQA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+# name -> compress_weights keyword arguments (mode as a string; "data": calibrate)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "shipped": {"mode": "INT4_SYM", "group_size": 128, "ratio": 1.0, "all_layers": True},
+    "no-all-layers": {"mode": "INT4_SYM", "group_size": 128, "ratio": 1.0, "all_layers": False},
+    "g64": {"mode": "INT4_SYM", "group_size": 64, "ratio": 1.0, "all_layers": True},
+    "asym": {"mode": "INT4_ASYM", "group_size": 128, "ratio": 1.0, "all_layers": True},
+    "ratio-0.8": {"mode": "INT4_SYM", "group_size": 128, "ratio": 0.8, "all_layers": True},
+    "awq-se": {"mode": "INT4_SYM", "group_size": 128, "ratio": 1.0, "all_layers": True, "data": True,
+               "awq": True, "scale_estimation": True},
+    "se": {"mode": "INT4_SYM", "group_size": 128, "ratio": 1.0, "all_layers": True, "data": True,
+           "scale_estimation": True},
+    "awq-se-ratio-0.8": {"mode": "INT4_SYM", "group_size": 128, "ratio": 0.8, "all_layers": True, "data": True,
+                         "awq": True, "scale_estimation": True},
+    "gptq": {"mode": "INT4_SYM", "group_size": 128, "ratio": 1.0, "all_layers": True, "data": True, "gptq": True},
+}
+
+
+def calibration_dataset(folder: Path) -> Any:
+    import nncf
+    from tokenizers import Tokenizer
+
+    from encapure.export import calibration as cal
+    from encapure.manifest import Manifest
+
+    m = Manifest.load(folder)
+    tok = Tokenizer.from_file(str(folder / m.tokenizer_file))
+    items = cal.load_items(None, "rerank")
+    return nncf.Dataset(cal.feeds(tok, items, m.input_names, min(m.max_length, 512), m.pad_token_id))
+
+
+def compress(fp32_onnx: Path, out: Path, spec: dict[str, Any], dataset: Any) -> float:
+    import nncf
+    import openvino as ov
+
+    kw = {k: v for k, v in spec.items() if k != "data"}
+    kw["mode"] = getattr(nncf.CompressWeightsMode, kw["mode"])
+    if spec.get("data"):
+        kw["dataset"] = dataset
+        if spec["ratio"] < 1.0:
+            kw["sensitivity_metric"] = nncf.SensitivityMetric.HESSIAN_INPUT_ACTIVATION
+    t = time.perf_counter()
+    model = nncf.compress_weights(ov.convert_model(str(fp32_onnx)), **kw)
+    ov.save_model(model, str(out / "model.xml"), compress_to_fp16=False)
+    return time.perf_counter() - t
+
+
+def wikiqa_map(folder: Path) -> float:
+    from encapure.engine import Reranker
+    from experiments._common import wikiqa
+    from experiments._common import wikiqa_map as map_of
+
+    groups = wikiqa()
+    pairs = [(g.query, d) for g in groups for d in g.documents]
+    return float(map_of(groups, Reranker.from_pretrained(folder).score(pairs, raw_scores=True)))
+
+
+def main() -> None:
+    import logging
+
+    from conftest import RERANKER_FIXTURE, _model_key, cached_export
+
+    from encapure.export import export_model
+    from encapure.manifest import Manifest
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", type=Path, default=ROOT / ".work" / "int4-ir-recipes")
+    args = ap.parse_args()
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    fp32 = cached_export(_model_key("reranker", [RERANKER_FIXTURE], "fp32"),
+                         lambda out: export_model(RERANKER_FIXTURE, out, precision="fp32"))
+    ir = cached_export(_model_key("reranker-ov", [RERANKER_FIXTURE], "int4", extra="openvino"),
+                       lambda out: export_model(RERANKER_FIXTURE, out, precision="int4", format="openvino"))
+    results: dict[str, Any] = {"fp32_map": wikiqa_map(fp32)}
+    print(f"fp32 MAP {results['fp32_map']:.4f}", flush=True)
+    dataset = None
+    for name in args.variants.split(","):
+        spec = VARIANTS[name]
+        if spec.get("data") and dataset is None:
+            dataset = calibration_dataset(ir)
+        out = args.out / name
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        for f in ("encapure.json", "tokenizer.json"):  # the manifest lists files by hash: refresh after
+            shutil.copy(ir / f, out / f)
+        secs = compress(fp32 / "model.onnx", out, spec, dataset)
+        manifest = Manifest.load(out)
+        manifest.compute_files(out, ["model.xml", "model.bin", "tokenizer.json"])
+        manifest.save(out)
+        value = wikiqa_map(out)
+        row = {"map": round(value, 4), "pct_of_fp32": round(100 * value / results["fp32_map"], 2),
+               "compress_s": round(secs, 1), "bin_mb": round((out / "model.bin").stat().st_size / 1e6, 2)}
+        results[name] = row
+        print(name, json.dumps(row), flush=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
