@@ -70,7 +70,7 @@ def rss():
     return out
 
 folder, mmap, release, runs = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1", int(sys.argv[4])
-pairs = [tuple(p) for p in json.loads(sys.argv[5])]
+pairs = [tuple(p) for p in json.loads(sys.stdin.read())]
 settings = Settings(workers=1, threads_per_worker=2, max_length=64, openvino_mmap=mmap,
                     openvino_release_mapped_weights=release)
 model = load_model(folder, settings=settings)
@@ -196,9 +196,10 @@ def export(variant: str, out: Path, parity: bool = True) -> dict[str, Any]:
             "parity": {k: v for k, v in res.parity.items() if k not in ("quantization", "timings_s")}}
 
 
-def _run_probe(args: list[str]) -> dict[str, Any]:
+def _run_probe(args: list[str], stdin: str | None = None) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", *args], capture_output=True, text=True, timeout=3600, env=env)
+    proc = subprocess.run([sys.executable, "-c", *args], capture_output=True, text=True, timeout=3600, env=env,
+                          input=stdin)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -223,8 +224,8 @@ def long_pairs(n: int = 800) -> list[tuple[str, str]]:
 
 
 def engine_probe(folder: Path, mmap: bool, release: bool, runs: int, pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    return _run_probe([_ENGINE_PROBE, str(folder), "1" if mmap else "0", "1" if release else "0", str(runs),
-                       json.dumps(pairs)])
+    return _run_probe([_ENGINE_PROBE, str(folder), "1" if mmap else "0", "1" if release else "0", str(runs)],
+                      stdin=json.dumps(pairs))  # too long for an argument
 
 
 def table(results: dict[str, Any]) -> str:
@@ -249,20 +250,20 @@ def table(results: dict[str, Any]) -> str:
 
 
 def engine_table(results: dict[str, Any]) -> str:
-    lines = ["| variant | startup (to ready) | RSS at ready (anon/file) | after N requests (anon/file) | "
+    lines = ["| variant | startup (to ready) | RSS at ready (anon/file) | N | after N requests (anon/file) | "
              "8x64 p50 (min) | repeat max abs Δ | vs first row max abs Δ |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"]
     for variant, res in results.get("variants", {}).items():
         rows = res.get("engine", {})
         ref = next((p["scores"] for p in rows.values() if "scores" in p), None)
         for label, p in rows.items():
             if "error" in p:
-                lines.append(f"| {variant}: {label} | error: {p['error']} | | | | | |")
+                lines.append(f"| {variant}: {label} | error: {p['error']} | | | | | | |")
                 continue
             vs = max(abs(a - b) for a, b in zip(p["scores"], ref, strict=True)) if ref else float("nan")
             lines.append(
                 f"| {variant}: {label} ({p['tokenizer']}) | {p['startup_s']} s | {p['rss_ready_mb']} MB "
-                f"({p['anon_ready_mb']}/{p['file_ready_mb']}) | {p['rss_after_mb']} MB ({p['anon_after_mb']}/"
+                f"({p['anon_ready_mb']}/{p['file_ready_mb']}) | {p['requests']} | {p['rss_after_mb']} MB ({p['anon_after_mb']}/"
                 f"{p['file_after_mb']}) | {p['p50_ms']:.0f} ({p['min_ms']:.0f}) ms | {p['repeat_max_abs']:.1e} | "
                 f"{vs:.1e} |")
     return "\n".join(lines)
@@ -296,7 +297,7 @@ def section(results: dict[str, Any], runs: int) -> str:
         *exports, "",
         table(results), "",
         "Through the engine (`load_model` with the tokenizer the export recorded and its warm-up, 1 worker x 2 "
-        f"threads, max length 64; {runs} requests of 8 WikiQA-test-gold pairs, each exactly 64 tokens; a fresh "
+        "threads, max length 64; N requests of 8 WikiQA-test-gold pairs, each exactly 64 tokens; a fresh "
         "process per row, RSS at ready and after the requests; scores of 16 fixed pairs at ready vs after the "
         "requests, and vs the first row):\n",
         engine_table(results), ""])
@@ -311,6 +312,7 @@ def main() -> None:
     ap.add_argument("--skip-export", default="", help="variants already exported (their folders are reused)")
     ap.add_argument("--only", choices=["all", "session", "engine"], default="all",
                     help="session: the session-only rows; engine: the engine rows (OpenVINO IR variants)")
+    ap.add_argument("--engine-rows", default="", help="indices into ENGINE_CONFIGS to measure (default: all)")
     ap.add_argument("--no-parity", action="store_true",
                     help="skip the PyTorch parity check (10 minutes per variant on a busy 2-core machine)")
     args = ap.parse_args()
@@ -338,7 +340,8 @@ def main() -> None:
     for v in names if args.only in ("all", "engine") else []:
         if VARIANTS[v][0] != "openvino":
             continue
-        for label, mmap, release in ENGINE_CONFIGS:
+        rows = [int(i) for i in args.engine_rows.split(",")] if args.engine_rows else range(len(ENGINE_CONFIGS))
+        for label, mmap, release in (ENGINE_CONFIGS[i] for i in rows):
             p = engine_probe(args.out / v, mmap, release, args.runs, pairs)
             variants.setdefault(v, {}).setdefault("engine", {})[label] = p
             print(f"{v} {label}: {json.dumps({k: x for k, x in p.items() if k != 'scores'})}", flush=True)
