@@ -6,6 +6,24 @@ OpenVINO IR and compresses it with each NNCF recipe below, then scores all WikiQ
 through the engine (OpenVINO backend, default settings: f32 activations) and reports MAP vs the fp32
 ONNX export on ONNX Runtime, with compression time and model.bin size. Data-aware recipes calibrate
 on the shipped calibration set (encapure/data/calibration.jsonl, engine batching), never on WikiQA.
+
+Findings (2026-12-02, AMD EPYC [avx2 avx512f avx512_vnni avx512_bf16] x2, NNCF 3.4.0, OpenVINO 2026.4.1;
+load average 9-15 from other work, so compression times are inflated; MAP does not depend on load).
+fp32 (ONNX Runtime) MAP 0.6783 on all 2,351 WikiQA-test-gold pairs:
+| recipe | MAP | % of fp32 | compress s | model.bin MB |
+|---|---|---|---|---|
+| shipped: INT4_SYM g128, ratio 1.0, all_layers | 0.6722 | 99.10 | 26 | 11.82 |
+| + AWQ + scale estimation (data-aware, 17 calibration batches) | 0.6697 | 98.74 | 161 | 11.82 |
+| all_layers=False (embeddings and last layer int8) | 0.6743 | 99.41 | 26 | 17.69 |
+| ratio 0.8 (20% of weights int8 by weight-quantization error), all_layers | **0.6784** | **100.02** | 24 | 14.29 |
+| group size 64 | 0.6720 | 99.08 | 23 | 12.18 |
+| INT4_ASYM | 0.6726 | 99.16 | 24 | 11.91 |
+| group size 64, all_layers=False | 0.6731 | 99.23 | 21 | 17.86 |
+| INT4_ASYM, all_layers=False | 0.6738 | 99.34 | 19 | 17.73 |
+So data-aware AWQ + scale estimation hurt here (the calibration set is small: 266 pairs in 17 batches),
+and mixing in int8 by sensitivity (ratio 0.8) is what passes the 99.5% bar on this fixture, at +21% file
+size. Not made the default yet: on bge-reranker-v2-m3 the int8 share would also grow the plugin's
+repacked copy (anonymous memory) against the 500 MB goal, and that was not measured.
 """
 
 from __future__ import annotations
@@ -35,6 +53,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
            "scale_estimation": True},
     "awq-se-ratio-0.8": {"mode": "INT4_SYM", "group_size": 128, "ratio": 0.8, "all_layers": True, "data": True,
                          "awq": True, "scale_estimation": True},
+    "g64-no-all-layers": {"mode": "INT4_SYM", "group_size": 64, "ratio": 1.0, "all_layers": False},
+    "asym-no-all-layers": {"mode": "INT4_ASYM", "group_size": 128, "ratio": 1.0, "all_layers": False},
     "gptq": {"mode": "INT4_SYM", "group_size": 128, "ratio": 1.0, "all_layers": True, "data": True, "gptq": True},
 }
 
