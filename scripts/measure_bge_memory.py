@@ -284,18 +284,21 @@ def section(results: dict[str, Any], runs: int) -> str:
         pline = (f", parity vs PyTorch max |Δ| {parity['max_abs_diff']:.3f}, cosine {parity['cosine']:.3f}"
                  if parity.get("max_abs_diff") is not None else "")
         exports.append(f"- `{v}`: {ex.get('size_mb', '?')} MB; export {work:.0f} s without the PyTorch parity step{pline}.")
+    has_session = any(r.get("configs") for r in results.get("variants", {}).values())
     return "\n".join([
         "## bge-reranker-v2-m3 memory (architecture, random weights): ONNX Runtime int8 vs OpenVINO int4 IR\n",
         f"`python scripts/measure_bge_memory.py` on {c['cpu']}, **shared CPU** (load average "
-        f"{c['loadavg_start'][0]:.1f} at start: latencies are noisy, compare within the table). One fresh process "
+        f"{c['loadavg_start'][0]:.1f} at start: latencies are noisy, compare within the table).",
+        *([] if has_session else [""]),
+        *([] if not has_session else [f"One fresh process "
         f"per row, 1 stream x 2 threads, the session alone (no tokenizer, no server): RSS after load, after {runs} "
         "requests of 8 x 64 random token ids (new ids each request), after 9 more of other shapes; then the "
         "`tokenizers` XLM-R tokenizer (`tokenizer.json`) loaded into the same process. Startup = session "
         "creation + tokenizer load (the first request also pays the plugin's weight repacking: `first run`). "
         "mmap = `--openvino-mmap`, dq = `--openvino-dynamic-quantization-group-size`. Batch invariance = max "
-        "|Δ logit| between 8 rows of different lengths scored alone and in one padded batch.\n",
+        "|Δ logit| between 8 rows of different lengths scored alone and in one padded batch.\n"]),
         *exports, "",
-        table(results), "",
+        *([table(results), ""] if has_session else []),
         "Through the engine (`load_model` with the tokenizer the export recorded and its warm-up, 1 worker x 2 "
         "threads, max length 64; N requests of 8 WikiQA-test-gold pairs, each exactly 64 tokens; a fresh "
         "process per row, RSS at ready and after the requests; scores of 16 fixed pairs at ready vs after the "
