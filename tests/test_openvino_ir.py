@@ -294,3 +294,17 @@ def test_page_out_under_concurrent_inference(ir_int4: Path, monkeypatch: pytest.
         got = list(pool.map(lambda i: (i % 4, session.run(None, feeds[i % 4])[0]), range(24)))
     for i, out in got:
         np.testing.assert_array_equal(out, want[i])
+
+
+@linux_only
+def test_page_out_after_each_warm_up_call(ir_int4: Path) -> None:
+    """The throttle must not skip the first calls (warm-up shapes): RSS at ready would keep what the
+    last of them read from the mapping."""
+    from encapure.engine.backends import create_session
+
+    session = create_session(ir_int4 / "model.xml", Settings(workers=1, threads_per_worker=2))
+    bin_path = ir_int4 / "model.bin"
+    for rows, length in [(1, 8), (4, 32)]:  # back to back, like the engine's warm-up
+        ids = np.full((rows, length), 1000, np.int64)
+        session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)})
+        assert _mapped_rss_kb(bin_path) < 0.1 * bin_path.stat().st_size / 1024

@@ -58,6 +58,9 @@ MADV_PAGEOUT = 21  # linux/mman.h, since Linux 5.4
 # this many times its own duration: at most ~1% of the time goes to it, and it runs after nearly
 # every inference when there is nothing to reclaim (fast) or the model is slow (bge: ~1 s a batch).
 RELEASE_COST_FACTOR = 100.0
+# The first inferences (the engine's warm-up shapes, the first requests) each may repack weights from
+# new pages: they always page out, so RSS at ready does not hold what the throttle skipped.
+RELEASE_ALWAYS_FIRST = 8
 
 
 def mapped_ranges(path: Path) -> list[tuple[int, int]]:
@@ -145,6 +148,7 @@ class OpenVINOSession:
         self._bin: Path | None = path.with_suffix(".bin") if release and path.suffix.lower() == ".xml" else None
         self._release_lock = threading.Lock()
         self._next_release = 0.0
+        self._calls = 0  # inferences so far (unlocked increments: an approximate count is enough)
 
     def get_inputs(self) -> list[_Port]:
         return self._inputs
@@ -166,7 +170,9 @@ class OpenVINOSession:
 
     def _release_mapped_weights(self) -> None:
         """Page out the mapped ``model.bin`` (see the module docstring); one thread at a time."""
-        if time.monotonic() < self._next_release or not self._release_lock.acquire(False):
+        self._calls += 1
+        first = self._calls <= RELEASE_ALWAYS_FIRST
+        if (not first and time.monotonic() < self._next_release) or not self._release_lock.acquire(False):
             return
         try:
             start = time.monotonic()
