@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ENCAPURE_SHARED", ROOT.parent / "shared"))
 WIKIQA = [SHARED / "data" / "wikiqa" / "WikiQA-test-gold.tsv", SHARED / "data" / "wikiqa" / "WikiQA-dev.tsv"]
 WORK = ROOT / ".work" / "bench-models"
-SYSTEMS = ("st", "fp32", "int8")
+SYSTEMS = ("st", "fp32", "int8", "ov-int8")
 SHORT = "How are glacier caves formed?"
 
 
@@ -42,14 +42,16 @@ def embedder_source() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-def export(precision: str) -> Path:
-    """Our export of the same model, once per precision and exporter version."""
+def export(system: str) -> Path:
+    """Our export of the same model, once per system (precision, format) and exporter version.
+    ``ov-int8`` is ``--format openvino --precision int8`` (NNCF static int8), run by OpenVINO."""
     from encapure.export import EXPORT_VERSION, export_model
     from encapure.hub import cached_build
 
     src = embedder_source()
-    return cached_build(WORK, f"minilm-embed-{precision}-v{EXPORT_VERSION}",
-                        lambda out: export_model(src, out, precision=precision))
+    fmt, precision = ("openvino", system[3:]) if system.startswith("ov-") else ("onnx", system)
+    return cached_build(WORK, f"minilm-embed-{system}-v{EXPORT_VERSION}",
+                        lambda out: export_model(src, out, precision=precision, format=fmt))
 
 
 def texts(n: int) -> list[str]:
@@ -189,7 +191,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     ref = np.asarray(best["st"]["vecs"], dtype=np.float32) if "st" in best else None
     names = {"st": "sentence-transformers (torch fp32)", "fp32": "encapure.compat fp32",
-             "int8": "encapure.compat int8 (default)"}
+             "int8": "encapure.compat int8 (default)", "ov-int8": "encapure.compat OpenVINO IR int8 (static)"}
     for s in systems:
         b = best[s]
         speed = f"{best['st']['batch_s'] / b['batch_s']:.2f}x" if "st" in best else "-"

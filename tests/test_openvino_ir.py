@@ -308,3 +308,52 @@ def test_page_out_after_each_warm_up_call(ir_int4: Path) -> None:
         ids = np.full((rows, length), 1000, np.int64)
         session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)})
         assert _mapped_rss_kb(bin_path) < 0.1 * bin_path.stat().st_size / 1024
+
+
+EMBED_TEXTS = [
+    "a",
+    "what is the capital of france",
+    "Paris is the capital and most populous city of France.",
+    "Vaccines train the immune system with a harmless piece of a pathogen. " * 12,
+    "El Nilo y el Amazonas compiten por el título del río más largo.",
+    "ß ü é 北京 😀",
+    "How are glacier caves formed? " * 3,
+    "A glacier cave is a cave formed within the ice of a glacier. " * 30,  # past the 128-token limit
+]
+
+
+def test_embedder_int8_ir_is_static_mixed_precision(tmp_path: Path) -> None:
+    """Embedders at int8 get NNCF static int8 (constant activation scales) with the FFN down
+    projections kept f32: an embedding is the same alone and in a padded batch, and close to fp32."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from encapure.engine import Embedder
+    from encapure.export import export_model
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=128)
+    src = tmp_path / "tiny-bert"
+    BertModel(cfg).eval().save_pretrained(src)
+    BertTokenizerFast.from_pretrained(str(need(RERANKER_FIXTURE))).save_pretrained(src)
+    res = export_model(src, tmp_path / "ov8", precision="int8", format="openvino")
+    q = res.manifest.quantization
+    assert (q["method"], q["model_type"], q["calibration_batch_size"]) == ("nncf_ptq", "transformer", 1)
+    assert q["calibration_batches"] > 100  # the shipped set, one text per batch
+    assert sorted(q["f32_matmuls"]) == [f"/model/encoder/layer.{i}/output/dense/MatMul" for i in (0, 1)]  # FFN down
+    xml = (res.output / "model.xml").read_text()
+    assert xml.count('type="FakeQuantize"') >= 8  # int8 activations for the other MatMuls
+
+    settings = Settings(workers=1, threads_per_worker=2)
+    model = Embedder.from_pretrained(res.output, settings=settings)
+    assert type(model.model.session).__name__ == "OpenVINOSession"
+    batched = model.embed(EMBED_TEXTS)
+    alone = np.stack([model.embed([t])[0] for t in EMBED_TEXTS])
+    np.testing.assert_allclose(alone, batched, atol=1e-5, rtol=0)
+
+    fp32 = export_model(src, tmp_path / "fp32", precision="fp32")
+    want = Embedder.from_pretrained(fp32.output, settings=settings).embed(EMBED_TEXTS)
+    cos = (batched * want).sum(1) / np.linalg.norm(batched, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() > 0.99
+    assert np.abs(batched - want).max() > 1e-5  # quantized, not a copy of fp32

@@ -76,8 +76,15 @@ def feeds(
     input_names: list[str],
     max_length: int,
     pad_id: int,
+    *,
+    batch_size: int = _BATCH_SIZE,
 ) -> list[dict[str, np.ndarray]]:
-    """Tokenized, padded batches in the engine's length-sorted token-budget plan."""
+    """Tokenized, padded batches in the engine's length-sorted token-budget plan.
+
+    ``batch_size=1`` gives one unpadded text per batch: then no padding position's activation
+    (computed, but never read by pooling or the score) widens a range (NNCF's static int8 for
+    OpenVINO calibrates that way).
+    """
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(rust_tok.to_str())
@@ -87,7 +94,7 @@ def feeds(
     encs = tok.encode_batch(items)
     lengths = [len(e.ids) for e in encs]
     out = []
-    for batch in plan_batches(lengths, _BATCH_TOKENS, _BATCH_SIZE):
+    for batch in plan_batches(lengths, _BATCH_TOKENS, batch_size):
         width = max(lengths[i] for i in batch)
         ids = np.full((len(batch), width), pad_id, dtype=np.int64)
         mask = np.zeros_like(ids)

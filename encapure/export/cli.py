@@ -22,8 +22,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="int8",
                    help="int8 (default: calibrated static), fp32, fp16 (GPUs) or int4 (weight-only, smallest)")
     p.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
-                   help="onnx (model.onnx, every backend) or openvino (model.xml/.bin IR with NNCF weight-only "
-                        "int4 sym group 128 / int8 asym weights, --backend openvino only: the smallest memory)")
+                   help="onnx (model.onnx, every backend) or openvino (model.xml/.bin IR, --backend openvino only: "
+                        "NNCF weight-only int4 sym group 128 / int8 asym weights, the smallest memory; embedders "
+                        "at int8 get NNCF static int8 with the FFN down projections f32, the fastest)")
     p.add_argument("--max-length", type=int, default=None, help="max tokens per input (default: from the model)")
     p.add_argument("--tokenizer", default=None, help="folder with the tokenizer when it is not beside the model")
     p.add_argument("--optimize", choices=["auto", "on", "off"], default="auto",

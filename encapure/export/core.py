@@ -36,7 +36,7 @@ from encapure.manifest import MANIFEST_NAME, Manifest
 from encapure.settings import PRECISIONS
 
 # Bump when the exporter's output changes (the test fixture cache keys on it).
-EXPORT_VERSION = "8"
+EXPORT_VERSION = "9"
 
 
 @dataclass
@@ -385,8 +385,18 @@ def _build(
 
         label = {"fp32": "Converting to OpenVINO IR (fp32)"}.get(
             precision, f"Converting to OpenVINO IR and compressing weights ({precision}, NNCF)")
+
+        def ptq_feeds() -> list[dict[str, Any]]:
+            from encapure.export import calibration as cal
+
+            items = cal.load_items(calibration, info.task)
+            return cal.feeds(rust_tok, items, input_names, min(info.max_length, 512), pad_id, batch_size=1)
+
+        if openvino_ir.recipe(precision, info.task)["method"] == "nncf_ptq":
+            label = f"Converting to OpenVINO IR and quantizing ({precision} static, NNCF)"
         with prog.step(label):
-            ir_quant = openvino_ir.convert(fp32_path, work / openvino_ir.IR_FILE, precision)
+            ir_quant = openvino_ir.convert(fp32_path, work / openvino_ir.IR_FILE, precision, task=info.task,
+                                           calibration=ptq_feeds)
         for p in (fp32_path, fp32_path.with_name(fp32_path.name + ".data")):
             p.unlink(missing_ok=True)
     elif precision == "int8":
