@@ -65,6 +65,9 @@ def candidates(task: str) -> dict[str, dict[str, Any]]:
         "pt-w8": {"weight_bits": 8},  # exact on VNNI only (AVX2 may saturate): accuracy reference
         "pt-a7w8": {"weight_bits": 8, "activation_bits": 7},  # the other split that fits AVX2's int16
         "pt-w7-xffndown": {"weight_bits": 7, "exclude": [qz.FFN_OUT]},
+        # SmoothQuant (experiments/int8_smoothquant.py, calibrated on the shipped set) on the
+        # LayerNorm outputs feeding Q/K/V and the FFN up projection, then per-token
+        "pt-w7-sq.5": {"weight_bits": 7, "smooth": ([r"attention/self/(query|key|value)/MatMul", qz.FFN_UP], 0.5)},
     }
     if task == "rerank":
         c["pt-w7+emb"] = {"weight_bits": 7, "gather": True}
@@ -96,8 +99,22 @@ def build(src: Path, name: str, recipe: dict[str, Any]) -> Path:
     OUT.mkdir(parents=True, exist_ok=True)
     r = dict(recipe)
     gather = r.pop("gather", False)
+    smooth = r.pop("smooth", None)
     target = out.with_name(out.name + ".mm") if gather else out
     t0 = time.perf_counter()
+    if smooth is not None:
+        from tokenizers import Tokenizer
+
+        from encapure.export import calibration as cal
+        from experiments.int8_smoothquant import smooth_activations
+
+        folder = src.parent
+        task = json.loads((folder / "encapure.json").read_text())["task"]
+        feeds = cal.feeds(Tokenizer.from_file(str(folder / "tokenizer.json")), cal.load_items(None, task),
+                          ["input_ids", "attention_mask", "token_type_ids"], 256, 0)
+        smoothed = out.with_name(out.name + ".smooth.onnx")
+        smooth_activations(src, smoothed, smooth[0], feeds, smooth[1])
+        src = smoothed
     rec = qz.quantize_int8_per_token(src, target, {"method": "per-token", **r})
     if gather:
         import onnx
@@ -213,7 +230,7 @@ def run_task(task: str, models: Path, rounds: int, n_pairs: int, only: list[str]
         tok = tokenizer(fp32, max_len)
         encs = tok.encode_batch(texts)
         acc_batches = length_batches(encs, 32)
-        bench = tok.encode_batch(mixed_texts(wikiqa("test"), 1000, rng))
+        bench = tok.encode_batch(mixed_texts(wikiqa("test") + wikiqa("dev"), 1000, rng))  # as bench_compat.py
         inv_items, others = [encs[i] for i in range(0, len(encs), 16)], bench[:40]
         for k, p in paths.items():
             s = session(p, 2)
