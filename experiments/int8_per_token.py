@@ -23,8 +23,10 @@ rows at random places vs padded to 256 tokens; items/s at 2 threads on 1,000 mix
 (a shared machine: compare ratios within one run); and the median latency of one item per run.
 
 Findings (2026-12-02, AMD EPYC with AVX-512 VNNI, 2 cores, load average 8-16 from other jobs, so
-speed is ratios of alternated passes only; the full speed phase did not finish in time, the speed
-rows come from a shortened alternated run: 300 texts / 500 pairs, best of 3):
+speed is ratios of alternated passes only). Embedder speed: the full run (1,000 texts, load ~10) gave
+x fp32 / x static 1.74 / 1.51 for pt-w7, 1.28 / 1.10 FFN-down fp32, 1.57 / 1.35 SmoothQuant, 1.68 / 1.45
+pt-w8, 1.55 / 1.34 no offset; the columns below are a shorter alternated run (300 texts; reranker 500
+pairs, run separately for time), best of 3:
 | embedder (304 texts vs sentence-transformers) | min cos | mean cos | alone vs batched | x fp32 | x static |
 |---|---|---|---|---|---|
 | static, shipped (attention int8, FFN fp32) | 0.9934 | 0.9967 | 0.0 | 1.12 | 1.00 |
