@@ -32,6 +32,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--calibration", type=Path, default=None,
                    help="static int8 calibration data: JSONL with query/passage (or text) fields, or one text "
                         "per line (default: the multilingual set shipped in encapure/data)")
+    p.add_argument("--int8-recipe", choices=["auto", "static", "per-token"], default="auto",
+                   help="with --precision int8: auto (calibrated static, chosen per task), static, or per-token "
+                        "(every MatMul int8 with one activation scale per token at run time; no calibration)")
     p.add_argument("--template", type=Path, default=None,
                    help="JSON file with prefix, body ({instruction}, {query}, ending with {document}), suffix and "
                         "instruction: exports a Qwen2/Qwen3 causal LM as a yes/no reranker with this prompt "
@@ -58,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         template=_template(args.template),
         format=args.format,
+        int8_recipe=args.int8_recipe,
     )
     m = result.manifest
     print(f"exported {m.source} -> {result.output}")

@@ -289,6 +289,7 @@ def build(
     check_parity: bool,
     prog: Progress,
     calibration: str | Path | None = None,
+    int8_recipe: str = "auto",
 ) -> tuple[Manifest, dict[str, Any]]:
     """Trace, fuse, quantize and check a ColBERT graph; the manifest and parity report."""
     from encapure.export import optimize as opt
@@ -319,7 +320,7 @@ def build(
             fusions = opt.fuse(fp32_path, fp32_path, info.config, info.model_type)
     manifest.save(work)  # a draft, so the engine can tokenize calibration and parity inputs
     # Token vectors are embeddings: the embedder recipe (attention MatMuls in int8, FFN in fp32).
-    recipe = qz.int8_recipe("embed", info.model_type) if precision == "int8" else None
+    recipe = qz.int8_recipe("embed", info.model_type, scheme=int8_recipe) if precision == "int8" else None
     quant = qz.apply_precision(precision, fp32_path, final, recipe=recipe,
                                feeds=lambda: _calibration_feeds(work, calibration), calibration=calibration,
                                prog=prog)

@@ -67,6 +67,7 @@ def export_model(
     calibration: str | Path | None = None,
     template: dict[str, str] | None = None,
     format: str = "onnx",
+    int8_recipe: str = "auto",
 ) -> ExportResult:
     """Export ``source`` (folder, hub id, or in-memory transformers model) into ``output``.
 
@@ -76,6 +77,8 @@ def export_model(
     ``template``: a prompt template (``prefix``, ``body``, ``suffix``, ``instruction``) that makes a
     decoder LM (Qwen3/Qwen2 ``*ForCausalLM``) a yes/no reranker; Qwen3-Reranker's is the default for
     such models detected by name or ``task="rerank"`` (see ``encapure.export.qwen3``).
+    ``int8_recipe`` (int8 only): "auto" (calibrated static, chosen per task), "static", or
+    "per-token" (one activation scale per token at run time; see ``quantize.int8_recipe``).
     ``format``: "onnx" (``model.onnx``, any backend) or "openvino" (``model.xml``/``model.bin`` IR with
     NNCF weight-only int4/int8, run by the OpenVINO backend only; see ``encapure.export.openvino_ir``).
     Raises ExportError subclasses with one-line messages; ParityError when fp32 does not match.
@@ -91,12 +94,18 @@ def export_model(
         raise ExportError(f"unknown format {format!r}; choose one of {', '.join(openvino_ir.FORMATS)}")
     if format == "openvino":
         openvino_ir.recipe(precision)  # refuses fp16 before minutes of work
+    from encapure.export.quantize import INT8_SCHEMES
+
+    if int8_recipe not in INT8_SCHEMES:
+        raise ExportError(f"unknown int8 recipe {int8_recipe!r}; choose one of {', '.join(INT8_SCHEMES)}")
+    if int8_recipe != "auto" and (precision != "int8" or format != "onnx"):
+        raise ExportError(f"int8_recipe={int8_recipe!r} applies to --precision int8 --format onnx only")
     output = Path(output).expanduser().resolve()
     _check_output(output, overwrite)
     try:
         return _export(source, output, task=task, precision=precision, max_length=max_length,
                        tokenizer=tokenizer, optimize=optimize, check_parity=check_parity, prog=prog,
-                       calibration=calibration, template=template, fmt=format)
+                       calibration=calibration, template=template, fmt=format, int8_recipe=int8_recipe)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ExportError(f"disk full while writing the export next to {output}: free some space") from e
@@ -150,6 +159,7 @@ def _export(
     calibration: str | Path | None = None,
     template: dict[str, str] | None = None,
     fmt: str = "onnx",
+    int8_recipe: str = "auto",
 ) -> ExportResult:
     t_start = time.perf_counter()
     in_memory = not isinstance(source, (str, Path))
@@ -234,10 +244,11 @@ def _export(
         if colbert_src is not None:
             result = colbert.build(model, info, work, rust_tok, pad_id, src=colbert_src, hf_tokenizer=tok_obj,
                                    precision=precision, optimize=optimize, check_parity=check_parity, prog=prog,
-                                   calibration=calibration)
+                                   calibration=calibration, int8_recipe=int8_recipe)
         else:
             result = _build(model, info, work, rust_tok, pad_id, precision=precision, optimize=optimize,
-                            check_parity=check_parity, prog=prog, calibration=calibration, fmt=fmt)
+                            check_parity=check_parity, prog=prog, calibration=calibration, fmt=fmt,
+                            int8_recipe=int8_recipe)
         manifest, report = result
         with prog.step("Checking the SentencePiece tokenizer"):
             manifest.tokenizer = light_tokenizer(tok_dir, tok_obj, rust_tok, info.model_type, work)
@@ -344,6 +355,7 @@ def _build(
     prog: Progress,
     calibration: str | Path | None = None,
     fmt: str = "onnx",
+    int8_recipe: str = "auto",
 ) -> tuple[Manifest, dict[str, Any]]:
     from encapure.export import optimize as opt
     from encapure.export import quantize as qz
@@ -401,8 +413,8 @@ def _build(
             p.unlink(missing_ok=True)
     elif precision == "int8":
         large = fp32_path.with_name(fp32_path.name + ".data").exists()  # weights past the 2 GB protobuf limit
-        recipe = qz.int8_recipe(info.task, info.model_type, large=large)
-        if large:
+        recipe = qz.int8_recipe(info.task, info.model_type, large=large, scheme=int8_recipe)
+        if large and recipe["method"] == "dynamic":
             prog.info("int8: the model is over 2 GB, so dynamic int8 (static calibration does not fit in memory yet)")
 
     def feeds() -> list[dict[str, Any]]:

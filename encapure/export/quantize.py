@@ -1,4 +1,4 @@
-"""Precision recipes: int8 (dynamic, weights), int4 (MatMulNBits weight-only), fp16.
+"""Precision recipes: int8 (static, per-token or dynamic), int4 (MatMulNBits weight-only), fp16.
 
 The int8 recipe is chosen per task from measurements on this AVX2 CPU (see scripts/measure_export.py
 and the closing note of issue 2): which MatMuls stay fp32, per-channel or per-tensor, signedness.
@@ -59,7 +59,10 @@ FFN_UP = r"layers?[./]\d+/intermediate/dense/MatMul"
 ATTN_OUT = r"attention/output/dense/MatMul"
 
 
-def int8_recipe(task: str, model_type: str, *, large: bool = False) -> dict[str, Any]:
+INT8_SCHEMES = ("auto", "static", "per-token")
+
+
+def int8_recipe(task: str, model_type: str, *, large: bool = False, scheme: str = "auto") -> dict[str, Any]:
     """The int8 recipe per task: calibrated static int8, chosen from measurements.
 
     Static, because dynamic int8 computes each activation scale over the whole batch at run time, so
@@ -86,7 +89,17 @@ def int8_recipe(task: str, model_type: str, *, large: bool = False) -> dict[str,
     Ranges are MinMax over every calibration batch. (ORT's ``CalibMaxIntermediateOutputs`` is not
     a memory knob: in onnxruntime 1.32 it drops the collected batches without folding their ranges,
     so only the last few batches would count.)
+
+    ``scheme="per-token"``: every weight MatMul with one activation scale per token computed at run
+    time (``quantize_int8_per_token``; no calibration, any size), plus the word-embedding table for
+    rerankers; "auto" is the per-task choice above.
     """
+    if scheme not in INT8_SCHEMES:
+        raise ExportError(f"unknown int8 recipe {scheme!r}; choose one of {', '.join(INT8_SCHEMES)}")
+    if scheme == "per-token":
+        return {"method": "per-token", "name": "per-token-u8a8-s8w7", "weight_bits": 7, "activation_bits": 8,
+                "gelu_offset": True, "exclude": [],
+                "op_types": ["MatMul"] if task == "embed" else ["MatMul", "Gather"]}
     base: dict[str, Any] = {
         "method": "static",
         "weight_type": "QInt8",
@@ -287,6 +300,8 @@ def apply_precision(
             if recipe["method"] == "static":
                 quant = quantize_int8_static(fp32_path, final, recipe, feeds())
                 quant["calibration"] = str(calibration) if calibration else "encapure/data/calibration.jsonl"
+            elif recipe["method"] == "per-token":
+                quant = quantize_int8_per_token(fp32_path, final, recipe)
             else:
                 quant = quantize_int8(fp32_path, final, recipe)
     elif precision == "int4":
@@ -398,3 +413,274 @@ def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
         raise ExportError(f"fp16 conversion failed: {str(e).strip().splitlines()[0]}") from e
     save_model(half, dst)
     return {"method": "fp16", "keep_io_types": True}
+
+
+# --- per-token dynamic int8 ---------------------------------------------------------------------------
+# Lower bound of GELU (erf or tanh form): x * Phi(x) >= -0.16997 for every x. Adding it makes a GELU
+# output non-negative, so it can use all 256 unsigned levels instead of 128 per sign.
+GELU_FLOOR = 0.17
+
+
+def _is_gelu_output(model: Any, tensor: str) -> bool:
+    """Whether ``tensor`` is exactly GELU(h) = 0.5 * h * (1 + erf(h / sqrt 2)), as the TorchScript
+    exporter traces it (a tree of Mul nodes), or a fused Gelu node's output. Only then is adding
+    GELU_FLOOR sure to leave nothing negative; anything else (a residual added, another scale) keeps
+    the symmetric quantization."""
+    from onnx import numpy_helper
+
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if not i.dims or i.dims == [1]}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+
+    def scalar(name: str) -> float | None:
+        v = consts.get(name)
+        return float(v.reshape(-1)[0]) if v is not None and v.size == 1 else None
+
+    top = producers.get(tensor)
+    if top is not None and top.op_type in ("Gelu", "BiasGelu") and top.domain == "com.microsoft":
+        return True
+    leaves: list[str] = []
+
+    def expand(t: str, depth: int) -> None:
+        n = producers.get(t)
+        if n is not None and n.op_type == "Mul" and depth < 3:
+            for i in n.input:
+                expand(i, depth + 1)
+        else:
+            leaves.append(t)
+
+    expand(tensor, 0)
+    factor = 1.0
+    others: list[str] = []
+    for t in leaves:
+        c = scalar(t)
+        if c is None:
+            others.append(t)
+        else:
+            factor *= c
+    if len(others) != 2 or abs(factor - 0.5) > 1e-6:
+        return False
+    for one_plus_erf, h in (others, others[::-1]):
+        add = producers.get(one_plus_erf)
+        if add is None or add.op_type != "Add" or len(add.input) != 2:
+            continue
+        erf_out = [i for i in add.input if scalar(i) is None]
+        if len(erf_out) != 1 or sum(scalar(i) == 1.0 for i in add.input) != 1:
+            continue
+        erf = producers.get(erf_out[0])
+        if erf is None or erf.op_type != "Erf":
+            continue
+        arg = producers.get(erf.input[0])
+        if arg is None or len(arg.input) != 2 or h not in arg.input:
+            continue
+        c = scalar(arg.input[1] if arg.input[0] == h else arg.input[0])
+        if c is not None and ((arg.op_type == "Div" and abs(c - 2**0.5) < 1e-4)
+                              or (arg.op_type == "Mul" and abs(c - 2**-0.5) < 1e-4)):
+            return True
+    return False
+
+
+def quantize_int8_per_token(src: Path, dst: Path, recipe: dict[str, Any]) -> dict[str, Any]:
+    """Per-token dynamic int8: each activation row (token) gets its own scale, computed at run time.
+
+    Static int8 fixes one scale per tensor from calibration data; on the embedder's FFN down
+    projection (GELU outputs with a few large values) that cost the worst text's cosine 0.97.
+    ONNX Runtime's dynamic int8 computes one scale per whole batch, so a row's result moves with its
+    batch-mates. Here every MatMul ``X[.., K] @ W[K, N]`` becomes, in standard ops plus ORT's
+    MatMulIntegerToFloat:
+
+        s   = max(|X|, axis=-1) / 127          (one scale per row: it depends on that row alone)
+        Xq  = QuantizeLinear(X, s, 128)        (u8, symmetric around the zero point 128)
+        Y   = MatMulIntegerToFloat(Xq, Wq, a_scale=s, b_scale=w_scale[N], a_zero_point=128)
+
+    Weights are per output channel, symmetric, ``weight_bits`` wide (7 by default: AVX2's u8 x s8
+    kernel adds pairs of products in int16, 2 * 255 * 63 fits, 2 * 255 * 127 does not), so the integer
+    product is exact on AVX2 and AVX-512 VNNI alike, and a row's result is the same alone or batched.
+    (End to end the vectors still differed between native AVX-512 VNNI and QEMU-emulated AVX2: pooled
+    cosine >= 0.9994 on 12 texts, where the static recipe was identical; cause not found yet.)
+    (``activation_bits=7`` with 8-bit weights also fits; the record's
+    ``exact_on_avx2`` says whether the pair chosen does). A MatMul fed by GELU (``gelu_offset``) quantizes ``X + 0.17`` (never negative)
+    unsigned with 256 levels, and the offset's product is taken out of the bias: one more bit.
+    The bias Add is kept outside MatMulIntegerToFloat: that kernel multiplies its bias input by a
+    non-scalar a_scale too (onnxruntime 1.32).
+
+    Needs no calibration data, so it also works for graphs too large to calibrate.
+    """
+    import re
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    bits = int(recipe.get("weight_bits", 7))
+    act_bits = int(recipe.get("activation_bits", 8))
+    if not (2 <= bits <= 8 and 2 <= act_bits <= 8):
+        raise ExportError(f"per-token int8: weight_bits and activation_bits must be 2..8, not {bits}, {act_bits}")
+    qmax = float(2 ** (bits - 1) - 1)
+    # The largest u8 activation times the largest |weight|, twice: VPMADDUBSW's int16 pair sum.
+    exact_on_avx2 = 2 * (2**act_bits - 1) * qmax <= 32767
+    model = onnx.load(str(src), load_external_data=True)
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    inits = {i.name: i for i in graph.initializer}
+    targets = [n for n, _ in _matmul_weight_nodes(model)]
+    exclude = set(resolve_exclusions(model, recipe.get("exclude", [])))
+    targets = [n for n in targets if n not in exclude
+               and len(inits[next(x for x in graph.node if x.name == n).input[1]].dims) == 2]
+    want_offset = bool(recipe.get("gelu_offset", True))
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def const(name: str, value: np.ndarray) -> str:
+        if name not in inits:
+            t = numpy_helper.from_array(value, name)
+            graph.initializer.append(t)
+            inits[name] = t
+        return name
+
+    half = 2 ** (act_bits - 1)
+    const("per_token/sym_levels", np.array(half - 1, np.float32))
+    const("per_token/u8_levels", np.array(2**act_bits - 1, np.float32))
+    const("per_token/eps", np.array(1e-12, np.float32))
+    const("per_token/zp_mid", np.array([half], np.uint8))
+    const("per_token/zp0", np.array([0], np.uint8))
+    const("per_token/gelu_floor", np.array(GELU_FLOOR, np.float32))
+    const("per_token/flat", np.array([-1], np.int64))
+
+    def reduce_max(x: str, out: str, name: str) -> Any:
+        if opset >= 18:
+            axes = const("per_token/axes_last", np.array([-1], np.int64))
+            return helper.make_node("ReduceMax", [x, axes], [out], keepdims=1, name=name)
+        return helper.make_node("ReduceMax", [x], [out], axes=[-1], keepdims=1, name=name)
+
+    # One quantization per (activation, kind): Q, K and V share their input's.
+    quantized: dict[tuple[str, bool], tuple[str, str, str]] = {}
+    new_nodes: dict[str, list[Any]] = {}  # target node name -> nodes to insert before it
+    offsets = 0
+    bias_folded = 0
+    for node in list(graph.node):
+        if node.name not in targets:
+            continue
+        x, w_name = node.input[0], node.input[1]
+        offset = want_offset and _is_gelu_output(model, x)
+        key = (x, offset)
+        pre: list[Any] = []
+        w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
+        if key not in quantized:
+            flat_k = const(f"per_token/rows_by_{w.shape[0]}", np.array([-1, w.shape[0]], np.int64))
+            tag = re.sub(r"[^0-9A-Za-z_/.]", "_", x) + ("/u8" if offset else "/s")
+            src_x = x
+            if offset:
+                src_x = f"{tag}/shifted"
+                pre.append(helper.make_node("Add", [x, "per_token/gelu_floor"], [src_x], name=f"{tag}/shift"))
+                pre.append(reduce_max(src_x, f"{tag}/amax", f"{tag}/amax"))
+                levels, zp = "per_token/u8_levels", "per_token/zp0"  # no zero point: u8 from 0
+            else:
+                pre.append(helper.make_node("Abs", [x], [f"{tag}/abs"], name=f"{tag}/abs"))
+                pre.append(reduce_max(f"{tag}/abs", f"{tag}/amax", f"{tag}/amax"))
+                levels, zp = "per_token/sym_levels", "per_token/zp_mid"
+            pre += [
+                helper.make_node("Max", [f"{tag}/amax", "per_token/eps"], [f"{tag}/amax_safe"], name=f"{tag}/guard"),
+                helper.make_node("Div", [f"{tag}/amax_safe", levels], [f"{tag}/scale"], name=f"{tag}/scale"),
+                # QuantizeLinear takes one scale per element of one axis: flatten the rows onto axis 0.
+                helper.make_node("Shape", [src_x], [f"{tag}/shape"], name=f"{tag}/shape"),
+                helper.make_node("Reshape", [src_x, flat_k], [f"{tag}/x2d"], name=f"{tag}/x2d"),
+                helper.make_node("Reshape", [f"{tag}/scale", "per_token/flat"], [f"{tag}/scale1d"],
+                                 name=f"{tag}/scale1d"),
+            ]
+            ql_inputs = [f"{tag}/x2d", f"{tag}/scale1d"]
+            if not offset:  # u8 around the middle: one zero point per row (per-axis QuantizeLinear wants that)
+                pre += [
+                    helper.make_node("Shape", [f"{tag}/scale1d"], [f"{tag}/rows"], name=f"{tag}/rows"),
+                    helper.make_node("ConstantOfShape", [f"{tag}/rows"], [f"{tag}/zp1d"], name=f"{tag}/zp1d",
+                                     value=numpy_helper.from_array(np.array([half], np.uint8))),
+                ]
+                ql_inputs.append(f"{tag}/zp1d")
+            pre += [
+                helper.make_node("QuantizeLinear", ql_inputs, [f"{tag}/q2d"], axis=0, name=f"{tag}/quantize"),
+                helper.make_node("Reshape", [f"{tag}/q2d", f"{tag}/shape"], [f"{tag}/q"], name=f"{tag}/q"),
+            ]
+            quantized[key] = (f"{tag}/q", f"{tag}/scale", zp)
+        q, scale, zp = quantized[key]
+        w_scale = np.abs(w).max(axis=0) / qmax
+        w_scale = np.where(w_scale > 0, w_scale, 1.0).astype(np.float32)
+        wq = np.clip(np.round(w / w_scale), -qmax, qmax).astype(np.int8)
+        base = node.name
+        wq_name = const(f"{base}/Wq", wq)
+        ws_name = const(f"{base}/w_scale", w_scale)
+        out = node.output[0]
+        mm = helper.make_node("MatMulIntegerToFloat", [q, wq_name, scale, ws_name, zp], [out],
+                              domain="com.microsoft", name=f"{base}/per_token")
+        post: list[Any] = [mm]
+        if offset:
+            # (X + c) @ Wd = X @ Wd + c * colsum(Wd): subtract the second term, from the bias when the
+            # MatMul feeds a lone bias Add, else with an Add of its own.
+            offsets += 1
+            corr = (-GELU_FLOOR * (wq.astype(np.float64) * w_scale.astype(np.float64)).sum(axis=0)).astype(np.float32)
+            users = consumers.get(out, [])
+            bias = None
+            if len(users) == 1 and users[0].op_type == "Add":
+                other = [i for i in users[0].input if i != out]
+                if len(other) == 1 and other[0] in inits and list(inits[other[0]].dims) == [w.shape[1]]:
+                    used_elsewhere = sum(other[0] in n.input for n in graph.node) > 1
+                    if not used_elsewhere:
+                        bias = inits[other[0]]
+            if bias is not None:
+                b = numpy_helper.to_array(bias).astype(np.float32)
+                bias.CopyFrom(numpy_helper.from_array((b.astype(np.float64) + corr).astype(np.float32), bias.name))
+                bias_folded += 1
+            else:
+                raw = f"{base}/per_token_raw"
+                mm.output[0] = raw
+                post.append(helper.make_node("Add", [raw, const(f"{base}/offset_corr", corr)], [out],
+                                             name=f"{base}/offset_corr"))
+        new_nodes[node.name] = pre + post
+    # Rebuild the node list with each target replaced by its subgraph (graph order kept topological).
+    rebuilt: list[Any] = []
+    for n in graph.node:
+        if n.name in new_nodes:
+            rebuilt.extend(new_nodes[n.name])
+        else:
+            rebuilt.append(n)
+    del graph.node[:]
+    graph.node.extend(rebuilt)
+    used = {i for n in graph.node for i in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    gathers = [n.name for n in graph.node if n.op_type == "Gather" and _is_word_table(n.name)]
+    want_gather = "Gather" in recipe.get("op_types", []) and bool(gathers)
+    target = dst.with_name(dst.name + ".matmuls") if want_gather else dst
+    save_model(model, target)
+    inits.clear()
+    model.Clear()  # the graph can be 2 GB: free it before the Gather pass loads its own copy
+    if want_gather:
+        # Weight-only int8 word-embedding table (ORT's dynamic quantizer: a Gather of int8 rows then
+        # dequantized); per row of the table, so batch-invariant too.
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        try:
+            with quiet_logs():
+                quantize_dynamic(str(target), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["Gather"],
+                                 nodes_to_quantize=gathers, use_external_data_format=False,
+                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        except OSError:
+            raise
+        except Exception as e:
+            raise ExportError(f"int8 word-embedding quantization failed: {str(e).strip().splitlines()[0]}") from e
+        finally:
+            for p in (target, target.with_name(target.name + ".data")):
+                p.unlink(missing_ok=True)
+    applied = dict(recipe)
+    applied["quantized_gathers"] = gathers if want_gather else []
+    applied["excluded_nodes"] = sorted(exclude)
+    applied["quantized_matmuls"] = len(targets)
+    applied["gelu_offset_matmuls"] = offsets
+    applied["gelu_offset_bias_folded"] = bias_folded
+    applied["exact_on_avx2"] = exact_on_avx2
+    return applied
