@@ -120,6 +120,9 @@ class EncapureReplica:
         from encapure.server.state import ServerState
 
         self.state = ServerState(self.settings, models=self.models)
+        # Ray sends traffic to a replica once its ASGI start-up is over: make that mean ready
+        # (scheduler started, warm-up done), or the first requests of a new replica get 503s.
+        self.state.ready_before_startup_ends = True
         app = create_app(self.settings, self.state)
         replica_id = self.replica_id
 

@@ -31,6 +31,8 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         st = holder["state"]
         st.start_loading()
+        if st.ready_before_startup_ends:
+            await st.wait_loaded()
         try:
             yield
         finally:

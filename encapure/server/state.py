@@ -61,6 +61,9 @@ class ServerState:
         self._idle = asyncio.Event()
         self._idle.set()
         self._load_task: asyncio.Task[None] | None = None
+        # Where the platform routes traffic only after the app's start-up (Ray Serve replicas), the
+        # start-up waits for loading and warm-up, so no request meets a replica that is not ready.
+        self.ready_before_startup_ends = False
         self.on_fatal: Callable[[], None] | None = None
         self.started_at = time.time()
         self.ready_after_s: float | None = None
@@ -94,6 +97,13 @@ class ServerState:
     # --- lifecycle ----------------------------------------------------------------------------
     def start_loading(self) -> None:
         self._load_task = asyncio.get_running_loop().create_task(self._load())
+
+    async def wait_loaded(self) -> None:
+        """Until loading and warm-up are over; raises if they failed."""
+        if self._load_task is not None:
+            await asyncio.shield(self._load_task)
+        if self.phase == "failed":
+            raise RuntimeError("encapure: models failed to load (see the log)")
 
     async def _load(self) -> None:
         from encapure.scheduler import Scheduler
