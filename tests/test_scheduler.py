@@ -427,7 +427,8 @@ def test_killed_worker_turns_unhealthy_and_leaves_nothing_pending(model: Any) ->
         sched = await started(model, settings(workers=2), metrics)
         assert sched.is_healthy()
         with pytest.raises(WorkerDiedError):
-            await sched.submit("rr", prep(model, 2, fault="kill_worker"))
+            # one unit: a lone request's batch is shared among idle workers, so 2 units would kill both
+            await sched.submit("rr", prep(model, 1, fault="kill_worker"))
         assert not sched.is_healthy()
         assert sched.is_accepting()  # the other worker still serves
         assert (await sched.submit("rr", prep(model, 3))).shape == (3, 1)
