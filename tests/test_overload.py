@@ -120,11 +120,15 @@ def test_overload_is_refused_fast_untokenized_and_admitted_work_meets_its_deadli
     s = Settings(workers=1, request_timeout_s=deadline_s, admission_timeout_s=0.3, max_wait_ms=1)
     rng = random.Random(1)
     batch = [(words(rng, 5), [words(rng, 20) for _ in range(16)]) for _ in range(250)]
+    warm: list[int] = []
 
     async def main() -> list[tuple[Any, float, Counted]]:
         sched = Scheduler({"rr": model}, s, metrics)
         await sched.start()
-        await run_one(sched, model, "warm", ["up"] * 8)  # one measured batch: the rate is known
+        # a measured stretch of busy time: the rate is known (one batch's rate is only a guess)
+        while not sched.admission.measured:
+            await run_one(sched, model, "warm", [words(rng, 20)] * 8)
+            warm.append(8)
         results = await asyncio.gather(*(run_one(sched, model, q, d) for q, d in batch))
         st = sched.stats()
         assert st["active_requests"] == 0 and st["items_in_system"] == 0, st
@@ -150,16 +154,83 @@ def test_overload_is_refused_fast_untokenized_and_admitted_work_meets_its_deadli
     ran = fake_session(model).batches[2:]  # after the model's own warm-up shapes
     assert metric(metrics, "encapure_batch_size_sum", model="rr") == sum(n for n, _ in ran)
     assert metric(metrics, "encapure_batches_total", model="rr") == len(ran)
-    assert metric(metrics, "encapure_batch_size_sum", model="rr") == 8 + sum(
+    assert metric(metrics, "encapure_batch_size_sum", model="rr") == sum(warm) + sum(
         len(docs) for (out, _, _), (_, docs) in zip(results, batch, strict=True) if not isinstance(out, Exception)
     )
     assert metric(metrics, "encapure_batch_tokens_sum", model="rr") == sum(n * w for n, w in ran)
     assert metric(metrics, "encapure_batch_requests_count", model="rr") == len(ran)
-    assert metric(metrics, "encapure_queue_seconds_count", model="rr") == 1 + len(served)
+    assert metric(metrics, "encapure_queue_seconds_count", model="rr") == len(warm) + len(served)
     assert metric(metrics, "encapure_queue_depth_items", model="rr") == 0
     assert metric(metrics, "encapure_admitted_work_seconds") == 0
     assert metric(metrics, "encapure_requests_in_scheduler") == 0
     assert metric(metrics, "encapure_rejected_requests_total", reason="overloaded") == len(refused)
+
+
+def test_a_cold_scheduler_flooded_at_once_admits_no_more_than_it_finishes_in_time() -> None:
+    """A freshly started scheduler, its throughput not yet measured, gets far more work than fits
+    its deadline at once and again while the first is running. The model is 8x slower than the
+    rate admission assumes before measuring (``COLD_RATE``): admitting 10 s of that guess made
+    the later requests wait past their deadline (a storm on a freshly started server got 125
+    ``deadline_exceeded``). Every request must be served in time or refused fast, none expire."""
+    deadline_s = 6.0
+    model = fake_model("rerank", name="rr", settings=Settings(threads_per_worker=1), per_token_s=5e-3,
+                       max_length=128)
+    metrics = SchedulerMetrics()
+    s = Settings(workers=2, request_timeout_s=deadline_s, admission_timeout_s=0.3, max_wait_ms=1,
+                 max_batch_tokens=512, max_batch_size=8)
+    rng = random.Random(3)
+    waves = [[(words(rng, 5), [words(rng, 12) for _ in range(4)]) for _ in range(40)] for _ in range(3)]
+
+    async def wave(sched: Scheduler, delay: float, reqs: list[tuple[str, list[str]]]) -> list[Any]:
+        await asyncio.sleep(delay)
+        return await asyncio.gather(*(run_one(sched, model, q, d) for q, d in reqs))
+
+    async def main() -> list[tuple[Any, float, Counted]]:
+        sched = Scheduler({"rr": model}, s, metrics)
+        await sched.start()
+        out = await asyncio.gather(*(wave(sched, 2.0 * i, w) for i, w in enumerate(waves)))
+        await sched.shutdown(5)
+        return [r for w in out for r in w]
+
+    results = asyncio.run(main())
+    served = [r for r in results if not isinstance(r[0], Exception)]
+    refused = [r for r in results if isinstance(r[0], OverloadedError)]
+    others = [r[0] for r in results if isinstance(r[0], Exception) and not isinstance(r[0], OverloadedError)]
+    assert not others, (len(others), others[:3])  # no deadline_exceeded
+    assert len(served) >= 8 and len(refused) >= 30, (len(served), len(refused))
+    for _, dt, prep in refused:
+        assert dt < s.admission_timeout_s + 0.5, dt
+        assert prep.calls == 0
+    for _, dt, _ in served:
+        assert dt < deadline_s, dt
+    assert metric(metrics, "encapure_dropped_items_total", reason="deadline") == 0
+    assert metric(metrics, "encapure_discarded_units_total") == 0
+
+
+def test_the_first_busy_measurement_replaces_the_guess() -> None:
+    """One batch's rate times the workers is a guess that overstates a shared CPU; blended with it,
+    the first real measurement would still admit by most of the guess."""
+    adm = Admission(100, 10_000, 0.5, SchedulerMetrics(), cold_work=1000.0)
+    adm.observe(400.0, 0.01, 2)  # a tiny batch: 80,000 work/s guessed
+    assert not adm.measured
+    adm.observe_busy(2000.0, 1.0)  # 2,000 work/s sustained
+    assert adm.measured and adm.throughput == 2000.0
+    adm.observe_busy(1000.0, 1.0)  # later samples blend (an outlier moves it at most 2x)
+    assert 1000.0 < adm.throughput < 2000.0
+
+
+def test_before_the_rate_is_measured_admission_is_capped_at_what_workers_start() -> None:
+    async def main() -> None:
+        adm = Admission(100, 10_000, 0.0, SchedulerMetrics(), cold_work=1000.0)
+        adm.observe(400.0, 0.01, 2)  # guessed 80,000 work/s: by the guess 10 s would be 800,000
+        await adm.admit(1, 600.0, time.monotonic() + 100)
+        with pytest.raises(OverloadedError):
+            await adm.admit(1, 600.0, time.monotonic() + 100)  # over the cold cap
+        await adm.admit(1, 400.0, time.monotonic() + 100)
+        adm.observe_busy(80_000.0, 1.0)  # measured: the cap no longer applies
+        await adm.admit(1, 600.0, time.monotonic() + 100)
+
+    asyncio.run(main())
 
 
 def test_rejection_series_start_at_zero() -> None:

@@ -16,6 +16,16 @@ processor-sharing bound, above what least-work-first gives). A request is admitt
 
 (``Settings.admission_deadline_share`` and ``admission_backlog_share``; defaults 0.5 and 0.33.)
 
+Before the throughput is measured (the first ``observe_busy`` sample: a stretch of busy time), the
+rate is a guess: ``COLD_RATE``, or one batch's rate times the workers, which overstates a shared
+CPU (the start-up warm-up request, 4 short units, said 17,000 work/s for a reranker that sustained
+4,000-9,000 under load). Admitting 10 s of a guessed rate at once is irreversible: what the real
+rate cannot finish expires (a storm on a freshly started server got 125 ``deadline_exceeded``).
+So until then the work a request waits for plus its own is also capped at ``cold_work`` (the
+scheduler passes one full batch per worker: what the workers can start at once) and the first busy sample replaces the guess
+instead of blending with it. Refusing too much for the first half second of busy time costs a few
+fast 503s; admitting too much costs requests that wait 30 s and fail.
+
 Capacity is taken when it is granted (a ``Ticket``), before the request registers, so two waiters
 can never be granted the same room. A request that plainly cannot fit within the admission timeout
 is refused at once (no pointless wait). Lives on the event loop thread; no locks.
@@ -86,8 +96,10 @@ class Admission:
         *,
         deadline_share: float = ADMIT_FRACTION,
         backlog_share: float = BACKLOG_FRACTION,
+        cold_work: float = math.inf,
     ) -> None:
         self.max_requests = max_requests
+        self.cold_work = cold_work  # the most work admitted at once before the rate is measured
         self.deadline_share = deadline_share
         self.backlog_share = backlog_share
         self.backlog_s = backlog_s
@@ -102,6 +114,11 @@ class Admission:
         self.tickets: set[Ticket] = set()  # granted, not released
         self._busy_samples = 0
         self.rate = 0.0  # EWMA of work per second the workers sustain (0: not measured yet)
+
+    @property
+    def measured(self) -> bool:
+        """Whether the rate comes from a stretch of busy time (not a guess)."""
+        return self._busy_samples > 0
 
     @property
     def throughput(self) -> float:
@@ -126,6 +143,11 @@ class Admission:
         rate = self.throughput
         ahead = max(0.0, self.ahead_of(t.work) - drained)
         backlog = max(0.0, self.work - drained)
+        if not self.measured and ahead + t.work > self.cold_work:
+            # the rate is a guess: what the request waits for (least work first) plus its own at
+            # most what the workers start at once; a heavy request running alone leaves room for
+            # small ones (it counts for at most their own work)
+            return False
         return (ahead + t.work) / rate <= self.deadline_share * max(0.0, deadline - now) and (
             backlog + t.work
         ) / rate <= self.backlog_share * self.backlog_s
@@ -142,8 +164,8 @@ class Admission:
     def _hopeless(self, t: Ticket, deadline: float, now: float) -> bool:
         """Whether waiting the admission timeout cannot make room by work (the queue drains at
         ``throughput`` meanwhile), so the request is refused at once."""
-        if self.items == 0:
-            return False
+        if self.items == 0 or not self.measured:
+            return False  # (unmeasured: how much drains while it waits is a guess; let it wait)
         wait = min(self.timeout_s, max(0.0, deadline - now))
         # the requests already waiting are granted first (first fit): their work counts too
         waiting = sum(w[0].work for w in self.waiters)
@@ -289,9 +311,10 @@ class Admission:
 
     def observe_busy(self, work: float, busy_s: float) -> None:
         """Work completed over wall-clock time while at least one batch ran: what the workers
-        together really sustain (idle gaps excluded)."""
+        together really sustain (idle gaps excluded). The first one replaces the guess outright:
+        blended with a guess 4x too high it would still say 3x, and admit by it."""
         inst = work / max(busy_s, 1e-4)
-        self.rate = inst if self.rate == 0 else 0.7 * self.rate + 0.3 * self._clip(inst)
+        self.rate = inst if not self.measured else 0.7 * self.rate + 0.3 * self._clip(inst)
         self._busy_samples += 1
 
     def _clip(self, inst: float) -> float:

@@ -122,6 +122,8 @@ class Scheduler:
             s.request_timeout_s,
             deadline_share=s.admission_deadline_share,
             backlog_share=s.admission_backlog_share,
+            # until the throughput is measured: one full batch per worker (see admission.py)
+            cold_work=s.workers * unit_work(s.max_batch_tokens, s.max_batch_size),
         )
         self.inprogress = InProgress(list(self.models), self.admission, self.metrics, s.request_timeout_s)
         self.pending = self.inprogress.pending
