@@ -211,23 +211,28 @@ def test_the_first_busy_measurement_replaces_the_guess() -> None:
     """One batch's rate times the workers is a guess that overstates a shared CPU; blended with it,
     the first real measurement would still admit by most of the guess."""
     adm = Admission(100, 10_000, 0.5, SchedulerMetrics(), cold_work=1000.0)
-    adm.observe(400.0, 0.01, 2)  # a tiny batch: 80,000 work/s guessed
+    adm.observe(400.0, 0.05, 2)  # a small batch: 16,000 work/s guessed
     assert not adm.measured
-    adm.observe_busy(2000.0, 1.0)  # 2,000 work/s sustained
-    assert adm.measured and adm.throughput == 2000.0
-    adm.observe_busy(1000.0, 1.0)  # later samples blend (an outlier moves it at most 2x)
-    assert 1000.0 < adm.throughput < 2000.0
+    adm.observe_busy(4000.0, 1.0)  # 4,000 work/s sustained
+    assert adm.measured and adm.throughput == 4000.0
+    adm.observe_busy(2000.0, 1.0)  # later samples blend (an outlier moves it at most 2x)
+    assert 2000.0 < adm.throughput < 4000.0
+    # a first sample that caught a stall lowers the guess by at most 4x
+    stalled = Admission(100, 10_000, 0.5, SchedulerMetrics(), cold_work=1000.0)
+    stalled.observe(400.0, 0.05, 2)
+    stalled.observe_busy(20.0, 1.5)
+    assert stalled.throughput == 4000.0
 
 
-def test_before_the_rate_is_measured_admission_is_capped_at_what_workers_start() -> None:
+def test_before_the_rate_is_measured_admission_counts_with_a_quarter_of_the_guess() -> None:
     async def main() -> None:
-        adm = Admission(100, 10_000, 0.0, SchedulerMetrics(), cold_work=1000.0)
-        adm.observe(400.0, 0.01, 2)  # guessed 80,000 work/s: by the guess 10 s would be 800,000
-        await adm.admit(1, 600.0, time.monotonic() + 100)
+        adm = Admission(100, 10_000, 0.0, SchedulerMetrics(), backlog_s=1.0, cold_work=1000.0)
+        adm.observe(400.0, 0.05, 2)  # guessed 16,000 work/s: a backlog of 0.33 s is 5,280 by the guess
+        await adm.admit(1, 600.0, time.monotonic() + 100)  # within what the workers start at once
+        await adm.admit(1, 600.0, time.monotonic() + 100)  # 1,200: within a quarter of the guess (1,320)
         with pytest.raises(OverloadedError):
-            await adm.admit(1, 600.0, time.monotonic() + 100)  # over the cold cap
-        await adm.admit(1, 400.0, time.monotonic() + 100)
-        adm.observe_busy(80_000.0, 1.0)  # measured: the cap no longer applies
+            await adm.admit(1, 600.0, time.monotonic() + 100)  # 1,800: over it
+        adm.observe_busy(16_000.0, 1.0)  # measured: the whole rate counts
         await adm.admit(1, 600.0, time.monotonic() + 100)
 
     asyncio.run(main())

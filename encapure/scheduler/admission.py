@@ -21,10 +21,11 @@ rate is a guess: ``COLD_RATE``, or one batch's rate times the workers, which ove
 CPU (the start-up warm-up request, 4 short units, said 17,000 work/s for a reranker that sustained
 4,000-9,000 under load). Admitting 10 s of a guessed rate at once is irreversible: what the real
 rate cannot finish expires (a storm on a freshly started server got 125 ``deadline_exceeded``).
-So until then the work a request waits for plus its own is also capped at ``cold_work`` (the
-scheduler passes one full batch per worker: what the workers can start at once) and the first busy sample replaces the guess
-instead of blending with it. Refusing too much for the first half second of busy time costs a few
-fast 503s; admitting too much costs requests that wait 30 s and fail.
+So until then admission counts with a quarter of the guess (``COLD_MARGIN``), but always lets in
+``cold_work`` (the scheduler passes one full batch per worker: what the workers start at once),
+and the first busy sample replaces the guess instead of blending with it (lowering it by at most
+4x: one stalled sample is not the rate). Refusing too much for the first half second of busy time
+costs a few fast 503s; admitting too much costs requests that wait 30 s and fail.
 
 Capacity is taken when it is granted (a ``Ticket``), before the request registers, so two waiters
 can never be granted the same room. A request that plainly cannot fit within the admission timeout
@@ -55,6 +56,10 @@ UNIT_OVERHEAD = 16
 # MiniLM-L6 reranker at int8 several times faster), so a cold server cannot over-admit by much;
 # the first batches replace it.
 COLD_RATE = 4000.0
+# Until the throughput is measured, admission counts with this fraction of the guessed rate (one
+# batch's rate times the workers said 4x the rate a storm then sustained), beyond what the workers
+# start at once: the shares' margin (a third of the deadline for the backlog) then still holds.
+COLD_MARGIN = 4.0
 # Tokenizing is far cheaper than a forward pass: what a token of a /tokenize or /decode request
 # weighs against the model's throughput.
 TOKENIZER_WEIGHT = 0.02
@@ -99,7 +104,7 @@ class Admission:
         cold_work: float = math.inf,
     ) -> None:
         self.max_requests = max_requests
-        self.cold_work = cold_work  # the most work admitted at once before the rate is measured
+        self.cold_work = cold_work  # admitted before the rate is measured, whatever the guess says
         self.deadline_share = deadline_share
         self.backlog_share = backlog_share
         self.backlog_s = backlog_s
@@ -137,20 +142,27 @@ class Admission:
         """Admitted work a request of ``work`` waits for under least-work-first (an upper bound)."""
         return sum(min(o.work, work) for o in self.tickets)
 
-    def _work_fits(self, t: Ticket, deadline: float, now: float, drained: float = 0.0) -> bool:
+    def _work_fits(
+        self, t: Ticket, deadline: float, now: float, drained: float = 0.0, *, cold_cap: bool = True
+    ) -> bool:
         """Whether ``t`` fits by work at ``now``, once ``drained`` work has been computed (negative:
         work that will be granted before it)."""
-        rate = self.throughput
         ahead = max(0.0, self.ahead_of(t.work) - drained)
         backlog = max(0.0, self.work - drained)
-        if not self.measured and ahead + t.work > self.cold_work:
-            # the rate is a guess: what the request waits for (least work first) plus its own at
-            # most what the workers start at once; a heavy request running alone leaves room for
-            # small ones (it counts for at most their own work)
+
+        def by_rate(rate: float) -> bool:
+            return (ahead + t.work) / rate <= self.deadline_share * max(0.0, deadline - now) and (
+                backlog + t.work
+            ) / rate <= self.backlog_share * self.backlog_s
+
+        if not by_rate(self.throughput):
             return False
-        return (ahead + t.work) / rate <= self.deadline_share * max(0.0, deadline - now) and (
-            backlog + t.work
-        ) / rate <= self.backlog_share * self.backlog_s
+        if not cold_cap or self.measured:
+            return True
+        # The rate is a guess: admit by a quarter of it, or (whatever the guess) what the request
+        # waits for under least work first plus its own within what the workers start at once (a
+        # heavy request running alone counts for at most a small one's own work).
+        return ahead + t.work <= self.cold_work or by_rate(self.throughput / COLD_MARGIN)
 
     def fits(self, t: Ticket, deadline: float, now: float) -> bool:
         if self.active + self.reserved >= self.max_requests:
@@ -164,12 +176,13 @@ class Admission:
     def _hopeless(self, t: Ticket, deadline: float, now: float) -> bool:
         """Whether waiting the admission timeout cannot make room by work (the queue drains at
         ``throughput`` meanwhile), so the request is refused at once."""
-        if self.items == 0 or not self.measured:
-            return False  # (unmeasured: how much drains while it waits is a guess; let it wait)
+        if self.items == 0:
+            return False
         wait = min(self.timeout_s, max(0.0, deadline - now))
         # the requests already waiting are granted first (first fit): their work counts too
         waiting = sum(w[0].work for w in self.waiters)
-        return not self._work_fits(t, deadline, now + wait, drained=self.throughput * wait - waiting)
+        # not the cold cap: the batches running now free it within the wait, whatever the rate
+        return not self._work_fits(t, deadline, now + wait, drained=self.throughput * wait - waiting, cold_cap=False)
 
     def refuses_now(self, work: float, deadline: float) -> bool:
         """Whether any request of at least ``work`` (one unit or more) would be refused at once now:
@@ -311,10 +324,15 @@ class Admission:
 
     def observe_busy(self, work: float, busy_s: float) -> None:
         """Work completed over wall-clock time while at least one batch ran: what the workers
-        together really sustain (idle gaps excluded). The first one replaces the guess outright:
-        blended with a guess 4x too high it would still say 3x, and admit by it."""
+        together really sustain (idle gaps excluded). The first one replaces the guess (blended
+        with a guess 4x too high it would still say 3x, and admit by it), lowering it by at most
+        4x: a first sample that caught a stall (one slow batch, a pause) would otherwise make every
+        later request look too large to admit (413) until the estimate recovered."""
         inst = work / max(busy_s, 1e-4)
-        self.rate = inst if not self.measured else 0.7 * self.rate + 0.3 * self._clip(inst)
+        if not self.measured:
+            self.rate = inst if self.rate == 0 else max(inst, self.rate / 4)
+        else:
+            self.rate = 0.7 * self.rate + 0.3 * self._clip(inst)
         self._busy_samples += 1
 
     def _clip(self, inst: float) -> float:
