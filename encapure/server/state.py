@@ -179,9 +179,14 @@ class ServerState:
         length = min(model.max_length, WARMUP_MAX_LENGTH)
         n = max(1, min(s.max_batch_size, s.max_batch_tokens // length))
         pad = int(model.manifest.pad_token_id)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         await asyncio.to_thread(model.forward, [Unit(ids=np.full(length, pad, dtype=np.int64))])
-        priced = (time.perf_counter() - t0) * n
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        # Priced by the CPU time it took (per thread), not only the wall clock: what the batch costs
+        # this model, not how busy the machine is right now. Priced by wall time, a server started
+        # beside other jobs (2 shared cores, load average 9.5) said 4.4 s and skipped the warm-up,
+        # and its RSS then climbed 80% under traffic instead of starting at the plateau.
+        priced = min(wall, cpu / max(1, s.resolved_threads())) * n
         if priced > s.warmup_budget_s:
             log.info(
                 "largest-batch warm-up skipped: it would take about %.1f s (--warmup-budget %.1f s)",
