@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import json
 import os
@@ -104,12 +105,71 @@ async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any], p
         return Outcome(0, type(e).__name__, time.monotonic() - t, pairs)
 
 
+class RawConnection:
+    """One keep-alive HTTP/1.1 connection over asyncio streams, sending pre-serialized requests.
+
+    Why not aiohttp for the load: the clients run on the same cores as the server, and what they
+    spend per request (building the request, JSON encoding, header objects, parsing) is CPU the
+    server does not get, which in a retry storm is most of the client's work. This sends bytes
+    built once per query and reads only the status line, ``Content-Length``, ``Retry-After``,
+    ``Connection`` and the body. It speaks exactly the subset our server answers with (no chunked
+    bodies: the server always sends Content-Length)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+    async def request(self, raw: bytes, pairs: int) -> Outcome:
+        t = time.monotonic()
+        try:
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            assert self.reader is not None
+            self.writer.write(raw)
+            head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 120)
+            lines = head.split(b"\r\n")
+            status = int(lines[0].split(b" ", 2)[1])
+            hdrs = dict(line.split(b":", 1) for line in lines[1:] if b":" in line)
+            hdrs = {k.strip().lower(): v.strip() for k, v in hdrs.items()}
+            data = await self.reader.readexactly(int(hdrs.get(b"content-length", b"0")))
+            if hdrs.get(b"connection", b"").lower() == b"close":
+                await self.close()
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ValueError) as e:
+            await self.close()
+            return Outcome(0, type(e).__name__, time.monotonic() - t, pairs)
+        kind = ""
+        if status != 200:
+            m = re.search(rb'"type"\s*:\s*"([a-z_]+)"', data)
+            kind = m.group(1).decode() if m else "non_json"
+        ra = hdrs.get(b"retry-after")
+        return Outcome(status, kind, time.monotonic() - t, pairs, float(ra) if ra else None)
+
+
+def raw_request(url: str, path: str, body: dict[str, Any]) -> bytes:
+    host = url.split("://", 1)[1]
+    data = json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
 async def closed_loop(
     url: str, queries: list[tuple[str, list[str]]], clients: int, seconds: float, *, honour_retry_after: bool,
-    seed: int = 0, pause_s: float = 0.05,
+    seed: int = 0, pause_s: float = 0.05, raw: bool = False,
 ) -> list[Outcome]:
     """``clients`` clients, each sending its next request when the last one is answered (after the
-    server's Retry-After, with jitter, when it says to wait)."""
+    server's Retry-After, with jitter, when it says to wait). ``raw``: each client one
+    ``RawConnection`` with the request bytes built beforehand, instead of aiohttp."""
+    if raw:
+        return await _closed_loop_raw(url, queries, clients, seconds, honour_retry_after=honour_retry_after,
+                                      seed=seed, pause_s=pause_s)
     end = time.monotonic() + seconds
     out: list[Outcome] = []
     conn = aiohttp.TCPConnector(limit=0, force_close=False)
@@ -127,6 +187,33 @@ async def closed_loop(
                     await asyncio.sleep(min(wait, max(0.0, end - time.monotonic())))
 
         await asyncio.gather(*(client(i) for i in range(clients)))
+    return out
+
+
+async def _closed_loop_raw(
+    url: str, queries: list[tuple[str, list[str]]], clients: int, seconds: float, *, honour_retry_after: bool,
+    seed: int, pause_s: float,
+) -> list[Outcome]:
+    bodies = [(raw_request(url, "/rerank", {"query": q, "documents": docs}), len(docs)) for q, docs in queries]
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    end = time.monotonic() + seconds
+    out: list[Outcome] = []
+
+    async def client(i: int) -> None:
+        rng = random.Random(seed * 100_003 + i)
+        conn = RawConnection(host, int(port))
+        try:
+            while time.monotonic() < end:
+                data, pairs = rng.choice(bodies)
+                o = await conn.request(data, pairs)
+                out.append(o)
+                if o.status == 503:
+                    wait = o.retry_after * rng.uniform(0.5, 1.0) if honour_retry_after and o.retry_after else pause_s
+                    await asyncio.sleep(min(wait, max(0.0, end - time.monotonic())))
+        finally:
+            await conn.close()
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
     return out
 
 
@@ -164,9 +251,10 @@ def overload(ctx: Context, honour: bool = True) -> list[dict[str, Any]]:
     rows = []
     srv = ctx.server()
     try:
-        asyncio.run(closed_loop(srv.url, ctx.queries, 2, 3, honour_retry_after=True, seed=9))  # warm up
+        raw = a.client == "raw"
+        asyncio.run(closed_loop(srv.url, ctx.queries, 2, 3, honour_retry_after=True, seed=9, raw=raw))  # warm up
         base = asyncio.run(closed_loop(srv.url, ctx.queries, a.base_clients, a.base_duration,
-                                       honour_retry_after=True, seed=1))
+                                       honour_retry_after=True, seed=1, raw=raw))
         ok = [o for o in base if o.status == 200]
         sat = sum(o.pairs for o in ok) / a.base_duration
         rows.append({
@@ -178,7 +266,8 @@ def overload(ctx: Context, honour: bool = True) -> list[dict[str, Any]]:
         pid = srv.proc.pid  # type: ignore[union-attr]
         cpu0 = _cpu_s(pid)
         t = time.monotonic()
-        res = asyncio.run(closed_loop(srv.url, ctx.queries, a.clients, a.duration, honour_retry_after=honour, seed=2))
+        res = asyncio.run(closed_loop(srv.url, ctx.queries, a.clients, a.duration, honour_retry_after=honour, seed=2,
+                                      raw=raw))
         wall = time.monotonic() - t
         cpu = _cpu_s(pid) - cpu0
         m1 = scrape(srv.url)
@@ -192,7 +281,7 @@ def overload(ctx: Context, honour: bool = True) -> list[dict[str, Any]]:
         computed = m1["computed"] - m0["computed"]
         discarded = m1["discarded"] - m0["discarded"]
         rows.append({
-            "scenario": f"overload: {a.clients} clients x {a.duration:g} s "
+            "scenario": f"overload: {a.clients} {a.client} clients x {a.duration:g} s "
                         + ("(Retry-After honoured)" if honour else "(retry 50 ms after a 503: a retry storm)"),
             "requests": len(res), "200": len(ok), "503 overloaded": len(refused),
             "deadline_exceeded": len(deadline), "5xx not 503": len(bad5xx), "connection errors": (f"{len(failed)} ({', '.join(sorted({o.kind for o in failed}))})" if failed else 0),
@@ -469,8 +558,14 @@ def sigterm(ctx: Context) -> list[dict[str, Any]]:
 
 
 def soak(ctx: Context) -> list[dict[str, Any]]:
-    """``--soak`` seconds at 8 closed-loop clients with RSS sampled every 5 s (growth from the end
-    of the first minute to the end); then /tokenize of the largest body the server accepts."""
+    """``--soak`` seconds at 8 closed-loop clients with RSS sampled every 5 s; then /tokenize of the
+    largest body the server accepts.
+
+    RSS growth is measured from the first sample: the server ready, before any traffic. That is
+    what a memory limit is set from, and what the issue's bar (< 5%) is about; growth that only
+    the traffic's first minute brings (the memory arena meeting new shapes) is growth too, and the
+    start-up warm-up is what keeps it out. Growth after the first minute is printed beside it: a
+    slope there is a leak rather than a warm-up."""
     a = ctx.args
     srv = ctx.server()
     try:
@@ -501,10 +596,10 @@ def soak(ctx: Context) -> list[dict[str, Any]]:
             "requests": len(res), "200": len(ok),
             "5xx": sum(1 for o in res if o.status >= 500),
             "200 p50 / p99": f"{ms(pct([o.seconds for o in ok], 50))} / {ms(pct([o.seconds for o in ok], 99))}",
-            "RSS": f"{samples[0][1]:.0f} MB at start, {base:.0f} MB after warm-up, {end:.0f} MB at the end, "
+            "RSS": f"{samples[0][1]:.0f} MB at ready, {base:.0f} MB after warm-up, {end:.0f} MB at the end, "
                    f"max {max(r for _, r in samples):.0f} MB",
-            "RSS growth": f"{(end - base) / base:+.1%} after the first minute, "
-                          f"{(end - samples[0][1]) / samples[0][1]:+.1%} from the start",
+            "RSS growth": f"{(end - samples[0][1]) / samples[0][1]:+.1%} from ready (the bar), "
+                          f"{(end - base) / base:+.1%} after the first minute",
             "RSS each minute": " ".join(f"{r:.0f}" for t, r in samples if int(t) % 60 < 5) + " MB",
         }]
         # /tokenize of the largest body the server takes: many short texts (the most tokens per byte)
@@ -601,6 +696,9 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=50, help="schemathesis examples per operation")
     p.add_argument("--sockets", type=int, default=200, help="slowloris sockets")
     p.add_argument("--soak", type=float, default=300.0, help="seconds of the soak")
+    p.add_argument("--client", choices=("raw", "aiohttp"), default="raw",
+                   help="overload/storm clients: raw keep-alive sockets with pre-serialized requests (cheap: "
+                        "the clients share the server's cores), or aiohttp (what the first figures used)")
     p.add_argument("--heavy-units", type=int, default=0, help="units of the heavy request (0: the server's cap)")
     args = p.parse_args()
     names = [n.strip() for n in args.only.split(",") if n.strip()]
