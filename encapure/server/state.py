@@ -32,6 +32,23 @@ WARMUP_MAX_LENGTH = 512
 Phase = Literal["starting", "ready", "draining", "stopped", "failed"]
 
 
+def _run_delay_s() -> float | None:
+    """Seconds this thread has spent runnable but waiting for a CPU (Linux schedstat), or None."""
+    try:
+        with open("/proc/thread-self/schedstat", encoding="ascii") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _timed_forward(model: InferenceModel, units: list[Unit]) -> float:
+    """Seconds ``model.forward(units)`` took on this thread, less the time the thread waited for a
+    CPU where the kernel says (else the wall time)."""
+    d0, t0 = _run_delay_s(), time.perf_counter()
+    model.forward(units)
+    wall, d1 = time.perf_counter() - t0, _run_delay_s()
+    return wall - (d1 - d0) if d0 is not None and d1 is not None else wall
+
 class ServerState:
     def __init__(
         self,
@@ -179,14 +196,11 @@ class ServerState:
         length = min(model.max_length, WARMUP_MAX_LENGTH)
         n = max(1, min(s.max_batch_size, s.max_batch_tokens // length))
         pad = int(model.manifest.pad_token_id)
-        t0, c0 = time.perf_counter(), time.process_time()
-        await asyncio.to_thread(model.forward, [Unit(ids=np.full(length, pad, dtype=np.int64))])
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        # Priced by the CPU time it took (per thread), not only the wall clock: what the batch costs
-        # this model, not how busy the machine is right now. Priced by wall time, a server started
-        # beside other jobs (2 shared cores, load average 9.5) said 4.4 s and skipped the warm-up,
-        # and its RSS then climbed 80% under traffic instead of starting at the plateau.
-        priced = min(wall, cpu / max(1, s.resolved_threads())) * n
+        # Priced without the time the thread waited for a CPU: what the batch costs this model, not
+        # how busy the machine is right now. Priced by wall time, a server started beside other jobs
+        # (2 shared cores, load average 9.5) said 4.4 s and skipped the warm-up, and its RSS then
+        # climbed 84% under traffic instead of starting at the plateau.
+        priced = await asyncio.to_thread(_timed_forward, model, [Unit(ids=np.full(length, pad, dtype=np.int64))]) * n
         if priced > s.warmup_budget_s:
             log.info(
                 "largest-batch warm-up skipped: it would take about %.1f s (--warmup-budget %.1f s)",
