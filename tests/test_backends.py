@@ -89,10 +89,11 @@ def test_openvino_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPat
 
 # --- --backend auto ----------------------------------------------------------------------------------
 class _Wrapped:
-    """An ONNX Runtime session with a handicap: slower, batch-dependent, or off by a constant."""
+    """An ONNX Runtime session with a handicap: slower (runs each batch ``repeat`` times),
+    batch-dependent, or off by a constant."""
 
-    def __init__(self, inner: object, *, sleep: float = 0.0, batch_noise: float = 0.0, offset: float = 0.0) -> None:
-        self.inner, self.sleep, self.batch_noise, self.offset = inner, sleep, batch_noise, offset
+    def __init__(self, inner: object, *, repeat: int = 1, batch_noise: float = 0.0, offset: float = 0.0) -> None:
+        self.inner, self.repeat, self.batch_noise, self.offset = inner, repeat, batch_noise, offset
 
     def get_inputs(self) -> object:
         return self.inner.get_inputs()  # type: ignore[attr-defined]
@@ -101,9 +102,8 @@ class _Wrapped:
         return self.inner.get_outputs()  # type: ignore[attr-defined]
 
     def run(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        import time
-
-        time.sleep(self.sleep)
+        for _ in range(self.repeat - 1):
+            self.inner.run(names, feed)  # type: ignore[attr-defined]
         out = self.inner.run(names, feed)  # type: ignore[attr-defined]
         rows = len(next(iter(feed.values())))
         return [o + self.offset + self.batch_noise * rows for o in out]
@@ -116,7 +116,7 @@ def test_auto_probe_picks_the_fastest_backend_that_scores_alike(reranker_fp32_di
     def open_session(name: str, path: Path, settings: Settings) -> object:
         if name == "broken":
             raise RuntimeError("cannot compile")
-        handicap = {"slow": {"sleep": 0.02}, "fast": {}, "variant": {"batch_noise": 1e-3},
+        handicap = {"slow": {"repeat": 3}, "fast": {}, "variant": {"batch_noise": 1e-3},
                     "off": {"offset": 0.5}}[name]
         return _Wrapped(ort_session(path, settings), **handicap)
 
