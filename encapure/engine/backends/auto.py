@@ -4,13 +4,28 @@ Why a probe and not a rule: which runtime wins depends on the CPU (AVX2 vs AVX-5
 precision and the model, and we measured both orders. A backend qualifies only if, on the probe
 batch, (1) each row scored alone equals the same row scored in the padded batch within ``_INVARIANT``
 (same input, same score, whatever its batch-mates), and (2) its outputs agree with ONNX Runtime's
-within ``_AGREE`` (relative to the output scale), so switching runtime never changes what a user gets
-by more than numeric noise. Among qualifying backends the fastest median wins; ONNX Runtime is the
-reference and the fallback.
+(the reference, the runtime the export was checked on) within the model's tolerance:
+
+* full precision: ``_AGREE`` of the output scale, so switching runtime changes nothing beyond
+  numeric noise;
+* a quantized export (int8, int4, fp16) with a parity record: the export's own largest deviation from
+  the PyTorch model (``parity.json``, written by ``encapure export``, in the units the graph outputs).
+  Runtimes implement int8 kernels differently (rounding of requantized activations, accumulation
+  order), so two faithful runtimes of one int8 graph differ by a fraction of what the quantization
+  already moved the scores; a runtime is accepted as long as switching to it moves the scores no more
+  than quantizing did. One that is off by more than that (a wrong kernel, a lowered precision) is
+  still rejected. Without a parity record (``--no-parity``, third-party files) the strict rule holds.
+
+Speed is timed at two shapes, because the choice must hold for what users get: a lone small request
+(what each worker runs for a c=1 request: latency, timed with every worker calling at once and
+changing lengths, as the scheduler and traffic run it) and a full batch (``max_batch_size`` rows: what
+throughput is made of). A candidate replaces the reference only if it is not slower on the lone batch;
+among those the fastest full batch wins. ONNX Runtime is the reference and the fallback.
 
 The decision is stored as JSON under ``<cache>/backend-probes/`` keyed by the model file (path, size,
-mtime), the CPU, the runtimes' versions and the thread settings, so the probe runs once per machine
-and model, and a restart picks the same backend (scores do not flip between restarts).
+mtime), its tolerance, the CPU, the runtimes' versions and the thread and batch settings, so the probe
+runs once per machine and model, and a restart picks the same backend (scores do not flip between
+restarts).
 """
 
 from __future__ import annotations
@@ -21,7 +36,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,8 +49,20 @@ from encapure.settings import Settings
 log = logging.getLogger(__name__)
 
 _INVARIANT = 1e-5  # alone vs in a batch, absolute, on the raw outputs
-_AGREE = 1e-3  # vs ONNX Runtime, relative to the largest |output| of the batch
-_ROWS, _MAX_LEN, _REPS = 8, 64, 5
+_AGREE = 1e-3  # vs ONNX Runtime, relative to the largest |output| of the batch (full precision)
+_ROWS, _MAX_LEN, _REPS = 8, 64, 5  # the agreement and invariance batch; timing repeats
+_LONE_ROWS, _LONE_LENS = 2, (48, 37, 61, 29, 53, 42)  # a lone small request's share on one worker (c=1)
+_BULK_LEN = 128  # longest item of the full timing batch (capped by the batch token budget)
+_ROUNDS = 3  # alternated timing rounds, best of each
+# A candidate may be this much slower than the reference on the lone batch and still count as "not
+# slower". Measured at load ~11 on 2 shared cores (AMD EPYC AVX-512 VNNI): two identical ONNX Runtime
+# servers A/B'd differed by 2-15% in c=1 p50 per round, and three probes of the same two runtimes
+# (OpenVINO vs ONNX Runtime on the int8 reranker, best of 3 alternated rounds) gave ratios 0.91-1.10;
+# a strict comparison lets that noise, not the runtimes, pick between equals. A loss beyond 10% is
+# still caught.
+_LONE_SLACK = 1.10
+# parity.json key holding the export's deviation from PyTorch, in the graph's output units
+_PARITY_KEY = {"logits": "max_abs_diff", "token_embeddings": "max_abs_diff_token_embeddings"}
 
 
 @dataclass
@@ -44,11 +70,36 @@ class ProbeResult:
     """What the probe saw: per backend its median seconds, invariance, agreement, or why it failed."""
 
     chosen: str
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # the full batch (throughput), best of reps
+    lone_seconds: dict[str, float] = field(default_factory=dict)  # lone small batches (latency), median
     invariance: dict[str, float] = field(default_factory=dict)
-    agreement: dict[str, float] = field(default_factory=dict)
+    agreement: dict[str, float] = field(default_factory=dict)  # max |Δ| vs the reference, absolute
+    tolerance: float = 0.0  # the absolute agreement bound applied
+    rule: str = ""  # where the bound comes from
     rejected: dict[str, str] = field(default_factory=dict)
     cpu: str = ""
+
+
+def quantized_tolerance(path: Path) -> tuple[float, str] | None:
+    """The export's recorded deviation from PyTorch, for a quantized model with a parity record.
+
+    ``None`` (the strict rule applies) for full precision, for outputs whose parity figure is not in
+    the graph's own units (pooled, normalized embeddings), and where there is no record to read.
+    """
+    folder = path.parent
+    try:
+        manifest = json.loads((folder / "encapure.json").read_text(encoding="utf-8"))
+        parity = json.loads((folder / "parity.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    precision = str(manifest.get("precision", ""))
+    key = _PARITY_KEY.get(str(manifest.get("output_kind", "")))
+    if precision in ("fp32", "unknown", "") or key is None or manifest.get("model_file", "model.onnx") != path.name:
+        return None
+    value = parity.get(key)
+    if not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+        return None
+    return float(value), f"the {precision} export's max |Δ| vs PyTorch ({key} in parity.json)"
 
 
 def cpu_signature() -> str:
@@ -80,15 +131,17 @@ def _versions(names: list[str]) -> dict[str, str]:
 def _key(path: Path, settings: Settings, candidates: list[str]) -> str:
     st = path.stat()
     parts = [str(path.resolve()), st.st_size, int(st.st_mtime), cpu_signature(), settings.workers,
-             settings.resolved_threads(), settings.openvino_device, _versions(candidates)]
+             settings.resolved_threads(), settings.openvino_device, _versions(candidates),
+             quantized_tolerance(path), settings.max_batch_size, settings.max_batch_tokens]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
 
-def _probe_feed(session: Any, vocab_hint: int = 1000) -> dict[str, np.ndarray]:
-    """A padded batch of ``_ROWS`` rows of different lengths, with token ids every vocabulary has."""
+def _probe_feed(session: Any, vocab_hint: int = 1000, rows: int = _ROWS,
+                max_len: int = _MAX_LEN) -> dict[str, np.ndarray]:
+    """A padded batch of ``rows`` rows of different lengths, with token ids every vocabulary has."""
     rng = np.random.default_rng(0)
-    lengths = np.linspace(_MAX_LEN, 6, _ROWS).astype(int)
-    ids = np.zeros((_ROWS, _MAX_LEN), np.int64)
+    lengths = np.linspace(max_len, max(6, max_len // 8), rows).astype(int)
+    ids = np.zeros((rows, max_len), np.int64)
     mask = np.zeros_like(ids)
     for r, n in enumerate(lengths):
         ids[r, :n] = rng.integers(5, vocab_hint, n)
@@ -105,8 +158,52 @@ def _rows(out: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
     return [out[r] for r in range(out.shape[0])]
 
 
-def _measure(session: Any, feed: dict[str, np.ndarray]) -> tuple[list[np.ndarray], float, float]:
-    """(rows of the batch, invariance max |alone - batched|, median seconds of the batch)."""
+def _best_seconds(session: Any, feed: dict[str, np.ndarray], reps: int = _REPS) -> float:
+    """The fastest of ``reps`` runs (the best is what noise from other processes disturbs least)."""
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def _lone_pass(session: Any, settings: Settings) -> float:
+    """Median seconds of a small batch while every worker runs one, as a lone request split over idle
+    workers runs; the lengths change from call to call as traffic's do.
+
+    Measured in the server (int8 MiniLM reranker, AMD EPYC AVX-512 VNNI): one caller on a repeated shape
+    had OpenVINO 25% faster than ONNX Runtime, yet its c=1 p50 was slower; concurrent callers and changing
+    shapes are what a single caller on one shape hides (stream hand-offs, per-shape preparation).
+    """
+    import threading
+
+    feeds = [_probe_feed(session, rows=_LONE_ROWS, max_len=n) for n in _LONE_LENS]
+    callers = max(1, settings.workers)
+    times: list[list[float]] = [[] for _ in range(callers)]
+
+    def call(k: int) -> None:
+        for i in range(len(feeds)):
+            feed = feeds[(i + k) % len(feeds)]
+            t = time.perf_counter()
+            session.run(None, feed)
+            times[k].append(time.perf_counter() - t)
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return float(np.median([x for ts in times for x in ts]))
+
+
+def _bulk_shape(settings: Settings) -> tuple[int, int]:
+    rows = max(1, settings.max_batch_size)
+    return rows, max(8, min(_BULK_LEN, settings.max_batch_tokens // rows))
+
+
+def _measure(session: Any, feed: dict[str, np.ndarray]) -> tuple[list[np.ndarray], float]:
+    """(rows of the batch, invariance max |alone - batched|)."""
     mask = feed["attention_mask"]
     batched = _rows(np.asarray(session.run(None, feed)[0]), mask)
     worst = 0.0
@@ -115,43 +212,69 @@ def _measure(session: Any, feed: dict[str, np.ndarray]) -> tuple[list[np.ndarray
         alone = {k: v[r : r + 1, :n] for k, v in feed.items()}
         row = _rows(np.asarray(session.run(None, alone)[0]), alone["attention_mask"])[0]
         worst = max(worst, float(np.abs(row - batched[r]).max()))
-    times = []
-    for _ in range(_REPS):
-        t = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return batched, worst, statistics.median(times)
+    return batched, worst
 
 
 def probe(path: Path, settings: Settings, open_session: Callable[[str, Path, Settings], Any],
           candidates: list[str]) -> ProbeResult:
-    """Run every candidate on the same batch; ``candidates[0]`` is the reference."""
+    """Run every candidate on the same batches; ``candidates[0]`` is the reference.
+
+    The qualifying sessions stay open together so their timings alternate round by round (A, B, B, A...)
+    and each keeps its best: on a shared machine the load drifts within seconds, and timing one backend
+    after the other let that drift decide (seen: the lone-batch verdict flipped between two probes).
+    """
     result = ProbeResult(chosen=candidates[0], cpu=cpu_signature())
+    quantized = quantized_tolerance(path)
     reference: list[np.ndarray] | None = None
+    sessions: dict[str, Any] = {}
     for name in candidates:
         try:
             session = open_session(name, path, settings)
-            feed = _probe_feed(session)
-            rows, worst, seconds = _measure(session, feed)
-            del session
+            rows, worst = _measure(session, _probe_feed(session))
         except Exception as e:  # an optional runtime that is absent or cannot run this graph
             result.rejected[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
             continue
         result.invariance[name] = worst
         if reference is None:
             reference = rows
+            scale = max(float(np.abs(np.concatenate([r.ravel() for r in reference])).max()), 1e-6)
+            result.tolerance, result.rule = _AGREE * scale, f"{_AGREE:g} of the output scale (full precision)"
+            if quantized is not None and quantized[0] > result.tolerance:
+                result.tolerance, result.rule = quantized
             agree = 0.0
         else:
-            scale = max(float(np.abs(np.concatenate([r.ravel() for r in reference])).max()), 1e-6)
-            agree = max(float(np.abs(a - b).max()) for a, b in zip(rows, reference, strict=True)) / scale
+            agree = max(float(np.abs(a - b).max()) for a, b in zip(rows, reference, strict=True))
         result.agreement[name] = agree
         if worst > _INVARIANT:
             result.rejected[name] = f"not batch-invariant: {worst:.2g} alone vs batched"
-        elif agree > _AGREE:
-            result.rejected[name] = f"disagrees with {candidates[0]}: {agree:.2g} relative"
+        elif agree > result.tolerance:
+            result.rejected[name] = (f"disagrees with {candidates[0]}: max |Δ| {agree:.3g} > {result.tolerance:.3g} "
+                                     f"({result.rule})")
         else:
-            result.seconds[name] = seconds
-    if result.seconds:
+            sessions[name] = session
+    if not sessions:
+        return result
+    bulk = _bulk_shape(settings)
+    names = list(sessions)
+    for name in names:  # warm every shape once, untimed
+        _lone_pass(sessions[name], settings)
+        sessions[name].run(None, _probe_feed(sessions[name], rows=bulk[0], max_len=bulk[1]))
+    for r in range(_ROUNDS):
+        for name in names if r % 2 == 0 else names[::-1]:
+            session = sessions[name]
+            lone = _lone_pass(session, settings)
+            full = _best_seconds(session, _probe_feed(session, rows=bulk[0], max_len=bulk[1]), reps=1)
+            result.lone_seconds[name] = min(result.lone_seconds.get(name, lone), lone)
+            result.seconds[name] = min(result.seconds.get(name, full), full)
+    sessions.clear()
+    ref = candidates[0]
+    if ref in result.seconds:
+        # Not slower for a lone request (latency) than the reference beyond timing noise, then the
+        # fastest full batch (throughput).
+        limit = result.lone_seconds[ref] * _LONE_SLACK
+        fit = [n for n in result.seconds if result.lone_seconds[n] <= limit]
+        result.chosen = min(fit, key=lambda n: result.seconds[n])
+    else:  # the reference itself failed: the fastest of the rest
         result.chosen = min(result.seconds, key=lambda n: result.seconds[n])
     return result
 
@@ -168,7 +291,8 @@ def choose(path: Path, settings: Settings, open_session: Callable[[str, Path, Se
     except (OSError, ValueError):
         pass
     result = probe(path, settings, open_session, candidates)
-    log.info("backend auto: %s for %s (median s %s; rejected %s; %s)", result.chosen, path,
+    log.info("backend auto: %s for %s (lone batch s %s, full batch s %s; rejected %s; %s)", result.chosen, path,
+             {k: round(v, 4) for k, v in result.lone_seconds.items()},
              {k: round(v, 4) for k, v in result.seconds.items()}, result.rejected or "none", result.cpu)
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,25 @@ off they are read into memory and the read copy is dropped once the plugin has c
 them. ``Settings.openvino_dynamic_quantization_group_size`` turns on int8 activations for
 weight-compressed IR (off by default: see BENCHMARKS.md "bge-reranker-v2-m3 memory").
 
+Why stream threads are not pinned (``ENABLE_CPU_PINNING`` off; OpenVINO pins by default): a stream's
+thread pinned to one core waits for that core while the process's other threads (event loop,
+tokenizing, the scheduler) or other processes hold it, even when another core is idle; ONNX Runtime
+with one thread per worker runs on the calling thread, which the OS moves freely. Measured through the
+server (int8 MiniLM reranker, WikiQA, 2 workers x 1 thread, AMD EPYC AVX-512 VNNI, 3 alternated
+rounds, shared machine at load ~11, noisy): c=1 median p50 109.5 ms pinned, 90.7 ms unpinned (ONNX
+Runtime 91.8 ms); every round the same way. c=8 best throughput about equal (98.6 vs 100.0 pairs/s).
+
+Why batches are padded to a multiple of ``LENGTH_STEP`` tokens: the CPU plugin prepares kernels for
+every new input shape at its first inferences (measured on the int8 MiniLM reranker, 2 rows: ~27 ms
+extra at the first call of a new length, ~12 ms at the second, against ~15 ms for the inference
+itself), and the engine pads each batch only to its longest item, so traffic brings a new shape in most
+batches and a lone request paid for it in its latency. Rounding the length up to ``LENGTH_STEP`` makes
+the shapes repeat (16 lengths up to 256 instead of 256), at the price of at most 15 padded positions.
+Padding only adds masked positions, which no real position attends to, so scores are unchanged
+(``--backend auto`` checks exactly this: rows alone vs padded in a batch); token outputs are cut back
+to the batch's width. Only done with an attention mask in the feed and up to the manifest's
+``max_length`` (the widest input the export was checked at), otherwise the feed runs as given.
+
 Why the mapped weights are paged out after inference (``Settings.openvino_release_mapped_weights``):
 the CPU plugin repacks the compressed weights into its own anonymous buffers at the first inference
 of a shape, and the ``model.bin`` pages it read to do so stay resident in the mapping: the same
@@ -41,6 +60,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from encapure.errors import ModelError
 from encapure.settings import Settings
 
@@ -61,6 +82,8 @@ RELEASE_COST_FACTOR = 100.0
 # The first inferences (the engine's warm-up shapes, the first requests) each may repack weights from
 # new pages: they always page out, so RSS at ready does not hold what the throttle skipped.
 RELEASE_ALWAYS_FIRST = 8
+# Batches run padded to a multiple of this many tokens (see the module docstring).
+LENGTH_STEP = 16
 
 
 def mapped_ranges(path: Path) -> list[tuple[int, int]]:
@@ -132,6 +155,8 @@ class OpenVINOSession:
         }
         if settings.openvino_device.upper().startswith("CPU"):
             config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = int(settings.openvino_dynamic_quantization_group_size)
+            # Unpinned stream threads (see the module docstring, "Why stream threads are not pinned").
+            config["ENABLE_CPU_PINNING"] = False
         try:
             core = ov.Core()
             core.set_property({"ENABLE_MMAP": bool(settings.openvino_mmap)})
@@ -143,6 +168,9 @@ class OpenVINOSession:
             raise ModelError(f"OpenVINO cannot load {path}: {str(e).strip().splitlines()[0]}") from e
         self._inputs = _ports(self._compiled.inputs)
         self._outputs = _ports(self._compiled.outputs)
+        self._pad_limit, self._pad_id = _padding(path)
+        # Outputs with a token axis (``[batch, length, ...]``) are cut back after padding.
+        self._token_outputs = {p.name for p in self._outputs if len(p.shape) >= 3}
         self._local = threading.local()
         release = settings.openvino_release_mapped_weights and settings.openvino_mmap
         self._bin: Path | None = path.with_suffix(".bin") if release and path.suffix.lower() == ".xml" else None
@@ -160,13 +188,37 @@ class OpenVINOSession:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self._compiled.create_infer_request()
-        result = request.infer(feed)
+        width = _width(feed)
+        padded = self._padded(feed, width)
+        result = request.infer(padded)
         names = output_names or [p.name for p in self._outputs]
         # Copies: the request reuses its output buffers on the next call from this thread.
-        out = [result[self._compiled.output(n)].copy() for n in names]
+        out = [self._cut(n, result[self._compiled.output(n)], width) for n in names]
         if self._bin is not None:
             self._release_mapped_weights()
         return out
+
+    def _padded(self, feed: dict[str, Any], width: int) -> dict[str, Any]:
+        """``feed`` with its length axis rounded up to ``LENGTH_STEP`` (masked), or as given."""
+        target = -(-width // LENGTH_STEP) * LENGTH_STEP
+        if target == width or target > self._pad_limit or "attention_mask" not in feed:
+            return feed
+        out = {}
+        for name, value in feed.items():
+            arr = np.asarray(value)
+            if arr.ndim != 2 or arr.shape[1] != width:
+                return feed  # not a [batch, length] feed we understand: run it as given
+            fill = self._pad_id if name == "input_ids" else 0
+            wide = np.full((arr.shape[0], target), fill, dtype=arr.dtype)
+            wide[:, :width] = arr
+            out[name] = wide
+        return out
+
+    def _cut(self, name: str, value: Any, width: int) -> Any:
+        """A copy of one output, its token axis cut back to ``width`` (the request reuses its buffers)."""
+        if name in self._token_outputs and value.ndim >= 3 and value.shape[1] != width:
+            return value[:, :width].copy()
+        return value.copy()
 
     def _release_mapped_weights(self) -> None:
         """Page out the mapped ``model.bin`` (see the module docstring); one thread at a time."""
@@ -184,6 +236,27 @@ class OpenVINOSession:
             self._next_release = end + RELEASE_COST_FACTOR * (end - start)
         finally:
             self._release_lock.release()
+
+
+def _width(feed: dict[str, Any]) -> int:
+    ids = feed.get("input_ids")
+    shape: tuple[int, ...] = tuple(getattr(ids, "shape", ()))
+    return int(shape[1]) if len(shape) == 2 else 0
+
+
+def _padding(path: Path) -> tuple[int, int]:
+    """(widest padded length, pad id) from the model folder's manifest; (0, 0) = no padding.
+
+    Without a manifest the widest input the graph accepts is unknown (position embeddings), so a
+    third-party file runs unpadded.
+    """
+    from encapure.manifest import Manifest
+
+    try:
+        manifest = Manifest.load(path.parent)
+    except Exception:  # no or unreadable manifest: the loader reports that, not the backend
+        return 0, 0
+    return int(manifest.max_length), int(manifest.pad_token_id)
 
 
 def create_session(path: Path, settings: Settings) -> OpenVINOSession:
