@@ -37,7 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BGE_ARCH = Path(os.environ.get("ENCAPURE_SHARED", "/work/shared")) / "models" / "bge-reranker-v2-m3-arch"
 
 # variant -> (export format, precision)
-VARIANTS = {"ort-int8": ("onnx", "int8"), "ov-int4": ("openvino", "int4"), "ov-int8": ("openvino", "int8")}
+VARIANTS = {"ort-int8": ("onnx", "int8"), "ov-int4": ("openvino", "int4"), "ov-int8": ("openvino", "int8"),
+            "ov-int4-r1.0": ("openvino", "int4"), "ov-int4-r0.8": ("openvino", "int4")}
+# int4 variants pinned to an int4 share (``openvino_ir.INT4_RATIO``), whatever the shipped default is,
+# so two recipes can be measured side by side; "ov-int4" is the shipped recipe.
+INT4_RATIOS = {"ov-int4-r1.0": 1.0, "ov-int4-r0.8": 0.8}
 # runtime configurations measured per exported variant: (label, backend, mmap, dyn-quant group)
 # (label, backend, mmap, dq group, release mapped weights)
 CONFIGS = {
@@ -46,6 +50,8 @@ CONFIGS = {
                 ("OV int4 IR, mmap on, page-out off, dq off", "openvino", True, 0, False),
                 ("OV int4 IR, mmap on, page-out on, dq 128", "openvino", True, 128, True),
                 ("OV int4 IR, mmap off, dq off", "openvino", False, 0, False)],
+    "ov-int4-r1.0": [("OV int4 IR ratio 1.0, mmap on, page-out on, dq off", "openvino", True, 0, True)],
+    "ov-int4-r0.8": [("OV int4 IR ratio 0.8, mmap on, page-out on, dq off", "openvino", True, 0, True)],
     "ov-int8": [("OV int8-weights IR, mmap on, page-out on, dq off", "openvino", True, 0, True),
                 ("OV int8-weights IR, mmap off, dq off", "openvino", False, 0, False)],
 }
@@ -169,6 +175,197 @@ print(json.dumps({"base_rss_mb": round(base["VmRSS"]), "session_load_s": round(l
 """
 
 
+# server rows: (label, extra ``encapure serve`` arguments)
+SERVER_CONFIGS = [("server, defaults", []), ("server, --workers 1", ["--workers", "1"])]
+
+_STARTUP_PROBE = r"""
+import json, sys, time
+t_launch = float(sys.argv[3])
+stages = {"interpreter start": time.time() - t_launch}
+t = time.perf_counter()
+from pathlib import Path
+import numpy as np
+import openvino as ov
+from encapure.engine.loading import load_model
+from encapure.engine.model import OnnxModel
+from encapure.engine.spm_tokenizer import open_tokenizer
+from encapure.manifest import Manifest
+from encapure.settings import Settings
+import encapure.server.app  # what `encapure serve` imports before loading
+stages["imports (encapure, openvino, server)"] = time.perf_counter() - t
+folder, workers = Path(sys.argv[1]), int(sys.argv[2])
+settings = Settings(workers=workers)
+m = Manifest.load(folder)
+t = time.perf_counter()
+tok, kind = open_tokenizer(folder / m.tokenizer_file, m.tokenizer, settings.tokenizer)
+stages[f"tokenizer ({kind})"] = time.perf_counter() - t
+del tok
+core = ov.Core()
+core.set_property({"ENABLE_MMAP": True})
+t = time.perf_counter()
+ir = core.read_model(str(folder / m.model_file))
+stages["read_model (mmap)"] = time.perf_counter() - t
+t = time.perf_counter()
+compiled = core.compile_model(ir, "CPU", {"INFERENCE_NUM_THREADS": settings.resolved_threads() * workers,
+                                        "NUM_STREAMS": str(workers), "INFERENCE_PRECISION_HINT": "f32"})
+stages["compile_model"] = time.perf_counter() - t
+del compiled, ir
+t = time.perf_counter()
+model = load_model(folder, settings=settings, warmup=False)
+stages["load_model without warm-up (tokenizer + read + compile again)"] = time.perf_counter() - t
+t = time.perf_counter()
+model.warmup()
+stages["engine warm-up (1x8, 4x32)"] = time.perf_counter() - t
+t = time.perf_counter()
+prep = model.prepare_pairs("warm up query", ["a warm up document"] * 4)
+model.forward(prep.units)
+stages["server warm-up request (4 pairs)"] = time.perf_counter() - t
+from encapure.server.state import WARMUP_MAX_LENGTH
+from encapure.engine.types import Unit
+length = min(model.max_length, WARMUP_MAX_LENGTH)
+n = max(1, min(settings.max_batch_size, settings.max_batch_tokens // length))
+t = time.perf_counter()
+model.forward([Unit(ids=np.full(length, m.pad_token_id, dtype=np.int64))])
+one = time.perf_counter() - t
+stages[f"largest-batch pricing (1x{length})"] = one
+priced = one * n
+print(json.dumps({"stages_s": {k: round(v, 2) for k, v in stages.items()},
+                  "largest_batch": f"{n}x{length}", "priced_s": round(priced, 1),
+                  "budget_s": settings.warmup_budget_s, "largest_batch_runs": priced <= settings.warmup_budget_s}))
+"""
+
+
+def startup_probe(folder: Path, workers: int) -> dict[str, Any]:
+    return _run_probe([_STARTUP_PROBE, str(folder), str(workers), repr(time.time())])
+
+
+def _proc_rss(pid: int) -> dict[str, float]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS", "RssAnon", "RssFile")):
+                k, v = line.split(":")
+                out[k] = int(v.split()[0]) / 1024
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def cut_pairs(folder: Path, pairs: list[tuple[str, str]], tokens: int = 64) -> list[tuple[str, str]]:
+    """Each pair's document cut (at a token's end offset) so query + document is exactly ``tokens``
+    tokens with the model's tokenizer: the server keeps its own max length (512) and still sees
+    8 x 64-token requests. Pairs that do not come out at exactly ``tokens`` are dropped."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.no_truncation()
+    out = []
+    for q, d in pairs:
+        nq = len(tok.encode(q, d).ids) - len(tok.encode("", d).ids)  # query tokens (specials cancel)
+        doc = tok.encode(d, add_special_tokens=False)
+        k = tokens - nq - tok.num_special_tokens_to_add(True)
+        if k <= 0 or k > len(doc.ids):
+            continue
+        cut = d[:doc.offsets[k - 1][1]]
+        if len(tok.encode(q, cut).ids) == tokens:
+            out.append((q, cut))
+    return out
+
+
+def server_probe(folder: Path, extra: list[str], runs: int, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """``encapure serve --model folder`` in a fresh process: seconds from launch to /ready 200, the
+    process's RSS at ready and after ``runs`` sequential /rerank requests of 8 pairs (c=1), p50."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    log_path = Path(folder).parent / f"server-{port}.log"
+    cmd = [sys.executable, "-m", "encapure", "serve", "--model", str(folder), "--port", str(port), *extra]
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(timeout=120) as client:
+            while True:
+                if proc.poll() is not None:
+                    return {"error": f"server exited {proc.returncode}: {log_path.read_text()[-300:]}"}
+                try:
+                    if client.get(f"{url}/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.perf_counter() - t0 > 600:
+                    return {"error": "not ready after 600 s"}
+                time.sleep(0.05)
+            ready_s = time.perf_counter() - t0
+            time.sleep(1.5)  # one page-out interval after the warm-up's last inference
+            kids = _children(proc.pid)
+            at_ready = _proc_rss(proc.pid)
+            lat = []
+            for i in range(runs):
+                batch = pairs[(i * 8) % len(pairs):][:8]
+                t = time.perf_counter()
+                r = client.post(f"{url}/rerank", json={"query": batch[0][0], "documents": [d for _, d in batch]})
+                lat.append(time.perf_counter() - t)
+                r.raise_for_status()
+            time.sleep(1.5)
+            after = _proc_rss(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    lat.sort()
+    skipped = [ln for ln in log_path.read_text().splitlines() if "largest-batch warm-up skipped" in ln]
+    return {"startup_s": round(ready_s, 2), "rss_ready_mb": round(at_ready["VmRSS"]),
+            "anon_ready_mb": round(at_ready["RssAnon"]), "file_ready_mb": round(at_ready["RssFile"]),
+            "rss_after_mb": round(after["VmRSS"]), "anon_after_mb": round(after["RssAnon"]),
+            "file_after_mb": round(after["RssFile"]), "requests": runs, "child_processes": len(kids),
+            "p50_ms": round(1000 * lat[len(lat) // 2], 1), "min_ms": round(1000 * lat[0], 1),
+            "largest_batch_warmup": "skipped" if skipped else "ran", "args": " ".join(extra) or "(defaults)"}
+
+
+def server_table(results: dict[str, Any]) -> str:
+    lines = ["| variant | startup (launch to /ready 200) | RSS at ready (anon/file) | N | after N requests "
+             "(anon/file) | 8x64 p50 (min), c=1 | largest-batch warm-up |",
+             "|---|---|---|---|---|---|---|"]
+    for variant, res in results.get("variants", {}).items():
+        for label, p in res.get("server", {}).items():
+            if "error" in p:
+                lines.append(f"| {variant}: {label} | error: {p['error']} | | | | | |")
+                continue
+            lines.append(
+                f"| {variant}: {label} | {p['startup_s']} s | {p['rss_ready_mb']} MB ({p['anon_ready_mb']}/"
+                f"{p['file_ready_mb']}) | {p['requests']} | {p['rss_after_mb']} MB ({p['anon_after_mb']}/"
+                f"{p['file_after_mb']}) | {p['p50_ms']:.0f} ({p['min_ms']:.0f}) ms | {p['largest_batch_warmup']} |")
+    return "\n".join(lines)
+
+
+def _best(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """Rounds merged: the best (lowest) time of each row, the highest RSS (the bar is a ceiling),
+    and every round's load average."""
+    if old is None or "error" in old or "error" in new:
+        return {**new, "loadavgs": [new.get("loadavg")]}
+    out = dict(old)
+    for k, v in new.items():
+        if (k.endswith("_s") and isinstance(v, (int, float))) or k in ("p50_ms", "min_ms"):
+            out[k] = min(old.get(k, v), v)
+        elif k.endswith("_mb") and isinstance(v, (int, float)):
+            out[k] = max(old.get(k, v), v)
+        elif k == "stages_s":
+            out[k] = {s: min(old[k].get(s, t), t) for s, t in v.items()}
+    out["loadavgs"] = [*old.get("loadavgs", []), new.get("loadavg")]
+    return out
+
+
 def cpu_isa() -> str:
     from encapure.engine.backends.auto import cpu_signature
 
@@ -179,9 +376,11 @@ def export(variant: str, out: Path, parity: bool = True) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoTokenizer, XLMRobertaForSequenceClassification
 
-    from encapure.export import export_model
+    from encapure.export import export_model, openvino_ir
 
     fmt, precision = VARIANTS[variant]
+    shipped_ratio = openvino_ir.INT4_RATIO
+    openvino_ir.INT4_RATIO = INT4_RATIOS.get(variant, shipped_ratio)
     config = AutoConfig.from_pretrained(str(BGE_ARCH))
     tok = AutoTokenizer.from_pretrained(str(BGE_ARCH))
     torch.manual_seed(0)
@@ -190,6 +389,7 @@ def export(variant: str, out: Path, parity: bool = True) -> dict[str, Any]:
     res = export_model(model, out, precision=precision, tokenizer=tok, format=fmt, progress=True,
                        check_parity=parity)
     export_s = time.perf_counter() - t
+    openvino_ir.INT4_RATIO = shipped_ratio  # the next variant in this process gets the shipped recipe
     size = sum(p.stat().st_size for p in out.iterdir() if p.name.startswith(("model.onnx", "model.xml", "model.bin")))
     return {"export_s": round(export_s, 1), "steps_s": res.timings, "size_mb": round(size / 1e6, 1),
             "quantization": res.manifest.quantization,
@@ -313,8 +513,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / ".work" / "bge-memory")
     ap.add_argument("--probe-only", action="store_true")
     ap.add_argument("--skip-export", default="", help="variants already exported (their folders are reused)")
-    ap.add_argument("--only", choices=["all", "session", "engine"], default="all",
-                    help="session: the session-only rows; engine: the engine rows (OpenVINO IR variants)")
+    ap.add_argument("--only", choices=["all", "session", "engine", "server", "startup"], default="all",
+                    help="session: the session-only rows; engine: the engine rows (OpenVINO IR variants); "
+                    "server: `encapure serve` rows; startup: where the seconds to ready go")
+    ap.add_argument("--server-rows", default="", help="indices into SERVER_CONFIGS to measure (default: all)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="engine/server/startup rows: alternate the variants this many rounds (A, B, A, B...), "
+                    "keeping each row's best startup and p50 and its last RSS")
     ap.add_argument("--engine-rows", default="", help="indices into ENGINE_CONFIGS to measure (default: all)")
     ap.add_argument("--no-parity", action="store_true",
                     help="skip the PyTorch parity check (10 minutes per variant on a busy 2-core machine)")
@@ -340,20 +545,43 @@ def main() -> None:
             print(f"{label}: {json.dumps(p)}", flush=True)
             res_path.write_text(json.dumps(results, indent=2) + "\n")
     pairs = long_pairs()
-    for v in names if args.only in ("all", "engine") else []:
-        if VARIANTS[v][0] != "openvino":
-            continue
+    ir = [v for v in names if VARIANTS[v][0] == "openvino"]
+    jobs: list[tuple[str, str, Any]] = []  # (kind, label, measure(folder) -> row)
+    if args.only in ("all", "engine"):
         rows = [int(i) for i in args.engine_rows.split(",")] if args.engine_rows else range(len(ENGINE_CONFIGS))
         for label, mmap, release in (ENGINE_CONFIGS[i] for i in rows):
-            p = engine_probe(args.out / v, mmap, release, args.runs, pairs)
-            variants.setdefault(v, {}).setdefault("engine", {})[label] = p
-            print(f"{v} {label}: {json.dumps({k: x for k, x in p.items() if k != 'scores'})}", flush=True)
-            res_path.write_text(json.dumps(results, indent=2) + "\n")
+            jobs.append(("engine", label, lambda f, m=mmap, r=release: engine_probe(f, m, r, args.runs, pairs)))
+    if args.only in ("all", "server"):
+        rows = [int(i) for i in args.server_rows.split(",")] if args.server_rows else range(len(SERVER_CONFIGS))
+        served: dict[Path, list[tuple[str, str]]] = {}
+        for label, extra in (SERVER_CONFIGS[i] for i in rows):
+            def run_server(f: Path, x: list[str] = extra) -> dict[str, Any]:
+                if f not in served:
+                    served[f] = cut_pairs(f, pairs)
+                return server_probe(f, x, args.runs, served[f])
+            jobs.append(("server", label, run_server))
+    if args.only == "startup":
+        for w in (2, 1):
+            jobs.append(("startup", f"workers {w}", lambda f, w=w: startup_probe(f, w)))
+    # alternated: round r measures every job on every variant before round r + 1 starts
+    for _ in range(args.rounds):
+        for kind, label, measure in jobs:
+            for v in ir:
+                p = measure(args.out / v)
+                p["loadavg"] = round(os.getloadavg()[0], 1)
+                rows_of = variants.setdefault(v, {}).setdefault(kind, {})
+                rows_of[label] = _best(rows_of.get(label) if args.rounds > 1 else None, p)
+                print(f"{v} {label}: {json.dumps({k: x for k, x in p.items() if k != 'scores'})}", flush=True)
+                res_path.write_text(json.dumps(results, indent=2) + "\n")
     results["conditions"]["loadavg_end"] = os.getloadavg()
     res_path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{results['conditions']['cpu']}, 2 threads, {args.runs} runs, shared CPU\n")
     print(table(results))
     print(engine_table(results))
+    print(server_table(results))
+    for v in ir:
+        for label, p in variants.get(v, {}).get("startup", {}).items():
+            print(f"\n{v} startup, {label} (load {p.get('loadavg')}): {json.dumps(p)}")
     MD.write_text(section(results, args.runs) + "\n")
     print(f"wrote {MD}")
 
