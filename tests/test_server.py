@@ -807,6 +807,12 @@ async def test_start_up_runs_the_largest_batch_on_every_worker() -> None:
     async with InProcessServer({"off": off}, Settings(workers=2, warmup_budget_s=0)):
         pass
     assert fake_session(slow).batches.count((1, 128)) == 1  # priced by one sequence
+    # far over the budget at 64 tokens already: skipped without a full-length sequence
+    big = fake_model("rerank", name="big", max_length=512, per_token_s=2e-3)  # 1 x 64: 0.13 s -> 1 x 512 ~1 s
+    async with InProcessServer({"big": big}, Settings(workers=2, warmup_budget_s=0.1)):
+        pass
+    assert fake_session(big).batches.count((1, 64)) == 1
+    assert max(w for _, w in fake_session(big).batches) < 512
     for m in (slow, off):
         assert max(n * w for n, w in fake_session(m).batches) < 1024
 
