@@ -300,7 +300,10 @@ def server_probe(folder: Path, extra: list[str], runs: int, pairs: list[tuple[st
         port = sock.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     log_path = Path(folder).parent / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "encapure", "serve", "--model", str(folder), "--port", str(port), *extra]
+    # --request-timeout: the work limit admits a request of up to a sixth of it in measured work; on a
+    # busy shared CPU one 8 x 64 request of this model measured over 5 s and got 413 at the default 30 s.
+    cmd = [sys.executable, "-m", "encapure", "serve", "--model", str(folder), "--port", str(port),
+           "--request-timeout", "300", *extra]
     t0 = time.perf_counter()
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -514,7 +517,17 @@ def section(results: dict[str, Any], runs: int) -> str:
         "threads, max length 64; N requests of 8 WikiQA-test-gold pairs, each exactly 64 tokens; a fresh "
         "process per row, RSS at ready and after the requests; scores of 16 fixed pairs at ready vs after the "
         "requests, and vs the first row):\n",
-        engine_table(results), ""])
+        engine_table(results), "",
+        *([] if not any(r.get("server") for r in results.get("variants", {}).values()) else [
+            "Through the server (`encapure serve --model <folder>` plus the row's arguments, a fresh process; "
+            "startup = launch to the first /ready 200; RSS of the server process at ready and after N "
+            "sequential /rerank requests of 8 pairs of exactly 64 tokens, c=1, each read 1.5 s after the last "
+            "inference, one page-out interval; `--request-timeout 300` so the work limit admits 8 x 64 on a busy CPU):\n", server_table(results), ""]),
+        *[f"Startup stages, {v}, {label} (load average {p.get('loadavgs') or p.get('loadavg')}): "
+          + ", ".join(f"{k} {t} s" for k, t in p.get("stages_s", {}).items())
+          + f"; largest batch {p.get('largest_batch')} priced {p.get('priced_s')} s vs budget {p.get('budget_s')} s.\n"
+          for v, res in results.get("variants", {}).items() for label, p in res.get("startup", {}).items()
+          if "error" not in p]])
 
 
 def main() -> None:
