@@ -3,6 +3,17 @@
     python scripts/measure_bge_memory.py [--variants ort-int8,ov-int4,ov-int8] [--runs 100] [--out .work/bge-memory]
     python scripts/measure_bge_memory.py --probe-only   # re-measure the folders already exported
     python scripts/measure_bge_memory.py --probe-only --variants ov-int4 --only engine   # the engine rows only
+    python scripts/measure_bge_memory.py --variants ov-int4-r0.8,ov-int4-r1.0 --only engine --rounds 2
+    python scripts/measure_bge_memory.py --probe-only --variants ov-int4 --only server    # `encapure serve` rows
+    python scripts/measure_bge_memory.py --probe-only --variants ov-int4 --only startup   # where start-up goes
+
+``ov-int4-r1.0`` / ``ov-int4-r0.8`` pin the int4 recipe's int4 share (``openvino_ir.INT4_RATIO``) so two
+recipes can be measured side by side; ``--rounds N`` alternates the variants (A, B, A, B...) and keeps
+each row's best time and highest RSS. Server rows (``SERVER_CONFIGS``): ``encapure serve`` in a fresh
+process, launch to the first /ready 200, the process's RSS at ready and after ``--runs`` sequential
+/rerank requests of 8 pairs of exactly 64 tokens (documents cut at a token's end). Startup: each stage
+of what ``serve`` does before /ready, timed alone in one process. The section is written to
+``<out>/section.md`` (``--md`` to write the benchmark page, whose hand-written notes it replaces).
 
 Exports each variant once (``export_model`` on a seeded random ``XLMRobertaForSequenceClassification``
 built from /work/shared/models/bge-reranker-v2-m3-arch), then measures every runtime configuration in
