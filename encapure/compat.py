@@ -11,8 +11,10 @@ engine underneath: any folder or hub id ``Reranker``/``Embedder.from_pretrained`
 with ``InvalidInputError`` (a ``ValueError``), never silently dropped: a caller asking for
 something we cannot do (``trust_remote_code=True``, a torch dtype, token embeddings) is told so.
 
-Differences that cannot be hidden: models run at Encapure's ``precision`` (default ``int8``,
-calibrated; ``precision="fp32"`` matches sentence-transformers within 1e-4), ``backend`` "torch"
+Differences that cannot be hidden: models run at Encapure's ``precision`` (``precision="fp32"``
+matches sentence-transformers within 1e-4). The default is ``int8`` (calibrated), except for
+``SentenceTransformer`` on a CPU with native bf16 where OpenVINO is installed: there it is ``bf16``
+(see ``default_embedder_precision``). ``backend`` "torch"
 and "onnx" both mean "our ONNX Runtime engine", and torch is only imported when a torch tensor
 is asked for (``convert_to_tensor=True``, ``convert_to_numpy=False``, ``similarity`` with torch
 installed) or a torch activation module is passed.
@@ -36,7 +38,7 @@ from encapure.engine.model import OnnxModel, fold_max, l2_normalize
 from encapure.engine.types import EmbedOutput, Prepared
 from encapure.errors import InvalidInputError
 from encapure.manifest import MANIFEST_NAME, Manifest
-from encapure.settings import PRECISIONS, Precision, Settings
+from encapure.settings import PRECISIONS, Precision, Settings, check_openvino_precision
 
 log = logging.getLogger(__name__)
 
@@ -116,20 +118,64 @@ def _bulk_settings() -> Settings:
     return s
 
 
-def _check_precision_arg(precision: Any) -> Precision | None:
-    if precision is not None and precision not in PRECISIONS:
-        raise InvalidInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+# What ``precision=`` takes here: the export precisions, plus "bf16", which is what users of these classes
+# expect to be able to write. bf16 is not an export precision (Settings.precision, the manifest, the cache
+# key name a file; a bf16 run uses the fp32 file) but a runtime mode of OpenVINO, so the engine keeps it
+# in Settings.openvino_inference_precision and compat maps "bf16" onto an fp32 export run that way.
+CompatPrecision = Literal["fp32", "fp16", "int8", "int4", "bf16"]
+COMPAT_PRECISIONS: tuple[str, ...] = (*PRECISIONS, "bf16")
+
+
+def _check_precision_arg(precision: Any) -> CompatPrecision | None:
+    if precision is not None and precision not in COMPAT_PRECISIONS:
+        raise InvalidInputError(f"precision must be one of {', '.join(COMPAT_PRECISIONS)}, got {precision!r}")
     return precision  # type: ignore[no-any-return]
 
 
-def _pop_model_kwargs(cls: str, model_kwargs: dict[str, Any] | None) -> Precision | None:
+def default_embedder_precision(settings: Settings) -> CompatPrecision | None:
+    """``SentenceTransformer``'s precision when the caller names none: "bf16" on a CPU with native bf16
+    (OpenVINO's BF16 capability: AVX-512 BF16 or AMX) where openvino is installed, else None
+    (``Settings.precision``, int8 by default).
+
+    Why: all-MiniLM-L6-v2, 1,000 mixed texts, 2 threads, AMD EPYC AVX-512 BF16 (BENCHMARKS.md): bf16
+    (fp32 export, OpenVINO) 2.7x sentence-transformers with min cosine 0.9999, where ONNX Runtime int8
+    reached 1.7x and OpenVINO's int8 IR 2.4x but missed the 0.99 cosine bar. Without native bf16 OpenVINO
+    would emulate it (slower than f32) or run f32, so those CPUs keep int8. A precision, backend or
+    OpenVINO precision chosen by the caller (Settings or ``ENCAPURE_*``) or a GPU device keeps its choice.
+    """
+    chosen = {"precision", "backend", "openvino_inference_precision"} & settings.model_fields_set
+    if chosen or settings.providers != ["CPUExecutionProvider"]:
+        return None
+    from encapure.engine.backends.openvino import cpu_native_bf16
+
+    return "bf16" if cpu_native_bf16() else None
+
+
+def _runtime(precision: CompatPrecision | None, settings: Settings) -> tuple[Precision | None, Settings]:
+    """The export precision and settings for ``precision``: "bf16" is the fp32 export run by OpenVINO
+    in bf16; refused where it cannot be honoured (no openvino, a GPU device, an explicit other backend)."""
+    if precision != "bf16":
+        return precision, settings
+    if importlib.util.find_spec("openvino") is None:
+        raise InvalidInputError("precision='bf16' runs on OpenVINO: pip install openvino (the openvino extra)")
+    if settings.providers != ["CPUExecutionProvider"]:
+        raise InvalidInputError("precision='bf16' runs on the CPU (OpenVINO); use device='cpu'")
+    backend = settings.backend if "backend" in settings.model_fields_set else "openvino"
+    try:
+        check_openvino_precision(backend, "bf16")
+    except ValueError as e:
+        raise InvalidInputError(f"precision='bf16': {e}") from e
+    return "fp32", settings.model_copy(update={"backend": "openvino", "openvino_inference_precision": "bf16"})
+
+
+def _pop_model_kwargs(cls: str, model_kwargs: dict[str, Any] | None) -> CompatPrecision | None:
     """``model_kwargs`` may carry our ``precision`` (integrations pass it through); nothing else."""
     kw = dict(model_kwargs or {})
     precision = _check_precision_arg(kw.pop("precision", None))
     if kw:
         raise InvalidInputError(
             f"{cls}(model_kwargs=...) keys {sorted(kw)} are not supported: Encapure runs exported ONNX models "
-            "(choose the precision with precision='fp32'|'int8'|'int4'|'fp16')"
+            "(choose the precision with precision='fp32'|'int8'|'int4'|'fp16'|'bf16')"
         )
     return precision
 
@@ -147,6 +193,7 @@ def _load(
     overrides: dict[str, Any] = {}
     if (path / MANIFEST_NAME).is_file():
         have = Manifest.load(path).precision
+        # bf16 runs the fp32 file (mapped to "fp32" by _runtime), so an fp32 folder serves it too.
         if precision is not None and precision != have:
             raise InvalidInputError(f"{path} is an exported {have} model; precision={precision!r} needs "
                                     "the Hugging Face model (or a folder exported at that precision)")
@@ -308,7 +355,7 @@ class CrossEncoder:
         max_length: int | None = None,
         activation_fn: Callable[..., Any] | None = None,
         trust_remote_code: bool = False,
-        precision: Precision | None = None,
+        precision: CompatPrecision | None = None,
         settings: Settings | None = None,
         cache_folder: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
@@ -345,8 +392,8 @@ class CrossEncoder:
         updates: dict[str, Any] = {} if device is None and settings is not None else {"providers": _providers(device)}
         if cache_folder is not None:
             updates["cache_dir"] = Path(cache_folder)
-        self._settings = base.model_copy(update=updates)
-        self.model = _load(Reranker, model_name_or_path, precision=precision or mk_precision,
+        export_precision, self._settings = _runtime(precision or mk_precision, base.model_copy(update=updates))
+        self.model = _load(Reranker, model_name_or_path, precision=export_precision,
                            max_length=max_length, settings=self._settings)
         if num_labels is not None and num_labels != self.num_labels:
             raise InvalidInputError(f"num_labels={num_labels} but the model has {self.num_labels} "
@@ -469,7 +516,7 @@ class SentenceTransformer:
         similarity_fn_name: SimilarityName | None = None,
         truncate_dim: int | None = None,
         trust_remote_code: bool = False,
-        precision: Precision | None = None,
+        precision: CompatPrecision | None = None,
         settings: Settings | None = None,
         cache_folder: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
@@ -506,9 +553,14 @@ class SentenceTransformer:
         updates: dict[str, Any] = {} if device is None and settings is not None else {"providers": _providers(device)}
         if cache_folder is not None:
             updates["cache_dir"] = Path(cache_folder)
-        self._settings = base.model_copy(update=updates)
+        settings_now = base.model_copy(update=updates)
         self._source = model_name_or_path
-        self._precision = precision or mk_precision
+        asked = precision or mk_precision
+        # An exported folder runs as exported (its precision is fixed): the bf16 default is for models
+        # exported on load.
+        if asked is None and not (Path(str(model_name_or_path)).expanduser() / MANIFEST_NAME).is_file():
+            asked = default_embedder_precision(settings_now)
+        self._precision, self._settings = _runtime(asked, settings_now)
         self.model = _load(Embedder, model_name_or_path, precision=self._precision, max_length=None,
                            settings=self._settings)
         # sentence-transformers always has "query" and "document" prompts ("" when the model has none).

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -29,6 +29,10 @@ DEFAULT_RERANKER = "BAAI/bge-reranker-v2-m3"
 Precision = Literal["fp32", "fp16", "int8", "int4"]
 # The one list of precisions: CLI choices, export checks and the docs all read it.
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+# Not a precision: how OpenVINO computes an fp32 (or weight-compressed) graph. Precisions above name
+# what is exported and cached (the manifest's "precision", a file on disk); bf16 is a runtime mode of
+# one backend over the same fp32 file, so it is a setting of that backend (see openvino_inference_precision).
+OpenVINOPrecision = Literal["f32", "bf16", "auto"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
@@ -105,6 +109,15 @@ class Settings(BaseSettings):
     )
     openvino_device: str = Field(
         default="CPU", min_length=1, description="OpenVINO device name for --backend openvino (CPU, GPU, AUTO:...)"
+    )
+    # f32 by default: on CPUs with native bf16 OpenVINO would compute in bf16 unasked, and a server's
+    # scores must not change with the CPU it runs on. bf16 is for who asks: all-MiniLM-L6-v2, 1,000 mixed
+    # texts, 2 threads, AMD EPYC AVX-512 BF16: 6.2 s vs 10.1 s f32, min cosine 0.99995 (BENCHMARKS.md).
+    openvino_inference_precision: OpenVINOPrecision = Field(
+        default="f32",
+        description="how OpenVINO computes floating-point layers: f32; bf16 (needs a CPU with native bf16, "
+        "AVX-512 BF16 or AMX; refused elsewhere and with --backend onnxruntime/auto); auto: bf16 where the "
+        "device reports native bf16, else f32",
     )
     openvino_mmap: bool = Field(
         default=True,
@@ -287,10 +300,24 @@ class Settings(BaseSettings):
         """``LOG_LEVEL=INFO`` is how levels are usually written in environments."""
         return value.lower() if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _bf16_needs_openvino(self) -> Settings:
+        """A bf16 request that ONNX Runtime would run (in f32) is refused, not silently ignored."""
+        check_openvino_precision(self.backend, self.openvino_inference_precision)
+        return self
+
     def resolved_threads(self) -> int:
         if self.threads_per_worker > 0:
             return self.threads_per_worker
         return max(1, (os.cpu_count() or 1) // max(1, self.workers))
+
+
+def check_openvino_precision(backend: str, precision: str) -> None:
+    """``openvino_inference_precision="bf16"`` only with ``backend="openvino"``: ONNX Runtime has no bf16
+    mode for an fp32 graph, and ``auto`` may pick ONNX Runtime. Raises ``ValueError``."""
+    if precision == "bf16" and backend != "openvino":
+        raise ValueError(f"openvino_inference_precision=bf16 runs on the openvino backend only, not "
+                         f"backend={backend!r}: set backend=openvino (pip install openvino), or use f32/auto")
 
 
 # --- flags, environment names and the docs table, all from the fields ------------------------------
@@ -389,7 +416,10 @@ def describe_error(error: ValidationError) -> str:
     """One line per bad setting, naming its flag and environment variable, for the CLI."""
     lines = []
     for err in error.errors():
-        loc = err.get("loc") or ("?",)
+        loc = err.get("loc")
+        if not loc:  # a check across settings (a model validator): its message names them
+            lines.append(f"invalid settings: {err['msg']}")
+            continue
         name = str(loc[0])
         where = f"{flag_name(name)} / {env_name(name)}" if name in Settings.model_fields else name
         lines.append(f"invalid setting {name} ({where}): {err['msg']}, got {err.get('input')!r}")

@@ -7,8 +7,14 @@ second export is needed. Optional: ``pip install openvino``.
 Threading mirrors the ONNX Runtime backend: ``Settings.workers`` threads call ``run`` at once, so
 the compiled model gets one stream per worker and ``threads_per_worker`` threads per stream, and
 each calling thread keeps its own infer request (a request is not thread-safe; the compiled model is).
-Inference precision is pinned to f32: on CPUs with bf16 (AVX-512 BF16, AMX) OpenVINO would
-otherwise compute in bf16 by default, and a score must not change with the CPU it runs on.
+Inference precision is f32 unless ``Settings.openvino_inference_precision`` asks otherwise: on CPUs
+with native bf16 (AVX-512 BF16, AMX, AVX2-VNNI-2) OpenVINO would compute in bf16 by default, and a
+server's scores must not change with the CPU it runs on. ``bf16`` is honoured only where the device
+reports the ``BF16`` optimization capability (native bf16) and refused elsewhere, because OpenVINO
+itself does not refuse it: its CPU plugin (2026.4, ``precision_support.cpp``) accepts a bf16 hint on
+any AVX-512 CPU and then emulates bf16 there (slower than f32, as OpenVINO's docs warn), and on a CPU
+without AVX-512 (AVX2 only: AMD Zen 2/3, older Intel) keeps f32 without a word. ``auto`` is bf16 where
+the capability is reported, else f32.
 
 An OpenVINO IR (``model.xml`` + ``model.bin``, ``encapure export --format openvino``) loads here too,
 and only here. Its weights are mapped from ``model.bin`` by default; with ``Settings.openvino_mmap``
@@ -148,17 +154,18 @@ class OpenVINOSession:
         except ImportError as e:
             raise ModelError("the openvino backend needs the openvino package: pip install openvino") from e
         streams = settings.workers
+        core = ov.Core()
+        self.inference_precision = inference_precision(core, settings)
         config: dict[str, Any] = {
             "INFERENCE_NUM_THREADS": settings.resolved_threads() * streams,
             "NUM_STREAMS": str(streams),
-            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_PRECISION_HINT": self.inference_precision,
         }
         if settings.openvino_device.upper().startswith("CPU"):
             config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = int(settings.openvino_dynamic_quantization_group_size)
             # Unpinned stream threads (see the module docstring, "Why stream threads are not pinned").
             config["ENABLE_CPU_PINNING"] = False
         try:
-            core = ov.Core()
             core.set_property({"ENABLE_MMAP": bool(settings.openvino_mmap)})
             model = core.read_model(str(path))
             self._compiled = core.compile_model(model, settings.openvino_device, config)
@@ -257,6 +264,43 @@ def _padding(path: Path) -> tuple[int, int]:
     except Exception:  # no or unreadable manifest: the loader reports that, not the backend
         return 0, 0
     return int(manifest.max_length), int(manifest.pad_token_id)
+
+
+def native_bf16(core: Any, device: str) -> bool:
+    """Whether OpenVINO reports native bf16 for ``device`` (the ``BF16`` optimization capability: on
+    x86 CPUs AVX-512 BF16, AMX or AVX2-VNNI-2). False where the device cannot say (``AUTO:...``)."""
+    try:
+        return "BF16" in core.get_property(device, "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # OpenVINO raises RuntimeError for devices without the property
+        return False
+
+
+@functools.cache
+def cpu_native_bf16() -> bool:
+    """Whether openvino is installed and reports native bf16 on this machine's CPU (cached: CPUID)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return False
+    return native_bf16(ov.Core(), "CPU")
+
+
+def inference_precision(core: Any, settings: Settings) -> str:
+    """The ``INFERENCE_PRECISION_HINT`` for ``settings.openvino_inference_precision`` on this device:
+    ``f32``, or ``bf16`` where the device has native bf16; an explicit bf16 elsewhere is refused
+    (emulated or silently dropped by OpenVINO, see the module docstring)."""
+    want = settings.openvino_inference_precision
+    if want == "f32":
+        return "f32"
+    device = settings.openvino_device
+    native = native_bf16(core, device)
+    if want == "bf16" and not native:
+        raise ModelError(
+            f"openvino_inference_precision=bf16: OpenVINO device {device!r} reports no native bf16 "
+            "(OPTIMIZATION_CAPABILITIES lacks BF16; CPUs need AVX-512 BF16 or AMX); there bf16 would be "
+            "emulated (slower than f32) or silently run as f32: use f32 or auto"
+        )
+    return "bf16" if native else "f32"
 
 
 def create_session(path: Path, settings: Settings) -> OpenVINOSession:
