@@ -112,7 +112,7 @@ class Settings(BaseSettings):
     )
     # f32 by default: on CPUs with native bf16 OpenVINO would compute in bf16 unasked, and a server's
     # scores must not change with the CPU it runs on. bf16 is for who asks: all-MiniLM-L6-v2, 1,000 mixed
-    # texts, 2 threads, AMD EPYC AVX-512 BF16: 6.2 s vs 10.1 s f32, min cosine 0.99995 (BENCHMARKS.md).
+    # texts, 2 threads, AMD EPYC AVX-512 BF16: 6.2 s vs 10.1 s f32, min cosine 0.99995 (README "encapure.compat").
     openvino_inference_precision: OpenVINOPrecision = Field(
         default="f32",
         description="how OpenVINO computes floating-point layers: f32; bf16 (needs a CPU with native bf16, "

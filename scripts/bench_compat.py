@@ -10,7 +10,7 @@ Workload: 1,000 mixed-length texts from WikiQA (test + dev) via ``encapure.evalu
 (questions, sentences, passages past the 256-token limit). Ours also reports where its time goes:
 tokenization, real vs padded tokens, batches. Usage::
 
-    python scripts/bench_compat.py [--threads 2] [--rounds 3] [--n 1000] [--systems st,fp32,int8]
+    python scripts/bench_compat.py [--threads 2] [--rounds 3] [--n 1000] [--systems st,default,int8,bf16]
 """
 
 from __future__ import annotations
@@ -28,7 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ENCAPURE_SHARED", ROOT.parent / "shared"))
 WIKIQA = [SHARED / "data" / "wikiqa" / "WikiQA-test-gold.tsv", SHARED / "data" / "wikiqa" / "WikiQA-dev.tsv"]
 WORK = ROOT / ".work" / "bench-models"
-SYSTEMS = ("st", "fp32", "int8", "ov-int8")
+# default: what ``SentenceTransformer(hf_folder)`` picks on this machine (exported on first load into
+# WORK/cache); bf16: the fp32 export with precision="bf16" (OpenVINO, bf16 compute); ov-int8-bf16: the
+# OpenVINO int8 IR computed in bf16 where it is not int8 (ENCAPURE_OPENVINO_INFERENCE_PRECISION=bf16).
+SYSTEMS = ("st", "default", "fp32", "int8", "bf16", "ov-int8", "ov-int8-bf16")
+EXPORTED = {"fp32": "fp32", "int8": "int8", "bf16": "fp32", "ov-int8": "ov-int8", "ov-int8-bf16": "ov-int8"}
+CACHE = WORK / "cache"
 SHORT = "How are glacier caves formed?"
 
 
@@ -86,7 +91,12 @@ def child(system: str, n: int, threads: int) -> dict[str, Any]:
         from encapure.compat import SentenceTransformer
 
         # The compat defaults, with ENCAPURE_WORKERS=threads single-thread workers (set by the parent).
-        model = SentenceTransformer(str(export(system)))
+        if system == "default":
+            model = SentenceTransformer(str(embedder_source()))
+        elif system == "bf16":
+            model = SentenceTransformer(str(export(EXPORTED[system])), precision="bf16")
+        else:
+            model = SentenceTransformer(str(export(EXPORTED[system])))
     load_s = time.perf_counter() - t0
     model.encode(SHORT)
     rss_load = rss_mb()
@@ -106,6 +116,10 @@ def child(system: str, n: int, threads: int) -> dict[str, Any]:
                            "rss_mb": rss_mb(), "rss_model_mb": rss_mb() - rss0}
     if system != "st":
         out.update(breakdown(model.model, data))
+        session = model.model.session
+        out["runs_as"] = (f"{model.model.manifest.precision} on "
+                          + (f"OpenVINO {session.inference_precision}" if hasattr(session, "inference_precision")
+                             else "ONNX Runtime"))
     out["vecs"] = vecs[:: max(1, n // 100)].tolist()  # a sample, for the cosine check in the parent
     return out
 
@@ -130,9 +144,16 @@ def breakdown(model: Any, data: list[str]) -> dict[str, Any]:
     return {"tokenize_s": tok_s, "tokens": sum(lengths), "padded_tokens": padded, "batches": batches}
 
 
+def child_env(system: str, threads: int) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="true",
+               ENCAPURE_WORKERS=str(threads), ENCAPURE_THREADS_PER_WORKER="1", ENCAPURE_CACHE=str(CACHE))
+    if system == "ov-int8-bf16":
+        env.update(ENCAPURE_BACKEND="openvino", ENCAPURE_OPENVINO_INFERENCE_PRECISION="bf16")
+    return env
+
+
 def run_child(system: str, args: argparse.Namespace) -> dict[str, Any]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="true",
-               ENCAPURE_WORKERS=str(args.threads), ENCAPURE_THREADS_PER_WORKER="1")
+    env = child_env(system, args.threads)
     cmd = [sys.executable, __file__, "--child", system, "--n", str(args.n), "--threads", str(args.threads)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -145,9 +166,10 @@ def isa() -> str:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "unknown"
+    bf16 = " + native bf16" if " avx512_bf16" in flags or " amx_bf16" in flags else " (no native bf16)"
     for name in ("avx512_vnni", "avx_vnni", "avx512f", "avx2"):
         if f" {name}" in flags:
-            return name
+            return name + bf16
     return "no avx2"
 
 
@@ -166,16 +188,19 @@ def main() -> int:
     import numpy as np
 
     systems = [s for s in args.systems.split(",") if s]
-    for s in systems:
-        if s != "st":
-            export(s)  # outside the timed children
+    for s in systems:  # exports outside the timed children
+        if s == "default":
+            subprocess.run([sys.executable, "-c", "import sys; from encapure.compat import SentenceTransformer as S; "
+                            "S(sys.argv[1])", str(embedder_source())], env=child_env(s, args.threads), check=True)
+        elif s != "st":
+            export(EXPORTED[s])
     best: dict[str, dict[str, Any]] = {}
     for r in range(args.rounds):
         order = systems if r % 2 == 0 else systems[::-1]
         for s in order:
             res = run_child(s, args)
-            print(f"round {r + 1} {s:5s} batch {res['batch_s']:.2f} s  single {res['single_ms']:.1f} ms",
-                  file=sys.stderr, flush=True)
+            print(f"round {r + 1} {s:12s} batch {res['batch_s']:.2f} s  single {res['single_ms']:.1f} ms  "
+                  f"load average {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
             prev = best.get(s)
             if prev is None:
                 best[s] = res
@@ -185,13 +210,15 @@ def main() -> int:
                         prev[k] = min(prev[k], res[k])
 
     print(f"\n{args.n} mixed WikiQA texts, all-MiniLM-L6-v2, {args.threads} threads, CPU ISA {isa()}, "
-          f"best of {args.rounds} alternating rounds\n")
+          f"best of {args.rounds} alternating rounds, load average at the end {os.getloadavg()[0]:.2f}\n")
     print("| system | batch (s) | texts/s | vs ST | CPU s (all threads) | vs ST | single text (ms) | load (s) "
           "| RSS loaded (MB) | RSS after batch (MB) | cosine to ST (min) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     ref = np.asarray(best["st"]["vecs"], dtype=np.float32) if "st" in best else None
-    names = {"st": "sentence-transformers (torch fp32)", "fp32": "encapure.compat fp32",
-             "int8": "encapure.compat int8 (default)", "ov-int8": "encapure.compat OpenVINO IR int8 (static)"}
+    names = {"st": "sentence-transformers (torch fp32)", "default": "encapure.compat default",
+             "fp32": "encapure.compat fp32 (ONNX Runtime)", "int8": "encapure.compat int8 (ONNX Runtime, static)",
+             "bf16": "encapure.compat bf16 (fp32 file, OpenVINO bf16)", "ov-int8": "encapure.compat OpenVINO IR int8",
+             "ov-int8-bf16": "encapure.compat OpenVINO IR int8 + bf16"}
     for s in systems:
         b = best[s]
         speed = f"{best['st']['batch_s'] / b['batch_s']:.2f}x" if "st" in best else "-"
@@ -201,7 +228,8 @@ def main() -> int:
             v = np.asarray(b["vecs"], dtype=np.float32)
             c = (v * ref).sum(1) / np.linalg.norm(v, axis=1) / np.linalg.norm(ref, axis=1)
             cos = f"{c.min():.4f}"
-        print(f"| {names[s]} | {b['batch_s']:.2f} | {args.n / b['batch_s']:.0f} | {speed} | {b['cpu_s']:.2f} "
+        name = f"{names[s]}: {b['runs_as']}" if s == "default" else names[s]
+        print(f"| {name} | {b['batch_s']:.2f} | {args.n / b['batch_s']:.0f} | {speed} | {b['cpu_s']:.2f} "
               f"| {cpu_speed} | {b['single_ms']:.1f} "
               f"| {b['load_s']:.2f} | {b['rss_load_mb']:.0f} | {b['rss_mb']:.0f} | {cos} |")
     for s in systems:
