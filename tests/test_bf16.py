@@ -135,3 +135,17 @@ def test_compat_precision_bf16(embedder_fp32_dir: Path, embedder_int8_dir: Path,
     assert default_embedder_precision(Settings(providers=["cuda"])) is None
     # An exported folder runs as exported, default or not.
     assert type(SentenceTransformer(str(embedder_fp32_dir)).model.session).__name__ != "OpenVINOSession"
+
+
+def test_compat_default_embedder_follows_the_cpu(tmp_path: Path) -> None:
+    """``SentenceTransformer(hf_folder)`` end to end: the fp32 export on OpenVINO bf16 where the CPU has
+    native bf16, else the calibrated int8 export on ONNX Runtime."""
+    from encapure.compat import SentenceTransformer
+
+    m = SentenceTransformer(str(embedder_source()), cache_folder=str(tmp_path))
+    session = m.model.session
+    if cpu_native_bf16():
+        assert m.model.manifest.precision == "fp32" and session.inference_precision == "bf16"
+    else:
+        assert m.model.manifest.precision == "int8" and type(session).__name__ != "OpenVINOSession"
+    assert m.encode(["a glacier cave"]).shape == (1, 384)
