@@ -138,7 +138,7 @@ def default_embedder_precision(settings: Settings) -> CompatPrecision | None:
     (``Settings.precision``, int8 by default).
 
     Why (README "encapure.compat"): all-MiniLM-L6-v2, 1,000 mixed texts, 2 threads, AMD EPYC AVX-512 BF16,
-    quiet: bf16 (fp32 export, OpenVINO) 2.7x sentence-transformers, cosine to fp32 >= 0.9999 on every text,
+    load 1.5-3: bf16 (fp32 export, OpenVINO) 2.5-2.7x sentence-transformers, cosine to fp32 >= 0.9999 on every text,
     where ONNX Runtime int8 reached 1.7x and OpenVINO's int8 IR 2.4x (each left one text under 0.99; the IR
     also needs nncf to export). Batch-invariant with the backend's 16-token padding. Without native bf16 OpenVINO
     would emulate it (slower than f32) or run f32, so those CPUs keep int8. A precision, backend or
