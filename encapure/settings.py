@@ -105,7 +105,8 @@ class Settings(BaseSettings):
         default="onnxruntime",
         description="what runs the exported ONNX graph: onnxruntime, openvino (pip install openvino), or auto "
         "(a one-time probe per model and CPU picks the fastest batch-invariant backend that agrees with "
-        "onnxruntime; recorded in the cache)",
+        "onnxruntime: within 1e-3 of the output scale, or for a quantized export within its own recorded "
+        "deviation from PyTorch (parity.json); recorded in the cache)",
     )
     openvino_device: str = Field(
         default="CPU", min_length=1, description="OpenVINO device name for --backend openvino (CPU, GPU, AUTO:...)"
@@ -178,8 +179,9 @@ class Settings(BaseSettings):
         default=2.0,
         ge=0,
         description="at start every worker runs the largest batch (--max-batch-tokens, sequences of the "
-        "model's max length up to 512) when one sequence of it says the batch takes at most this many "
-        "seconds, so memory use starts at its plateau; 0: off",
+        "model's max length up to 512) when timing one sequence (a 64-token one first, then a full-length "
+        "one; time spent waiting for a CPU excluded) says the batch takes at most this many seconds, so "
+        "memory use starts at its plateau; 0: off",
     )
 
     # --- admission and deadlines -----------------------------------------------------------
