@@ -122,7 +122,7 @@ def _bulk_settings() -> Settings:
 # expect to be able to write. bf16 is not an export precision (Settings.precision, the manifest, the cache
 # key name a file; a bf16 run uses the fp32 file) but a runtime mode of OpenVINO, so the engine keeps it
 # in Settings.openvino_inference_precision and compat maps "bf16" onto an fp32 export run that way.
-CompatPrecision = Literal["fp32", "fp16", "int8", "int4", "bf16"]
+CompatPrecision = Precision | Literal["bf16"]
 COMPAT_PRECISIONS: tuple[str, ...] = (*PRECISIONS, "bf16")
 
 

@@ -171,7 +171,10 @@ def test_auto_accepts_openvino_on_int8_within_the_quantization_error(reranker_in
     assert tolerance is not None and tolerance[0] == recorded
     res = auto.probe(model, Settings(), _open, ["onnxruntime", "openvino"])
     assert res.tolerance == recorded
-    assert "openvino" not in res.rejected, res
+    # Agreement is what this test is about. Batch invariance is checked as well and depends on the
+    # CPU's int8 kernels (bit-exact on AMD EPYC AVX-512 VNNI; an earlier Intel VNNI machine differed by
+    # up to 0.11 logits), so a CPU may still reject OpenVINO for that, never for disagreeing.
+    assert "disagrees" not in res.rejected.get("openvino", ""), res
     assert 0 < res.agreement["openvino"] <= recorded
 
     def off(name: str, path: Path, settings: Settings) -> object:

@@ -54,6 +54,7 @@ def _timed_forward(model: InferenceModel, units: list[Unit]) -> float:
     wall, d1 = time.perf_counter() - t0, _run_delay_s()
     return wall - (d1 - d0) if d0 is not None and d1 is not None else wall
 
+
 class ServerState:
     def __init__(
         self,
