@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--backend", default="onnxruntime", help="engine only: encapure --backend")
+    p.add_argument("--backend", default=None, help="engine only: encapure --backend (default: the library's, auto)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--bulk-items", type=int, default=800,
                    help="time bulk calls on the first requests holding about this many items (same for every system)")
@@ -56,7 +56,7 @@ def main() -> None:
         from encapure.engine import Embedder, Reranker
         from encapure.settings import Settings
 
-        settings = Settings(threads_per_worker=a.threads, backend=a.backend)
+        settings = Settings(threads_per_worker=a.threads, **({"backend": a.backend} if a.backend else {}))
         if a.task == "rerank":
             rr = Reranker.from_pretrained(a.model, settings=settings)
 

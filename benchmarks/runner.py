@@ -97,7 +97,7 @@ class Plan:
         # draining in-flight requests (latency ~ concurrency x docs / throughput) after each half,
         # so the synthetic workloads run at c=8.
         return cls(quick=False, cell_s=3.0, concurrencies=[1, 8, 32, 100], synth_concurrency=8,
-                   synth=["short", "long", "mix"], open_loop_s=6.0, map_questions=None, inproc_s=5.0,
+                   synth=["short", "long", "mix"], open_loop_s=15.0, map_questions=None, inproc_s=5.0,
                    inproc_workloads=["wikiqa", "mix"], emb_concurrencies=[1, 16],
                    headline=True, headline_c1_s=10.0, headline_c8_s=15.0, profile_s=8.0,
                    precisions=["int8", "fp32", "int4"],
@@ -305,13 +305,14 @@ class Bench:
         specs: list[ServerSpec] = []
         for prec in p.precisions:
             if prec in dirs:
-                specs.append(encapure_spec(dirs[prec], name=f"encapure-{prec}", label=f"Encapure server {prec}"))
+                specs.append(encapure_spec(dirs[prec], name=f"encapure-{prec}", label=f"Encapure server {prec} (default backend: auto)"))
         int8 = dirs.get("int8")
         if int8 is not None:
-            # The same int8 file on the OpenVINO backend, and the one-worker x 2-thread split (the
-            # light-load candidate for the default): rows beside the default so one run decides.
-            specs.append(encapure_spec(int8, name="encapure-int8-openvino", label="Encapure server int8, OpenVINO",
-                                       extra=["--backend", "openvino"]))
+            # The default is --backend auto (the probe's pick on this CPU); the same int8 file pinned to
+            # ONNX Runtime, and the one-worker x 2-thread split: rows beside the default so one run decides.
+            specs.append(encapure_spec(int8, name="encapure-int8-onnxruntime",
+                                       label="Encapure server int8, ONNX Runtime pinned",
+                                       extra=["--backend", "onnxruntime"]))
             specs.append(encapure_spec(int8, name="encapure-int8-1x2", label="Encapure server int8, 1 worker x 2 threads",
                                        extra=["--workers", "1", "--threads-per-worker", "2"]))
             specs.append(naive_spec(int8))
@@ -381,6 +382,7 @@ class Bench:
         systems: list[tuple[str, str, str]] = [(f"engine-{prec}", "engine", str(dirs[prec]))
                                                 for prec in p.precisions if prec in dirs]
         if "int8" in dirs:
+            systems.append(("engine-int8-onnxruntime", "engine", str(dirs["int8"])))
             systems.append(("engine-int8-openvino", "engine", str(dirs["int8"])))
         systems.append(("st-inproc", "st", str(RERANKER_FIXTURE)))
         systems = [x for x in systems if p.wants(x[0])]
@@ -395,7 +397,7 @@ class Bench:
                 log(f"inproc: {name} on {wname}")
                 res = self.run_inproc(kind, "rerank", model, wf, max_length=256 if kind == "st" else None,
                                       full_pass=wname == "wikiqa" and kind == "engine",
-                                      backend="openvino" if name.endswith("-openvino") else None)
+                                      backend=next((b for b in ("openvino", "onnxruntime") if name.endswith(b)), None))
                 if res is None:
                     continue
                 row = {**{k: v for k, v in res.items() if k != "scores_by_key"}, "system": name, "workload": wname}

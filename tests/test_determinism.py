@@ -2,6 +2,8 @@
 
 Dynamic int8 failed this (a pair moved by up to 0.44 logits with its batch-mates); calibrated static
 int8 fixes every activation scale at export time, so a request's result must equal the solo result.
+Checked on ONNX Runtime and on the default backend (auto: the runtime the probe picks on this CPU; the
+solo model and the server share one probe record, as every process on a machine does).
 """
 
 from __future__ import annotations
@@ -17,6 +19,15 @@ import pytest
 
 from encapure.engine import Embedder, Reranker
 from encapure.server.testing import ServerProcess
+from encapure.settings import Settings
+
+BACKENDS = ["onnxruntime", "auto"]
+
+
+def _backend(name: str, cache: Path) -> tuple[Settings, dict[str, str]]:
+    """The solo model's settings and the server's environment for one backend, sharing one cache."""
+    return (Settings(backend=name, cache_dir=cache),  # type: ignore[arg-type]
+            {"ENCAPURE_BACKEND": name, "ENCAPURE_CACHE_DIR": str(cache)})
 
 WORDS = [
     "the", "capital", "of", "france", "paris", "river", "city", "museum", "vaccine", "immune", "system",
@@ -39,14 +50,17 @@ def _gather(url: str, path: str, bodies: list[dict[str, Any]]) -> list[httpx.Res
 
 
 @pytest.mark.slow
-def test_64_concurrent_reranks_equal_solo_at_default_precision(reranker_int8_dir: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_64_concurrent_reranks_equal_solo_at_default_precision(reranker_int8_dir: Path, backend: str,
+                                                               tmp_path: Path) -> None:
     rng = random.Random(3)
     bodies = [{"query": _sentence(rng, rng.randint(2, 10)),
                "documents": [_sentence(rng, rng.randint(2, 60)) for _ in range(rng.choice([1, 3, 6, 10]))],
                "raw_scores": True} for _ in range(64)]
-    solo = Reranker.from_pretrained(reranker_int8_dir)
+    settings, env = _backend(backend, tmp_path)
+    solo = Reranker.from_pretrained(reranker_int8_dir, settings=settings)
     assert solo.model.manifest.precision == "int8" and solo.model.manifest.quantization["method"] == "static"
-    with ServerProcess(["--model", f"rr={reranker_int8_dir}", "--request-timeout", "300"]) as server:
+    with ServerProcess(["--model", f"rr={reranker_int8_dir}", "--request-timeout", "300"], env=env) as server:
         responses = _gather(server.url, "/rerank", bodies)
         metrics = httpx.get(server.url + "/metrics").text
     assert [r.status_code for r in responses] == [200] * 64
@@ -62,13 +76,16 @@ def test_64_concurrent_reranks_equal_solo_at_default_precision(reranker_int8_dir
 
 
 @pytest.mark.slow
-def test_64_concurrent_embeddings_equal_solo_at_default_precision(embedder_int8_dir: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_64_concurrent_embeddings_equal_solo_at_default_precision(embedder_int8_dir: Path, backend: str,
+                                                                  tmp_path: Path) -> None:
     rng = random.Random(4)
     bodies = [{"input": [_sentence(rng, rng.randint(1, 80)) for _ in range(rng.choice([1, 2, 5, 8]))],
                "model": "emb"} for _ in range(64)]
-    solo = Embedder.from_pretrained(embedder_int8_dir)
+    settings, env = _backend(backend, tmp_path)
+    solo = Embedder.from_pretrained(embedder_int8_dir, settings=settings)
     assert solo.model.manifest.quantization["method"] == "static"
-    with ServerProcess(["--model", f"emb={embedder_int8_dir}", "--request-timeout", "300"]) as server:
+    with ServerProcess(["--model", f"emb={embedder_int8_dir}", "--request-timeout", "300"], env=env) as server:
         responses = _gather(server.url, "/v1/embeddings", bodies)
     assert [r.status_code for r in responses] == [200] * 64
     worst = 0.0
