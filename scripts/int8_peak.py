@@ -270,10 +270,25 @@ def wikiqa_pairs() -> list[tuple[str, str]]:
     return pairs_of(load_dataset(WIKIQA))
 
 
-def engine_rates(folder: Path, pairs: list[tuple[str, str]], configs: list[tuple[str, int, int]],
-                 rounds: int) -> tuple[dict[tuple[str, int, int], float], list[int], list[dict[str, np.ndarray]]]:
-    """Best seconds to score all pairs per (backend, workers, threads), rounds alternating; the
-    pairs' token lengths; the feeds the engine built (recorded on the first config)."""
+Config = tuple[str, int, int]  # (backend, workers, threads per worker)
+
+
+@dataclass
+class EngineRun:
+    whole: dict[Config, float]  # best seconds of a whole pass over the pairs
+    batch_best: dict[Config, float]  # sum over the engine's batches of each batch's best seconds
+    lengths: list[int]  # tokens per pair as the engine fed them
+    feeds: list[dict[str, np.ndarray]]  # the batches the engine built
+
+
+def engine_rates(folder: Path, pairs: list[tuple[str, str]], configs: list[Config], rounds: int) -> EngineRun:
+    """Score all pairs with the engine per config, ``rounds`` alternating passes (best kept).
+
+    A whole pass takes seconds, a peak GEMM milliseconds: on a shared machine the GEMM's best run
+    finds a quiet moment far more easily. So the single-worker configs are also timed batch by
+    batch (each of the engine's batches ``rounds`` times through the engine's session, the best
+    kept, summed), the same best-of-short-runs method as the peak.
+    """
     from encapure.engine import Reranker
 
     rerankers = {}
@@ -297,9 +312,22 @@ def engine_rates(folder: Path, pairs: list[tuple[str, str]], configs: list[tuple
             dt = time.perf_counter() - t0
             best[cfg] = min(best[cfg], dt)
             log(f"  round {rnd + 1} {cfg[0]:11s} {cfg[1]}x{cfg[2]}: {len(pairs) / dt:7.1f} pairs/s")
+    feeds = recorder.feeds
+    single = [cfg for cfg in configs if cfg[1] == 1]
+    per_batch = {cfg: [float("inf")] * len(feeds) for cfg in single}
+    for rnd in range(rounds):
+        for j, feed in enumerate(feeds):
+            for cfg in single if (rnd + j) % 2 == 0 else list(reversed(single)):
+                session = rerankers[cfg].model.session
+                t0 = time.perf_counter()
+                session.run(None, feed)
+                per_batch[cfg][j] = min(per_batch[cfg][j], time.perf_counter() - t0)
+    batch_best = {cfg: sum(v) for cfg, v in per_batch.items()}
+    for cfg, sec in batch_best.items():
+        log(f"  per-batch best {cfg[0]:11s} {cfg[1]}x{cfg[2]}: {len(pairs) / sec:7.1f} pairs/s")
     for r in rerankers.values():
         r.close()
-    return best, lengths, recorder.feeds
+    return EngineRun(best, batch_best, lengths, feeds)
 
 
 def ort_profile(model_path: Path, feeds: list[dict[str, np.ndarray]], threads: int, workdir: Path) -> dict[str, float]:
@@ -417,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                 if t > 1:
                     configs.append((backend, t, 1))
         log(f"engine on {len(pairs)} WikiQA-test-gold pairs ...")
-        best, lengths, feeds = engine_rates(args.model, pairs, configs, args.rounds)
+        run = engine_rates(args.model, pairs, configs, args.rounds)
+        lengths, feeds = run.lengths, run.feeds
         i8_flops, f32_flops = counter.total(lengths)
         padded = [int(f["input_ids"].shape[0]) * int(f["input_ids"].shape[1]) for f in feeds]
         pad_i8 = sum(int(f["input_ids"].shape[0]) * counter.per_sequence(int(f["input_ids"].shape[1]))[0]
@@ -458,20 +487,21 @@ def main(argv: list[str] | None = None) -> int:
     add("### Achieved: the engine on WikiQA-test-gold (best of "
         f"{args.rounds} alternating rounds), against the best GEMM of the same runtime and thread count")
     add("")
-    add("| runtime | workers x threads | pairs/s | achieved GOPS (int8 + fp32 MatMuls) | int8 peak | fp32 peak "
-        "| % of int8 peak | MatMul-bound time / actual |")
-    add("|---|---|---:|---:|---:|---:|---:|---:|")
-    for cfg in configs:
+    add("| runtime | workers x threads | timing | pairs/s | achieved GOPS (int8 + fp32 MatMuls) | int8 peak "
+        "| fp32 peak | % of int8 peak | MatMul-bound time / actual |")
+    add("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    timings = [(cfg, "whole pass", sec) for cfg, sec in run.whole.items()]
+    timings += [(cfg, "per-batch best", sec) for cfg, sec in run.batch_best.items()]
+    for cfg, how, sec in sorted(timings, key=lambda x: (x[0][0], x[0][1] * x[0][2], x[0][1], x[1])):
         backend, workers, t = cfg
-        sec = best[cfg]
         total_threads = workers * t
         p8, p32 = peak.get((backend, "int8", total_threads)), peak.get((backend, "fp32", total_threads))
         if p8 is None or p32 is None:
             continue
         achieved = (i8_flops + f32_flops) / sec / 1e9
         bound = (i8_flops / (p8 * 1e9) + f32_flops / (p32 * 1e9)) / sec
-        add(f"| {backend} | {workers} x {t} | {fmt(len(pairs) / sec)} | {fmt(achieved)} | {fmt(p8)} | {fmt(p32)} "
-            f"| {100 * achieved / p8:.1f}% | {100 * bound:.1f}% |")
+        add(f"| {backend} | {workers} x {t} | {how} | {fmt(len(pairs) / sec)} | {fmt(achieved)} | {fmt(p8)} "
+            f"| {fmt(p32)} | {100 * achieved / p8:.1f}% | {100 * bound:.1f}% |")
     if profiles:
         add("")
         add(f"### Where the time goes: the engine's {len(feeds)} batches replayed, {max(threads)} threads, one "
@@ -486,7 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     add("MatMul-bound time: the time the model's MatMul FLOPs would take at the runtime's peak (int8 weight "
         "MatMuls at the int8 GEMM peak, fp32 attention MatMuls at the fp32 peak), over the measured time; "
         "100% would mean nothing but peak-rate GEMMs. Peaks of 2 threads are set against the engine's "
-        "2 x 1 and 1 x 2 runs alike.")
+        "2 x 1 and 1 x 2 runs alike. Per-batch best: each of the engine's batches timed through its "
+        "session, best of the rounds, summed (single-worker configs; tokenization excluded): the "
+        "peak's best-of-short-runs method, so a loaded machine biases both alike.")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.md:
