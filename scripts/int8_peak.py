@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                       for f in feeds)
         profiles: dict[str, tuple[float, float, list[tuple[str, float]]]] = {}
         if not args.no_profile:
-            pt = max(threads)
+            pt = min(threads)  # the engine serves 2 cores as 2 workers x 1 thread
             log(f"profiles ({len(feeds)} engine batches, {pt} threads) ...")
             profiles["onnxruntime"] = matmul_share(ort_profile(model_path, feeds, pt, workdir), ORT_MATMUL_OPS)
             profiles["openvino"] = matmul_share(ov_profile(model_path, feeds, pt), OV_MATMUL_TYPES)
@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {fmt(p32)} | {100 * achieved / p8:.1f}% | {100 * bound:.1f}% |")
     if profiles:
         add("")
-        add(f"### Where the time goes: the engine's {len(feeds)} batches replayed, {max(threads)} threads, one "
+        add(f"### Where the time goes: the engine's {len(feeds)} batches replayed, {min(threads)} thread(s), one "
             "profiled session (ORT enable_profiling / OpenVINO PERF_COUNT)")
         add("")
         add("| runtime | MatMul share of node time | node time / wall | top node types (share of node time) |")
