@@ -315,10 +315,12 @@ def engine_rates(folder: Path, pairs: list[tuple[str, str]], configs: list[Confi
     feeds = recorder.feeds
     single = [cfg for cfg in configs if cfg[1] == 1]
     per_batch = {cfg: [float("inf")] * len(feeds) for cfg in single}
+    # A config's batches run back to back (alternating configs per round, not per batch), so its
+    # weights stay in cache as in a real pass; switching sessions every batch evicted them.
     for rnd in range(rounds):
-        for j, feed in enumerate(feeds):
-            for cfg in single if (rnd + j) % 2 == 0 else list(reversed(single)):
-                session = rerankers[cfg].model.session
+        for cfg in single if rnd % 2 == 0 else list(reversed(single)):
+            session = rerankers[cfg].model.session
+            for j, feed in enumerate(feeds):
                 t0 = time.perf_counter()
                 session.run(None, feed)
                 per_batch[cfg][j] = min(per_batch[cfg][j], time.perf_counter() - t0)
