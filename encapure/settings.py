@@ -25,6 +25,11 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_RERANKER = "BAAI/bge-reranker-v2-m3"
+# At and above this many parameters a model gets one worker by default (``Settings.workers_for``).
+# Measured at the two ends only: MiniLM-L6 (23 M) is faster with 2 single-thread workers, and
+# bge-reranker-v2-m3 (568 M) holds less memory with 1 (see the ``workers`` field); the line between
+# them is a judgement (not measured there), placed above the base-size models (~110 M).
+LARGE_MODEL_PARAMETERS = 200_000_000
 
 Precision = Literal["fp32", "fp16", "int8", "int4"]
 # The one list of precisions: CLI choices, export checks and the docs all read it.
@@ -146,8 +151,17 @@ class Settings(BaseSettings):
     )
     # Inference workers (threads sharing one ORT session). Measured on the 2-core dev machine
     # (scripts/bench_engine.py --sections threads): 2 single-thread workers beat one 2-thread run
-    # for throughput, both for bulk scoring and for streams of small requests.
-    workers: int = Field(default=2, ge=1, description="inference worker threads")
+    # for throughput, both for bulk scoring and for streams of small requests. That holds for small
+    # models; a large one pays each extra worker's activations (an OpenVINO stream, an arena) in
+    # memory, so the server sizes the default by the model (``workers_for``) unless it is set.
+    workers: int = Field(
+        default=2,
+        ge=1,
+        description="inference worker threads; when not set, `encapure serve` uses 1 for a model of over "
+        "200 M parameters (estimated from its weight files): bge-reranker-v2-m3 int4 IR held ~55 MB more RSS "
+        "with 2 (scripts/measure_bge_memory.py), while small models (MiniLM) run faster with 2",
+        json_schema_extra=_doc("2 (1 for models over 200 M parameters)"),
+    )
     threads_per_worker: int = Field(
         default=0,
         ge=0,
@@ -166,6 +180,20 @@ class Settings(BaseSettings):
         default=True,
         description="let ONNX Runtime pre-pack weights into kernel layouts (faster; off saves memory "
         "only in rare setups)",
+    )
+
+    # glibc malloc in the server process (encapure/server/memory.py); no effect with another C library.
+    malloc_arena_max: int = Field(
+        default=2,
+        ge=0,
+        description="malloc arenas of the server process (glibc; set at start, before worker threads exist): "
+        "fewer arenas hold less free heap apart (MALLOC_ARENA_MAX=2 measured -13 MB on bge-reranker-v2-m3 "
+        "int4); 0: glibc's default (8 per core), as does a MALLOC_ARENA_MAX in the environment",
+    )
+    malloc_trim: bool = Field(
+        default=True,
+        description="give the free heap back to the kernel (glibc malloc_trim) once no request has been in "
+        "flight for 0.25 s, at most once a second",
     )
 
     # --- batching ---------------------------------------------------------------------------
@@ -312,6 +340,14 @@ class Settings(BaseSettings):
         """A bf16 request that ONNX Runtime would run (in f32) is refused, not silently ignored."""
         check_openvino_precision(self.backend, self.openvino_inference_precision)
         return self
+
+    def workers_for(self, parameters: int | None) -> int:
+        """Worker threads for a model of ``parameters`` (None: unknown): ``workers`` when it was set
+        (flag, environment, argument), else 1 for a large model (``LARGE_MODEL_PARAMETERS``) and the
+        default for the rest."""
+        if "workers" in self.model_fields_set or parameters is None or parameters < LARGE_MODEL_PARAMETERS:
+            return self.workers
+        return 1
 
     def resolved_threads(self) -> int:
         if self.threads_per_worker > 0:

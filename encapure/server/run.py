@@ -26,6 +26,7 @@ from encapure.errors import RequestTimeoutError
 from encapure.server.app import create_app
 from encapure.server.loading import preflight
 from encapure.server.logs import setup_logging
+from encapure.server.memory import cap_arenas
 from encapure.server.protocol import guarded_protocol
 from encapure.server.state import ServerState
 from encapure.settings import Settings
@@ -120,6 +121,7 @@ def uvicorn_config(app: Any, state: ServerState, **kwargs: Any) -> uvicorn.Confi
 def serve(settings: Settings) -> int:
     """Start the server (blocking). Returns the process exit status."""
     setup_logging(settings.log_format, settings.log_level)
+    cap_arenas(settings.malloc_arena_max)  # before the first worker or runtime thread exists
     problem = preflight(settings)
     if problem is not None:  # say so before listening, not as a traceback after "Uvicorn running"
         print(problem, file=sys.stderr)

@@ -20,7 +20,8 @@ from encapure.engine.types import InferenceModel, Unit
 from encapure.errors import NotReadyError, ShuttingDownError
 from encapure.scheduler.metrics import SchedulerMetrics
 from encapure.server.errors import error_kinds
-from encapure.server.loading import ModelSpec, load_spec, parse_specs
+from encapure.server.loading import ModelSpec, load_spec, parse_specs, sized_settings
+from encapure.server.memory import IdleTrim
 from encapure.server.metrics import HttpMetrics
 from encapure.settings import Settings
 
@@ -92,6 +93,8 @@ class ServerState:
         self.ready_after_s: float | None = None
         self.drain_deadline: float | None = None  # monotonic; the shutdown budget is shared by every step
         self.fault_injection = bool(getattr(settings, "fault_injection", False))
+        self._trim = IdleTrim(settings.malloc_trim)
+        self._trim_handle: asyncio.TimerHandle | None = None
 
     def resolve(self, name: str) -> str:
         """A model's name from one of its aliases (other names as they are)."""
@@ -116,6 +119,24 @@ class ServerState:
         if self.inflight <= 0:
             self.inflight = 0
             self._idle.set()
+            self._trim_when_idle()
+
+    def _trim_when_idle(self) -> None:
+        """Give free heap back to the kernel (``--malloc-trim``) once no request has been in flight for
+        a moment; in a worker thread, not on the event loop."""
+        if not self._trim.enabled or self._trim_handle is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not called from the event loop (a test driving the state by hand)
+            return
+
+        def fire() -> None:
+            self._trim_handle = None
+            if self.inflight == 0 and self.phase == "ready":
+                loop.run_in_executor(None, self._trim)
+
+        self._trim_handle = loop.call_later(self._trim.delay(), fire)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -136,7 +157,10 @@ class ServerState:
             if self._given is not None:
                 loaded = [(ModelSpec(name=n, source=m.manifest.source or n), m, 0.0) for n, m in self._given.items()]
             else:
-                loaded = [await asyncio.to_thread(load_spec, s, self.settings) for s in parse_specs(self.settings)]
+                specs = parse_specs(self.settings)
+                # Before any session exists: sessions, the worker pool and the warm-up share one count.
+                self.settings = await asyncio.to_thread(sized_settings, self.settings, specs)
+                loaded = [await asyncio.to_thread(load_spec, s, self.settings) for s in specs]
             for spec, model, seconds in loaded:
                 self.models[spec.name] = model
                 self.specs[spec.name] = spec
@@ -168,6 +192,8 @@ class ServerState:
                 self.on_fatal()
             return
         if self.phase == "starting":
+            if self._trim.enabled:  # what loading and the warm-up freed, before RSS at ready is read
+                await asyncio.to_thread(self._trim)
             self.phase = "ready"
             self.http_metrics.ready.set(1)
             self.ready_after_s = time.perf_counter() - t0
