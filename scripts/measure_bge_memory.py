@@ -187,7 +187,16 @@ print(json.dumps({"base_rss_mb": round(base["VmRSS"]), "session_load_s": round(l
 
 
 # server rows: (label, extra ``encapure serve`` arguments)
-SERVER_CONFIGS = [("server, defaults", []), ("server, --workers 1", ["--workers", "1"])]
+SERVER_CONFIGS = [
+    ("server, defaults", []),
+    ("server, --workers 1", ["--workers", "1"]),
+    # the defaults before the size-aware worker count and the malloc settings
+    ("server, old defaults", ["--workers", "2", "--malloc-arena-max", "0", "--no-malloc-trim"]),
+    # one lever at a time off the new defaults
+    ("server, defaults, glibc arenas", ["--malloc-arena-max", "0"]),
+    ("server, defaults, --no-malloc-trim", ["--no-malloc-trim"]),
+    ("server, defaults, no malloc settings", ["--malloc-arena-max", "0", "--no-malloc-trim"]),
+]
 
 _STARTUP_PROBE = r"""
 import json, sys, time
