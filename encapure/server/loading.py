@@ -269,7 +269,10 @@ def load_spec(spec: ModelSpec, settings: Settings) -> tuple[ModelSpec, Inference
     t0 = time.perf_counter()
     log.info("loading model", extra={"model": spec.name, "source": spec.source})
     try:
-        model = load_model(spec.source, settings=settings, name=spec.name, exporter=export_in_child)
+        # No engine warm-up: the server warms each model itself once the scheduler runs (a request
+        # through the whole pipeline, then the largest batch where it is cheap), which covers its
+        # shapes; for a large model the engine's two extra shapes were start-up time for nothing.
+        model = load_model(spec.source, settings=settings, name=spec.name, exporter=export_in_child, warmup=False)
     except Exception as e:
         fixture = find_fixture() if spec.is_default else None
         if fixture is None:
@@ -283,7 +286,7 @@ def load_spec(spec: ModelSpec, settings: Settings) -> tuple[ModelSpec, Inference
             fixture,
         )
         spec = ModelSpec(name=FALLBACK_FIXTURE, source=str(fixture))
-        model = load_model(str(fixture), settings=settings, name=spec.name, exporter=export_in_child)
+        model = load_model(str(fixture), settings=settings, name=spec.name, exporter=export_in_child, warmup=False)
     return spec, model, time.perf_counter() - t0
 
 
