@@ -308,6 +308,9 @@ def cut_pairs(folder: Path, pairs: list[tuple[str, str]], tokens: int = 64) -> l
     return out
 
 
+CHECKPOINT = 30  # server rows also read the RSS after this many requests
+
+
 def server_probe(folder: Path, extra: list[str], runs: int, pairs: list[tuple[str, str]]) -> dict[str, Any]:
     """``encapure serve --model folder`` in a fresh process: seconds from launch to /ready 200, the
     process's RSS at ready and after ``runs`` sequential /rerank requests of 8 pairs (c=1), p50."""
@@ -346,7 +349,11 @@ def server_probe(folder: Path, extra: list[str], runs: int, pairs: list[tuple[st
             kids = _children(proc.pid)
             at_ready = _proc_rss(proc.pid)
             lat = []
+            checkpoint: dict[str, float] = {}
             for i in range(runs):
+                if i == CHECKPOINT and runs > CHECKPOINT:  # rows measured with fewer requests compare here
+                    time.sleep(1.5)
+                    checkpoint = _proc_rss(proc.pid)
                 batch = pairs[(i * 8) % len(pairs):][:8]
                 t = time.perf_counter()
                 r = client.post(f"{url}/rerank", json={"query": batch[0][0], "documents": [d for _, d in batch]})
@@ -363,6 +370,7 @@ def server_probe(folder: Path, extra: list[str], runs: int, pairs: list[tuple[st
             "anon_ready_mb": round(at_ready["RssAnon"]), "file_ready_mb": round(at_ready["RssFile"]),
             "rss_after_mb": round(after["VmRSS"]), "anon_after_mb": round(after["RssAnon"]),
             "file_after_mb": round(after["RssFile"]), "requests": runs, "child_processes": len(kids),
+            **({f"rss_after_{CHECKPOINT}_mb": round(checkpoint["VmRSS"])} if checkpoint else {}),
             "p50_ms": round(1000 * lat[len(lat) // 2], 1), "min_ms": round(1000 * lat[0], 1),
             "largest_batch_warmup": "skipped" if skipped else "ran", "args": " ".join(extra) or "(defaults)"}
 
