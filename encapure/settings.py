@@ -158,8 +158,9 @@ class Settings(BaseSettings):
         default=2,
         ge=1,
         description="inference worker threads; when not set, `encapure serve` uses 1 for a model of over "
-        "200 M parameters (estimated from its weight files): bge-reranker-v2-m3 int4 IR held ~55 MB more RSS "
-        "with 2 (scripts/measure_bge_memory.py), while small models (MiniLM) run faster with 2",
+        "200 M parameters (estimated from its weight files): bge-reranker-v2-m3 int4 IR held 462 MB at ready "
+        "and 617 MB after 30 requests of 8 x 64 tokens with 2, 409 and 500 MB with 1 "
+        "(scripts/measure_bge_memory.py), while small models (MiniLM) run faster with 2",
         json_schema_extra=_doc("2 (1 for models over 200 M parameters)"),
     )
     threads_per_worker: int = Field(
@@ -183,17 +184,21 @@ class Settings(BaseSettings):
     )
 
     # glibc malloc in the server process (encapure/server/memory.py); no effect with another C library.
+    # Measured through `encapure serve` on bge-reranker-v2-m3 int4 IR, 1 worker x 2 threads, after 30
+    # requests of 8 x 64 tokens (scripts/measure_bge_memory.py, shared 2-core AMD EPYC, load 6-9):
+    # neither setting 409 MB at ready / 500 after; arenas capped at 2 alone 411 / 503 (no gain with one
+    # worker, so off by default); trim on 404 / 494.
     malloc_arena_max: int = Field(
-        default=2,
+        default=0,
         ge=0,
-        description="malloc arenas of the server process (glibc; set at start, before worker threads exist): "
-        "fewer arenas hold less free heap apart (MALLOC_ARENA_MAX=2 measured -13 MB on bge-reranker-v2-m3 "
-        "int4); 0: glibc's default (8 per core), as does a MALLOC_ARENA_MAX in the environment",
+        description="cap on the server process's malloc arenas (glibc; set at start, before worker threads "
+        "exist); 0: glibc's default (8 per core), or MALLOC_ARENA_MAX from the environment. Measured on "
+        "bge-reranker-v2-m3 int4: 2 saved ~13 MB with 2 workers, nothing with 1",
     )
     malloc_trim: bool = Field(
         default=True,
-        description="give the free heap back to the kernel (glibc malloc_trim) once no request has been in "
-        "flight for 0.25 s, at most once a second",
+        description="give the free heap back to the kernel (glibc malloc_trim) at ready and once no request "
+        "has been in flight for 0.25 s, at most once a second (bge-reranker-v2-m3 int4: ~6-9 MB less RSS)",
     )
 
     # --- batching ---------------------------------------------------------------------------
