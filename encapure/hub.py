@@ -81,16 +81,17 @@ def missing_ir_modules() -> list[str]:
     return [m for m in IR_MODULES if importlib.util.find_spec(m) is None]
 
 
-def export_format(backend: str, precision: str) -> str:
+def export_format(backend: str, precision: str, task: str = "auto") -> str:
     """The format to ask the exporter for when ``backend`` will run the export at ``precision``.
 
     ``auto`` (resolved after task detection: the static int8 IR for embedders, ONNX otherwise) only
     for ``backend="openvino"`` at int8, and only where openvino and nncf are installed; otherwise
     ``onnx``, so a partial install falls back to the ONNX entry (and a later full install gets the
     IR under its own key instead of finding that fallback cached). ``backend="auto"`` may pick ONNX
-    Runtime, which cannot run an IR, so it keeps ONNX.
+    Runtime, which cannot run an IR, so it keeps ONNX. A ``task`` known to be no embedding keeps
+    ONNX too, sharing the entry other backends use.
     """
-    if backend != "openvino" or precision != "int8":
+    if backend != "openvino" or precision != "int8" or task in ("rerank", "classify"):
         return "onnx"
     missing = missing_ir_modules()
     if missing:
@@ -178,12 +179,12 @@ def cached_export(
 ) -> Path:
     """Export a Hugging Face folder or hub id into ``settings.cache_dir`` once; return the folder.
 
-    ``format`` (default: ``export_format(settings.backend, precision)``) is what the exporter is
+    ``format`` (default: ``export_format(settings.backend, precision, task)``) is what the exporter is
     asked for: ``onnx``, ``openvino`` or ``auto``.
     """
     settings = settings or Settings()
     precision = precision or settings.precision
-    format = format or export_format(settings.backend, precision)
+    format = format or export_format(settings.backend, precision, task)
     key = cache_key(source, precision, task, max_length, format)
 
     def build(tmp: Path) -> None:

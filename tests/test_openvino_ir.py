@@ -428,6 +428,7 @@ def test_openvino_backend_keeps_onnx_where_the_ir_is_not_faster(tmp_path: Path) 
 
     assert export_format("openvino", "int8") == "auto"
     assert export_format("openvino", "fp32") == "onnx"
+    assert export_format("openvino", "int8", task="rerank") == "onnx"  # the entry every backend shares
     assert resolve_format("auto", "int8", "embed") == "openvino"
     assert resolve_format("auto", "int8", "rerank") == "onnx"
     assert resolve_format("auto", "int8", "embed", decoder=True) == "onnx"
