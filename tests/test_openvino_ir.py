@@ -22,6 +22,15 @@ from encapure.settings import Settings
 pytest.importorskip("openvino", reason="--format openvino needs openvino (the openvino extra)")
 pytest.importorskip("nncf", reason="--format openvino int4/int8 needs nncf (the export extra)")
 
+
+@pytest.fixture(autouse=True)
+def _openvino_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest pins ENCAPURE_BACKEND=onnxruntime for the suite, and an IR refuses an explicit
+    onnxruntime: in this module models open on OpenVINO (the fp32 ONNX references too) unless a
+    test names another backend."""
+    monkeypatch.setenv("ENCAPURE_BACKEND", "openvino")
+
+
 PAIRS = [
     ("what is the capital of france", "Paris is the capital and most populous city of France."),
     ("what is the capital of france", "Lyon is a city in France."),
@@ -86,7 +95,7 @@ def _wikiqa_map(model: Reranker, n_queries: int = 60) -> float:
 @pytest.mark.parametrize("precision,floor", [("int8", 0.99), ("int4", 0.95)])
 def test_ir_ranks_like_fp32(precision: str, floor: float, reranker_fp32_dir: Path) -> None:
     """The ranking bar: WikiQA MAP (60 queries) of the IR against the fp32 ONNX export."""
-    ir = Reranker.from_pretrained(_ir(precision))  # default backend: an IR opens on OpenVINO
+    ir = Reranker.from_pretrained(_ir(precision))
     assert type(ir.model.session).__name__ == "OpenVINOSession"
     fp32 = Reranker.from_pretrained(reranker_fp32_dir)
     want = fp32.score(PAIRS, raw_scores=True)
