@@ -331,12 +331,13 @@ def render(r: dict[str, Any], plot_files: list[str], plot_dir: Path, md_dir: Pat
         L.append("In-process (child process, no HTTP): *bulk* = the whole workload in one call (the library's own "
                  "batching), *sequential* = one call per request.\n")
         L.append("| system | workload | bulk pairs/s (first ~800 items) | whole workload pairs/s | sequential pairs/s "
-                 "| sequential p50 / p99 ms | MAP |")
-        L.append("|---|---|---|---|---|---|---|")
+                 "| sequential p50 / p99 ms | MAP | min / mean cosine |")
+        L.append("|---|---|---|---|---|---|---|---|")
         for ip in r["inproc"]:
+            cos = f"{_f(ip['min_cos'], 4)} / {_f(ip.get('mean_cos'), 4)}" if ip.get("min_cos") is not None else "–"
             L.append(f"| {ip['system']} | {ip['workload']} | {_f(ip['bulk_items_per_s'])} | {_f(ip.get('full_items_per_s'))} "
                      f"| {_f(ip.get('seq_items_per_s'))} "
-                     f"| {_f(ip.get('seq_p50_ms'), 1)} / {_f(ip.get('seq_p99_ms'), 1)} | {_f(ip.get('map'), 4)} |")
+                     f"| {_f(ip.get('seq_p50_ms'), 1)} / {_f(ip.get('seq_p99_ms'), 1)} | {_f(ip.get('map'), 4)} | {cos} |")
         L.append("")
     erows = [c for c in r["cells"] if c["phase"] == "embed"]
     if erows:

@@ -109,6 +109,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _cosines(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Cosine of each row of ``got`` to the same row of ``ref``."""
+    b = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    return np.asarray((got * b).sum(1) / np.linalg.norm(got, axis=1))
+
+
 def machine_info() -> dict[str, Any]:
     cpu = "unknown"
     flags: set[str] = set()
@@ -447,6 +453,13 @@ class Bench:
             specs.append(encapure_spec(int8, name="encapure-embed-int8-openvino", label="Encapure server int8, OpenVINO",
                                        task="embed", extra=["--backend", "openvino"]))
             specs.append(naive_spec(int8, task="embed"))
+        # The OpenVINO int8 embedder recipe (NNCF static int8 IR, what `serve --backend openvino` exports
+        # on load): the int8 IR against the int8 ONNX graph above on the same backend.
+        ov_ir = self.export("embedder", "int8-openvino")
+        if ov_ir is not None:
+            specs.append(encapure_spec(ov_ir, name="encapure-embed-int8-ir-openvino",
+                                       label="Encapure server int8 IR (NNCF static), OpenVINO", task="embed",
+                                       extra=["--backend", "openvino"]))
         specs.append(st_spec(emb_src, task="embed"))
         if any(x.startswith("infinity") for x in p.peers) and (py := self.peer("infinity")):
             if "infinity-torch" in p.peers:
@@ -463,20 +476,33 @@ class Bench:
         wf = self.tmp / "wl-embed.json"
         wf.write_text(json.dumps([{"query": None, "texts": r.texts, "key": str(r.key)} for r in wl.requests]))
         ref_rows = []
-        # fp32 beside int8 in-process: what the accuracy-first int8 recipe buys (or costs) in speed.
+        # int8 beside fp32 in-process, per backend: ONNX Runtime runs the int8 ONNX graph (accuracy-first
+        # recipe), OpenVINO the int8 IR; both fp32 rows run the same fp32 ONNX export.
         fp32 = None if p.quick else self.export("embedder", "fp32")
-        for name, kind, model in [("engine-embed-int8", "engine", str(int8) if int8 else None),
-                                  ("engine-embed-fp32", "engine", str(fp32) if fp32 else None),
-                                  ("st-embed-inproc", "st", str(emb_src))]:
+        inproc: list[tuple[str, str, Path | None, str | None]] = [
+            ("engine-embed-int8", "engine", int8, None),
+            ("engine-embed-fp32", "engine", fp32, None),
+            ("engine-embed-int8-openvino", "engine", ov_ir, "openvino"),
+            ("engine-embed-fp32-openvino", "engine", fp32, "openvino"),
+            ("st-embed-inproc", "st", emb_src, None),
+        ]
+        for name, kind, model, backend in inproc:
             if model is None:
                 continue
             log(f"inproc embed: {name}")
-            res = self.run_inproc(kind, "embed", model, wf)
+            res = self.run_inproc(kind, "embed", str(model), wf, backend=backend)
             if res:
                 ref_rows.append((name, res))
                 self.r["inproc"].append({**{k: v for k, v in res.items() if k not in ("scores_by_key", "embeddings_head")},
                                          "system": name, "workload": wl.name})
         ref = next((np.array(r["embeddings_head"]) for n, r in ref_rows if n == "st-embed-inproc"), None)
+        if ref is not None:  # the in-process rows' cosine, on the texts the servers' is taken on
+            for name, res in ref_rows:
+                head = res.get("embeddings_head")
+                row = next(x for x in self.r["inproc"] if x["system"] == name and x["workload"] == wl.name)
+                if name != "st-embed-inproc" and head is not None and len(head) == len(ref):
+                    cos = _cosines(np.array(head, dtype=np.float64), ref)
+                    row["min_cos"], row["mean_cos"] = float(cos.min()), float(cos.mean())
         servers = [s for s in (self.start(sp, "embed") for sp in specs if p.wants(sp.name)) if s is not None]
         try:
             self.idle_cpu(servers)
@@ -491,9 +517,7 @@ class Bench:
                     vecs = [v for r in head.requests for v in got.get(r.key, [])]
                     if len(vecs) != len(ref):
                         continue
-                    a = np.array(vecs, dtype=np.float64)
-                    b = ref / np.linalg.norm(ref, axis=1, keepdims=True)
-                    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1)
+                    cos = _cosines(np.array(vecs, dtype=np.float64), ref)
                     self.r["embed_quality"][s.spec.name] = {"min_cos": float(cos.min()), "mean_cos": float(cos.mean())}
                     log(f"  cosine vs sentence-transformers {s.spec.name:28s} min {cos.min():.4f} mean {cos.mean():.4f}")
             for s in servers:

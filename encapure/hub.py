@@ -10,12 +10,19 @@ and the benchmark scripts may use different folders, but the same keyed build): 
 processes are serialized by a file lock per entry and the entry is built in a private temporary
 folder that is renamed into place only when complete, so a crash or a racing process never
 leaves a half-written model where a reader would find it.
+
+Which format an export on load takes depends on the backend that will run it (``export_format``):
+ONNX Runtime runs only ONNX, so ``backend=onnxruntime`` and ``auto`` always get ONNX; the OpenVINO
+backend asks for format ``auto`` at int8, which makes embedders the NNCF static int8 IR (the
+fastest int8 embedder there) and leaves everything else ONNX. The format request is part of the
+cache key, so an entry made for one backend is never handed to another that cannot run it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -65,17 +72,57 @@ def download(repo_id: str) -> Path:
 
 
 # --- the export cache ---------------------------------------------------------------------------
-def cache_key(source: str | Path, precision: str, task: str = "auto", max_length: int | None = None) -> str:
-    """A readable, collision-safe folder name for one (source, export options, exporter version)."""
+# What the int8 IR recipes import at export time (nncf compresses; serving needs only openvino).
+IR_MODULES = ("openvino", "nncf")
+
+
+def missing_ir_modules() -> list[str]:
+    """The modules an int8 IR export needs that this install lacks (none in ``encapure[export,openvino]``)."""
+    return [m for m in IR_MODULES if importlib.util.find_spec(m) is None]
+
+
+def export_format(backend: str, precision: str, task: str = "auto") -> str:
+    """The format to ask the exporter for when ``backend`` will run the export at ``precision``.
+
+    ``auto`` (resolved after task detection: the static int8 IR for embedders, ONNX otherwise) only
+    for ``backend="openvino"`` at int8, and only where openvino and nncf are installed; otherwise
+    ``onnx``, so a partial install falls back to the ONNX entry (and a later full install gets the
+    IR under its own key instead of finding that fallback cached). ``backend="auto"`` may pick ONNX
+    Runtime, which cannot run an IR, so it keeps ONNX. A ``task`` known to be no embedding keeps
+    ONNX too, sharing the entry other backends use.
+    """
+    if backend != "openvino" or precision != "int8" or task in ("rerank", "classify"):
+        return "onnx"
+    missing = missing_ir_modules()
+    if missing:
+        log.warning("backend openvino: the int8 embedder recipe (static int8 IR) needs %s; int8 embedders "
+                    "exported on load stay ONNX (slower): pip install 'encapure[export,openvino]'",
+                    " and ".join(missing))
+        return "onnx"
+    return "auto"
+
+
+def cache_key(source: str | Path, precision: str, task: str = "auto", max_length: int | None = None,
+              format: str = "onnx") -> str:
+    """A readable, collision-safe folder name for one (source, export options, exporter version).
+
+    ``format`` enters the key only when it is not ``onnx``, so ONNX entries made before it existed
+    keep their names.
+    """
     src = str(source)
     p = Path(src).expanduser()
     ident = str(p.resolve()) if p.exists() else src
     version: object = 0
     with contextlib.suppress(ImportError):  # serving install without the export extra
         from encapure.export import EXPORT_VERSION as version
-    h = hashlib.sha256(json.dumps([ident, precision, task, max_length, str(version)]).encode()).hexdigest()
+    parts: list[object] = [ident, precision, task, max_length, str(version)]
+    label = precision
+    if format != "onnx":
+        parts.append(format)
+        label = f"{precision}-{format}"
+    h = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
     slug = re.sub(r"[^A-Za-z0-9._-]+", "--", ident.strip("/"))[-80:]
-    return f"{slug}--{precision}--{h[:12]}"
+    return f"{slug}--{label}--{h[:12]}"
 
 
 def cached_build(cache_dir: Path, key: str, build: Callable[[Path], object]) -> Path:
@@ -128,11 +175,17 @@ def cached_export(
     precision: str | None = None,
     task: str = "auto",
     max_length: int | None = None,
+    format: str | None = None,
 ) -> Path:
-    """Export a Hugging Face folder or hub id into ``settings.cache_dir`` once; return the folder."""
+    """Export a Hugging Face folder or hub id into ``settings.cache_dir`` once; return the folder.
+
+    ``format`` (default: ``export_format(settings.backend, precision, task)``) is what the exporter is
+    asked for: ``onnx``, ``openvino`` or ``auto``.
+    """
     settings = settings or Settings()
     precision = precision or settings.precision
-    key = cache_key(source, precision, task, max_length)
+    format = format or export_format(settings.backend, precision, task)
+    key = cache_key(source, precision, task, max_length, format)
 
     def build(tmp: Path) -> None:
         try:
@@ -141,8 +194,8 @@ def cached_export(
             raise ModelError(
                 "exporting a Hugging Face model needs the export extra: pip install 'encapure[export]'"
             ) from e
-        log.info("exporting %s (%s) into the cache at %s", source, precision, settings.cache_dir)
-        export_model(str(source), tmp, task=task, precision=precision, max_length=max_length)
+        log.info("exporting %s (%s, format %s) into the cache at %s", source, precision, format, settings.cache_dir)
+        export_model(str(source), tmp, task=task, precision=precision, max_length=max_length, format=format)
 
     return cached_build(Path(settings.cache_dir).expanduser(), key, build)
 

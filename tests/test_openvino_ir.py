@@ -22,6 +22,15 @@ from encapure.settings import Settings
 pytest.importorskip("openvino", reason="--format openvino needs openvino (the openvino extra)")
 pytest.importorskip("nncf", reason="--format openvino int4/int8 needs nncf (the export extra)")
 
+
+@pytest.fixture(autouse=True)
+def _openvino_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest pins ENCAPURE_BACKEND=onnxruntime for the suite, and an IR refuses an explicit
+    onnxruntime: in this module models open on OpenVINO (the fp32 ONNX references too) unless a
+    test names another backend."""
+    monkeypatch.setenv("ENCAPURE_BACKEND", "openvino")
+
+
 PAIRS = [
     ("what is the capital of france", "Paris is the capital and most populous city of France."),
     ("what is the capital of france", "Lyon is a city in France."),
@@ -86,7 +95,7 @@ def _wikiqa_map(model: Reranker, n_queries: int = 60) -> float:
 @pytest.mark.parametrize("precision,floor", [("int8", 0.99), ("int4", 0.95)])
 def test_ir_ranks_like_fp32(precision: str, floor: float, reranker_fp32_dir: Path) -> None:
     """The ranking bar: WikiQA MAP (60 queries) of the IR against the fp32 ONNX export."""
-    ir = Reranker.from_pretrained(_ir(precision))  # default backend: an IR opens on OpenVINO
+    ir = Reranker.from_pretrained(_ir(precision))
     assert type(ir.model.session).__name__ == "OpenVINOSession"
     fp32 = Reranker.from_pretrained(reranker_fp32_dir)
     want = fp32.score(PAIRS, raw_scores=True)
@@ -357,3 +366,96 @@ def test_embedder_int8_ir_is_static_mixed_precision(tmp_path: Path) -> None:
     cos = (batched * want).sum(1) / np.linalg.norm(batched, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() > 0.99
     assert np.abs(batched - want).max() > 1e-5  # quantized, not a copy of fp32
+
+
+def _tiny_st_embedder(root: Path) -> Path:
+    """A tiny random-weight BERT saved as a sentence-transformers folder (mean pooling, normalized),
+    all-MiniLM-L6-v2's layout: what ``--model`` points at when it is a local Hugging Face folder."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    try:
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.models import Normalize, Pooling, Transformer
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=128)
+    hf = root / "hf"
+    BertModel(cfg).eval().save_pretrained(hf)
+    BertTokenizerFast.from_pretrained(str(need(RERANKER_FIXTURE))).save_pretrained(hf)
+    word = Transformer(str(hf), max_seq_length=128)
+    st = SentenceTransformer(modules=[word, Pooling(64, "mean"), Normalize()], device="cpu")
+    out = root / "st"
+    st.save(str(out))
+    return out
+
+
+def test_openvino_backend_loads_an_int8_embedder_as_the_static_ir(tmp_path: Path) -> None:
+    """Exported on load (``load_model`` -> ``cached_export``): backend openvino at int8 gets the NNCF
+    static int8 IR, embedding like sentence-transformers; onnxruntime (and auto) get ONNX, each
+    under its own cache entry, so neither is handed the other's export."""
+    from sentence_transformers import SentenceTransformer
+
+    from encapure.engine import Embedder, load_model
+    from encapure.hub import cache_key, export_format
+
+    src = _tiny_st_embedder(tmp_path)
+    cache = tmp_path / "cache"
+    threads = {"workers": 1, "threads_per_worker": 2, "cache_dir": cache}
+    ov = Embedder(load_model(src, settings=Settings(backend="openvino", **threads), precision="int8"))
+    m = ov.model.manifest
+    assert m.model_file == "model.xml" and (m.quantization["format"], m.quantization["method"]) == (
+        "openvino", "nncf_ptq")
+    assert type(ov.model.session).__name__ == "OpenVINOSession"
+    assert ov.model.folder.name == cache_key(src, "int8", format="auto")
+
+    want = SentenceTransformer(str(src), device="cpu").encode(EMBED_TEXTS)
+    got = ov.embed(EMBED_TEXTS)
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() > 0.99
+    assert np.abs(got - want).max() > 1e-5  # quantized, not fp32
+
+    for backend in ("onnxruntime", "auto"):
+        assert export_format(backend, "int8") == "onnx"
+    ort = Embedder(load_model(src, settings=Settings(backend="onnxruntime", **threads), precision="int8"))
+    assert ort.model.manifest.model_file == "model.onnx"
+    assert ort.model.folder.name == cache_key(src, "int8") != ov.model.folder.name
+    cos = (ort.embed(EMBED_TEXTS) * want).sum(1) / np.linalg.norm(want, axis=1)
+    assert cos.min() > 0.99
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == sorted(
+        [ov.model.folder.name, ort.model.folder.name])
+
+
+def test_openvino_backend_keeps_onnx_where_the_ir_is_not_faster(tmp_path: Path) -> None:
+    """``format="auto"`` resolves after task detection: a reranker at int8 stays the ONNX QDQ graph
+    (which OpenVINO runs fast), as does anything at another precision."""
+    from encapure.export.core import resolve_format
+    from encapure.hub import export_format
+
+    assert export_format("openvino", "int8") == "auto"
+    assert export_format("openvino", "fp32") == "onnx"
+    assert export_format("openvino", "int8", task="rerank") == "onnx"  # the entry every backend shares
+    assert resolve_format("auto", "int8", "embed") == "openvino"
+    assert resolve_format("auto", "int8", "rerank") == "onnx"
+    assert resolve_format("auto", "int8", "embed", decoder=True) == "onnx"
+    assert resolve_format("auto", "fp32", "embed") == "onnx"
+    assert resolve_format("onnx", "int8", "embed") == "onnx"
+    from encapure.export import export_model
+
+    res = export_model(need(RERANKER_FIXTURE), tmp_path / "r", precision="int8", format="auto", check_parity=False)
+    assert res.manifest.model_file == "model.onnx" and res.manifest.quantization.get("format") != "openvino"
+
+
+def test_without_nncf_the_openvino_backend_falls_back_to_onnx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partial install (no nncf): ONNX int8 under the ONNX cache key, so installing nncf later
+    gets the IR under its own key rather than this fallback."""
+    from encapure import hub
+    from encapure.export import core
+
+    monkeypatch.setattr(hub, "missing_ir_modules", lambda: ["nncf"])
+    monkeypatch.setattr(core, "missing_ir_modules", lambda: ["nncf"])
+    assert hub.export_format("openvino", "int8") == "onnx"
+    assert core.resolve_format("auto", "int8", "embed") == "onnx"

@@ -46,7 +46,9 @@ def load_model(
       for embedders, ``pooling``/``normalize``; ``tokenizer`` points to a ``tokenizer.json`` when
       the folder has none;
     - a Hugging Face folder or hub id: ``exporter`` turns it into an exported folder at
-      ``precision`` (default ``settings.precision``); the default one caches it in ``settings.cache_dir``.
+      ``precision`` (default ``settings.precision``); the default one caches it in ``settings.cache_dir``,
+      in the format ``settings.backend`` runs fastest (``encapure.hub.export_format``: the static int8
+      IR for embedders on OpenVINO, ONNX otherwise).
     """
     settings = settings or Settings()
     model_kwargs = {k: overrides.pop(k) for k in list(overrides) if k in _MODEL_KWARGS}

@@ -21,10 +21,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--task", choices=["auto", "rerank", "embed", "classify"], default="auto")
     p.add_argument("--precision", choices=PRECISIONS, default="int8",
                    help="int8 (default: calibrated static), fp32, fp16 (GPUs) or int4 (weight-only, smallest)")
-    p.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
+    p.add_argument("--format", choices=["onnx", "openvino", "auto"], default="onnx",
                    help="onnx (model.onnx, every backend) or openvino (model.xml/.bin IR, --backend openvino only: "
                         "NNCF weight-only int4 sym group 128 / int8 asym weights, the smallest memory; embedders "
-                        "at int8 get NNCF static int8 with the FFN down projections f32, the fastest)")
+                        "at int8 get NNCF static int8 with the FFN down projections f32, the fastest); auto: "
+                        "the fastest for --backend openvino, which is what serving --backend openvino exports on "
+                        "load (openvino for encoder embedders at int8, onnx otherwise)")
     p.add_argument("--max-length", type=int, default=None, help="max tokens per input (default: from the model)")
     p.add_argument("--tokenizer", default=None, help="folder with the tokenizer when it is not beside the model")
     p.add_argument("--optimize", choices=["auto", "on", "off"], default="auto",
@@ -65,11 +67,15 @@ def run(args: argparse.Namespace) -> int:
     )
     m = result.manifest
     print(f"exported {m.source} -> {result.output}")
-    print(f"  task {m.task}, precision {m.precision}, max_length {m.max_length}, "
+    print(f"  task {m.task}, precision {m.precision}, format {_format(m.model_file)}, max_length {m.max_length}, "
           f"size {result.size_bytes / 1e6:.1f} MB, fusions {m.fusions or 'none'}")
     if result.parity.get("max_abs_diff") is not None:
         print("  " + summary_line(m.precision, result.parity))
     return 0
+
+
+def _format(model_file: str) -> str:
+    return "openvino" if model_file.endswith(".xml") else "onnx"
 
 
 def _template(path: Path | None) -> dict[str, str] | None:
