@@ -116,7 +116,8 @@ class Settings(BaseSettings):
         "(default: a one-time probe per model and CPU, ~5-10 s at the first start, picks the fastest "
         "batch-invariant backend that agrees with onnxruntime: within 1e-3 of the output scale, or for a "
         "quantized export within its own recorded deviation from PyTorch (parity.json), and is at least 10% "
-        "faster on a full batch; recorded in the cache, so every process on the machine then uses it)",
+        "faster on a full batch; recorded in the cache, so every process on the machine then uses it). With "
+        "openvino, an int8 embedder exported on load is the NNCF static int8 IR (onnxruntime and auto: ONNX)",
     )
     openvino_device: str = Field(
         default="CPU", min_length=1, description="OpenVINO device name for --backend openvino (CPU, GPU, AUTO:...)"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from encapure.engine.types import InferenceModel
 from encapure.errors import ExportError, InvalidInputError
-from encapure.hub import cache_key, cached_export, download, is_hub_id
+from encapure.hub import cache_key, cached_export, download, export_format, is_hub_id
 from encapure.manifest import MANIFEST_NAME
 from encapure.registry import lookup
 from encapure.settings import DEFAULT_RERANKER, LARGE_MODEL_PARAMETERS, Settings
@@ -109,7 +109,8 @@ def _export_source(source: str) -> str | None:
 
 
 def _cached(source: str, settings: Settings) -> bool:
-    return (Path(settings.cache_dir).expanduser() / cache_key(source, settings.precision) / MANIFEST_NAME).is_file()
+    key = cache_key(source, settings.precision, format=export_format(settings.backend, settings.precision))
+    return (Path(settings.cache_dir).expanduser() / key / MANIFEST_NAME).is_file()
 
 
 def preflight(settings: Settings) -> str | None:
@@ -148,7 +149,8 @@ def export_in_child(
     settings = settings or Settings()
     precision = precision or settings.precision
     cache_dir = Path(settings.cache_dir).expanduser()
-    final = cache_dir / cache_key(source, precision, task, max_length)
+    fmt = export_format(settings.backend, precision, task)  # the IR for int8 embedders on OpenVINO
+    final = cache_dir / cache_key(source, precision, task, max_length, fmt)
     if (final / MANIFEST_NAME).is_file():
         return final
     missing = missing_export_modules()
@@ -164,7 +166,7 @@ def export_in_child(
         download(str(source))
     log.info("exporting %s (%s) in a child process into the cache at %s", source, precision, cache_dir)
     job = {"source": str(source), "cache_dir": str(cache_dir), "precision": precision, "task": task,
-           "max_length": max_length}
+           "max_length": max_length, "format": fmt}
     proc = subprocess.run(
         [sys.executable, "-m", "encapure.server.loading", json.dumps(job)],
         capture_output=True,
@@ -189,6 +191,7 @@ def _export_child(job: dict[str, object]) -> int:
             precision=str(job["precision"]),
             task=str(job["task"]),
             max_length=int(str(max_length)) if max_length is not None else None,
+            format=str(job.get("format", "onnx")),
         )
     except Exception as e:
         print(f"{type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
