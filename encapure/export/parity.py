@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -140,11 +140,18 @@ def check(
     from encapure.engine.loading import load_model
     from encapure.engine.model import l2_normalize, pool
 
-    settings = Settings(workers=1, max_length=max_length, providers=["CPUExecutionProvider"])
+    # The runtime the export is for, whatever ENCAPURE_BACKEND says: ONNX Runtime is the reference for an
+    # ONNX export (parity.json is its deviation, which --backend auto reads), OpenVINO for an IR.
+    from encapure.export.openvino_ir import IR_FILE
+
+    runtime: Literal["onnxruntime", "openvino"] = "openvino" if (Path(folder) / IR_FILE).is_file() else "onnxruntime"
+    settings = Settings(workers=1, max_length=max_length, providers=["CPUExecutionProvider"], backend=runtime,
+                        openvino_inference_precision="f32")
     try:
         engine = load_model(folder, settings=settings, name="parity", warmup=False)
     except (ModelError, ManifestError) as e:
-        raise ExportError(f"the exported model does not load in ONNX Runtime: {e.message}") from e
+        name = "OpenVINO" if runtime == "openvino" else "ONNX Runtime"
+        raise ExportError(f"the exported model does not load in {name}: {e.message}") from e
     items, groups = sample_inputs(task)
     prepared = engine.prepare_pair_list(items) if isinstance(items[0], tuple) else engine.prepare_texts(items)
     units = prepared.units

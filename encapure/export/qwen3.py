@@ -228,7 +228,8 @@ def check(causal_lm: Any, folder: Path, yes_id: int, no_id: int, *, max_length: 
     from encapure.export import parity as par
     from encapure.settings import Settings
 
-    settings = Settings(workers=1, max_length=max_length, providers=["CPUExecutionProvider"])
+    settings = Settings(workers=1, max_length=max_length, providers=["CPUExecutionProvider"], backend="onnxruntime",
+                        openvino_inference_precision="f32")  # the reference runtime, whatever the environment says
     try:
         engine = load_model(folder, settings=settings, name="parity", warmup=False)
     except (ModelError, ManifestError) as e:
