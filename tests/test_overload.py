@@ -454,6 +454,32 @@ def test_a_request_that_cannot_finish_by_its_deadline_is_refused_before_compute(
     assert metric(metrics, "encapure_rejected_requests_total", reason="too_large") == 1
 
 
+def test_a_one_batch_request_is_never_refused_on_a_wrong_estimate() -> None:
+    """A throughput estimate taken from one-time costs (a bge-reranker-v2-m3 int4 IR's first inference
+    repacks its weights) once made every 8 x 64 request 413 for good: nothing admitted, nothing
+    measured again. A request that fits in one batch is served; a bigger one is still refused; and
+    forgetting the estimate (what the server does after its warm-up) returns to the cold regime."""
+    model = fake_model("rerank", name="rr", settings=Settings(threads_per_worker=1), per_token_s=1e-5,
+                       max_length=128)
+    s = Settings(workers=1, request_timeout_s=2.0, max_wait_ms=1)
+    rng = random.Random(8)
+
+    async def main() -> None:
+        sched = Scheduler({"rr": model}, s, SchedulerMetrics())
+        await sched.start()
+        await run_one(sched, model, "warm", ["up"] * 8)
+        sched.admission.rate, sched.admission._busy_samples = 1.0, 1  # "measured": 1 work per second
+        ok, _, _ = await run_one(sched, model, "q", [words(rng, 40) for _ in range(8)])
+        assert not isinstance(ok, Exception), ok
+        big, _, _ = await run_one(sched, model, "q", [words(rng, 150) for _ in range(300)])
+        assert isinstance(big, PayloadTooLargeError), big
+        sched.forget_throughput()
+        assert not sched.admission.measured and sched.admission.rate == 0
+        await sched.shutdown(5)
+
+    asyncio.run(main())
+
+
 def test_a_huge_truncated_text_is_cut_before_tokenizing_with_the_same_tokens() -> None:
     """A document truncated at max_length keeps exactly the tokens the whole text would give,
     though only its first characters are tokenized (a megabyte costs what a few kilobytes do)."""

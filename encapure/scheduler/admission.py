@@ -120,6 +120,14 @@ class Admission:
         self._busy_samples = 0
         self.rate = 0.0  # EWMA of work per second the workers sustain (0: not measured yet)
 
+    def forget(self) -> None:
+        """Back to the cold regime (no rate): what ran so far paid one-time costs (the server's
+        warm-up: OpenVINO repacks an IR's weights at the first inference, ONNX Runtime grows its
+        arena), and a rate taken from it made a bge-reranker-v2-m3 int4 IR server refuse every
+        8 x 64 request as too large, for good, since nothing admitted meant nothing re-measured."""
+        self.rate = 0.0
+        self._busy_samples = 0
+
     @property
     def measured(self) -> bool:
         """Whether the rate comes from a stretch of busy time (not a guess)."""

@@ -406,13 +406,26 @@ class Scheduler:
             "split it into smaller requests"
         )
 
+    def forget_throughput(self) -> None:
+        """Drop the throughput estimate (see ``Admission.forget``): called after warm-up work."""
+        self.admission.forget()
+        self._busy_work = self._busy_s = 0.0
+        self._busy_mark = time.monotonic()
+
     def _check_doable(self, units: int, work: float, deadline: float) -> None:
         """A request that could not finish before its deadline even on an idle server (at the
         measured throughput, on the workers a heavy request may hold) is refused now rather than
-        computed and thrown away at the deadline."""
+        computed and thrown away at the deadline.
+
+        Never a request that fits in one full batch: that is the least any server must serve, and
+        refusing it on an estimate that is wrong could last for good (nothing admitted, nothing
+        measured again); at worst one batch is computed after its deadline."""
         adm = self.admission
         if adm.rate <= 0 or not self.request_caps:
             return  # not measured yet (no grounds to refuse), or a library call
+        if units <= self.settings.max_batch_size and work <= unit_work(self.settings.max_batch_tokens,
+                                                                       self.settings.max_batch_size):
+            return
         alive = max(1, self.workers.alive)
         share = (alive - 1) / alive if alive > 1 and is_heavy(work, self._limits()) else 1.0
         need = work / (adm.rate * share)  # on the workers it may hold

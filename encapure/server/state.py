@@ -211,6 +211,7 @@ class ServerState:
         rows = await sched.submit(name, prepared, deadline=time.monotonic() + 300.0)
         model.finish(prepared, rows)
         await self._warm_largest_batch(name, model)
+        sched.forget_throughput()  # the warm-up paid one-time costs: not the rate traffic will see
 
     async def _warm_largest_batch(self, name: str, model: InferenceModel) -> None:
         """The largest batch the scheduler forms (``max_batch_tokens`` in sequences of the model's
