@@ -198,8 +198,9 @@ class Settings(BaseSettings):
     )
     malloc_trim: bool = Field(
         default=True,
-        description="give the free heap back to the kernel (glibc malloc_trim) at ready and once no request "
-        "has been in flight for 0.25 s, at most once a second (bge-reranker-v2-m3 int4: ~6-9 MB less RSS)",
+        description="give memory back when idle: OpenVINO's intermediate tensors (release_memory), then the "
+        "free heap (glibc malloc_trim), at ready and once no request has been in flight for 0.25 s, at most "
+        "once a second (bge-reranker-v2-m3 int4 IR after a 16 x 64 batch: 418 -> 337 MB, session alone)",
     )
 
     # --- batching ---------------------------------------------------------------------------

@@ -309,6 +309,42 @@ def test_page_out_under_concurrent_inference(ir_int4: Path, monkeypatch: pytest.
         np.testing.assert_array_equal(out, want[i])
 
 
+def test_release_memory_races_inference_safely(ir_int4: Path) -> None:
+    """The idle server frees OpenVINO's intermediate tensors (``release_memory``) while a request may be
+    starting: releases interleaved with two workers' inferences never change a result, and a release
+    never runs during an inference (it reports False then)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from encapure.engine.backends import create_session
+
+    session = create_session(ir_int4 / "model.xml", Settings(workers=2, threads_per_worker=1))
+    rng = np.random.default_rng(1)
+    feeds = []
+    for rows, length in [(16, 64), (1, 9), (4, 40)]:
+        ids = rng.integers(1000, 30000, (rows, length)).astype(np.int64)
+        feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)})
+    want = [session.run(None, f)[0] for f in feeds]
+    assert session.release_memory() is True  # idle: released
+    stop, released = threading.Event(), []
+
+    def releaser() -> None:
+        while not stop.is_set():
+            released.append(session.release_memory())
+
+    t = threading.Thread(target=releaser)
+    t.start()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda i: (i % 3, session.run(None, feeds[i % 3])[0]), range(18)))
+    finally:
+        stop.set()
+        t.join()
+    for i, out in got:
+        np.testing.assert_array_equal(out, want[i])
+    assert True in released  # it did release between inferences
+
+
 @linux_only
 def test_page_out_after_each_warm_up_call(ir_int4: Path) -> None:
     """The throttle must not skip the first calls (warm-up shapes): RSS at ready would keep what the

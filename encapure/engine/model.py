@@ -604,6 +604,12 @@ class OnnxModel:
         vectors = [np.ascontiguousarray(r, dtype=np.float32) for r in rows]
         return MultiVectorOutput(vectors=vectors, tokens=list(prepared.tokens), truncated=list(prepared.truncated))
 
+    def release_memory(self) -> bool:
+        """Let the runtime free memory it keeps between batches, if it can (OpenVINO: intermediate
+        tensors); for a caller that knows no inference is due (an idle server). False: nothing done."""
+        release = getattr(self.session, "release_memory", None)
+        return bool(release()) if callable(release) else False
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)

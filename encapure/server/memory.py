@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("encapure.server")
@@ -59,6 +60,9 @@ class IdleTrim:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled and _glibc() is not None
         self._last = -TRIM_INTERVAL_S
+        # Runtimes' own idle release (OpenVINO's intermediate tensors), run first: what they free
+        # goes back to malloc, which the trim then returns to the kernel.
+        self.releasers: list[Callable[[], object]] = []
 
     def delay(self) -> float:
         """Seconds to wait, once idle, before trimming."""
@@ -70,5 +74,10 @@ class IdleTrim:
         if not self.enabled or libc is None:
             return False
         self._last = time.monotonic()
+        for release in self.releasers:
+            try:
+                release()
+            except Exception:  # a runtime that cannot release now keeps its memory; serving goes on
+                log.warning("idle memory release failed", exc_info=True)
         libc.malloc_trim(0)
         return True

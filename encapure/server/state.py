@@ -163,6 +163,9 @@ class ServerState:
                 loaded = [await asyncio.to_thread(load_spec, s, self.settings) for s in specs]
             for spec, model, seconds in loaded:
                 self.models[spec.name] = model
+                release = getattr(model, "release_memory", None)
+                if callable(release):
+                    self._trim.releasers.append(release)
                 self.specs[spec.name] = spec
                 self.load_seconds[spec.name] = seconds
                 self.aliases.update(dict.fromkeys(spec.aliases, spec.name))
