@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Encoding
 
-from encapure.engine.backends import create_session
+from encapure.engine.backends import Session, create_session
 from encapure.engine.batching import plan_batches
 from encapure.engine.prompts import PairTemplate, check_instruction, encode_pairs
 from encapure.engine.spm_tokenizer import open_tokenizer
@@ -102,6 +102,37 @@ class OnnxModel:
         overlap = window_overlap if window_overlap is not None else self.settings.window_overlap
         self.window_overlap = max(0, min(int(overlap), max_len // 2))
 
+        mpath = Path(model_path) if model_path else self.folder / manifest.model_file
+        # The runtime compiles the graph (C++, without the GIL) while the tokenizer loads: bge-reranker-v2-m3's
+        # int4 IR takes ~1.2 s to compile and its SentencePiece tokenizer ~1.5 s to load, one after the other
+        # before. Not while --backend auto may probe: its timings must not share the CPU with the tokenizer.
+        opening: Future[Session] | None = None
+        if session is None and (self.settings.backend != "auto" or mpath.suffix.lower() == ".xml"):
+            opener = ThreadPoolExecutor(1, thread_name_prefix="encapure-open")
+            opening = opener.submit(create_session, mpath, self.settings)
+            opener.shutdown(wait=False)
+        try:
+            self._open_tokenizer(tokenizer_path, manifest)
+        except BaseException:
+            if opening is not None:
+                opening.exception()  # let the compile finish before the error leaves
+            raise
+        if opening is not None:
+            session = opening.result()
+        self.session = session if session is not None else create_session(mpath, self.settings)
+        self._check_io()
+        self._use_type_ids = "token_type_ids" in manifest.input_names
+        self._use_mask = "attention_mask" in manifest.input_names
+        self._pad_id = int(manifest.pad_token_id)
+        self.prompt_template = PairTemplate.from_dict(manifest.prompt_template) if manifest.prompt_template else None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self.output_dim = self._infer_output_dim()
+        if warmup:
+            self.warmup()
+        self.load_seconds = time.perf_counter() - t0
+
+    def _open_tokenizer(self, tokenizer_path: str | Path | None, manifest: Manifest) -> None:
         tok_path = Path(tokenizer_path) if tokenizer_path else self.folder / manifest.tokenizer_file
         if tok_path.is_dir():
             tok_path = tok_path / "tokenizer.json"
@@ -116,20 +147,6 @@ class OnnxModel:
         self._tok_mode: str | None = None
         self._tok_lock = threading.Lock()
         self._pair_specials = self._tok.num_special_tokens_to_add(True)
-
-        mpath = Path(model_path) if model_path else self.folder / manifest.model_file
-        self.session = session if session is not None else create_session(mpath, self.settings)
-        self._check_io()
-        self._use_type_ids = "token_type_ids" in manifest.input_names
-        self._use_mask = "attention_mask" in manifest.input_names
-        self._pad_id = int(manifest.pad_token_id)
-        self.prompt_template = PairTemplate.from_dict(manifest.prompt_template) if manifest.prompt_template else None
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
-        self.output_dim = self._infer_output_dim()
-        if warmup:
-            self.warmup()
-        self.load_seconds = time.perf_counter() - t0
 
     # --- contract ---------------------------------------------------------------------------
     @property
