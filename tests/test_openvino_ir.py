@@ -374,18 +374,10 @@ EMBED_TEXTS = [
 def test_embedder_int8_ir_is_static_mixed_precision(tmp_path: Path) -> None:
     """Embedders at int8 get NNCF static int8 (constant activation scales) with the FFN down
     projections kept f32: an embedding is the same alone and in a padded batch, and close to fp32."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
     from encapure.engine import Embedder
     from encapure.export import export_model
 
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=128, max_position_embeddings=128)
-    src = tmp_path / "tiny-bert"
-    BertModel(cfg).eval().save_pretrained(src)
-    BertTokenizerFast.from_pretrained(str(need(RERANKER_FIXTURE))).save_pretrained(src)
+    src = _tiny_bert(tmp_path / "tiny-bert")
     res = export_model(src, tmp_path / "ov8", precision="int8", format="openvino")
     q = res.manifest.quantization
     assert (q["method"], q["model_type"], q["calibration_batch_size"]) == ("nncf_ptq", "transformer", 1)
@@ -408,24 +400,30 @@ def test_embedder_int8_ir_is_static_mixed_precision(tmp_path: Path) -> None:
     assert np.abs(batched - want).max() > 1e-5  # quantized, not a copy of fp32
 
 
+def _tiny_bert(dst: Path) -> Path:
+    """A tiny random-weight BERT (seeded) with the reranker fixture's tokenizer, saved as a Hugging Face folder."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=128)
+    BertModel(cfg).eval().save_pretrained(dst)
+    BertTokenizerFast.from_pretrained(str(need(RERANKER_FIXTURE))).save_pretrained(dst)
+    return dst
+
+
 def _tiny_st_embedder(root: Path) -> Path:
     """A tiny random-weight BERT saved as a sentence-transformers folder (mean pooling, normalized),
     all-MiniLM-L6-v2's layout: what ``--model`` points at when it is a local Hugging Face folder."""
-    import torch
     from sentence_transformers import SentenceTransformer
-    from transformers import BertConfig, BertModel, BertTokenizerFast
 
     try:
         from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     except ImportError:  # sentence-transformers < 6
         from sentence_transformers.models import Normalize, Pooling, Transformer
 
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=128, max_position_embeddings=128)
-    hf = root / "hf"
-    BertModel(cfg).eval().save_pretrained(hf)
-    BertTokenizerFast.from_pretrained(str(need(RERANKER_FIXTURE))).save_pretrained(hf)
+    hf = _tiny_bert(root / "hf")
     word = Transformer(str(hf), max_seq_length=128)
     st = SentenceTransformer(modules=[word, Pooling(64, "mean"), Normalize()], device="cpu")
     out = root / "st"
