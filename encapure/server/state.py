@@ -205,7 +205,20 @@ class ServerState:
             )
 
     async def _warm_up(self, name: str, model: InferenceModel) -> None:
-        """One real request through the whole pipeline, so the first client does not pay for it."""
+        """One real request through the whole pipeline, so the first client does not pay for it.
+
+        It runs twice: the first pays one-time costs (OpenVINO repacks an IR's weights at the first
+        inference), so the throughput it showed is forgotten, and the second seeds admission's first
+        guess. Seeded by the first alone, a bge-reranker-v2-m3 int4 IR server refused every request as
+        too large; with no seed at all, the first traffic's batches set the guess, and one slow batch
+        made the next requests look like overload (503)."""
+        sched = self.scheduler
+        await self._warm_request(name, model)
+        await self._warm_largest_batch(name, model)
+        sched.forget_throughput()
+        await self._warm_request(name, model)
+
+    async def _warm_request(self, name: str, model: InferenceModel) -> None:
         sched = self.scheduler
         if model.task == "rerank":
             prepared = await sched.prepare(model.prepare_pairs, "warm up query", ["a warm up document"] * 4)
@@ -213,8 +226,6 @@ class ServerState:
             prepared = await sched.prepare(model.prepare_texts, ["warm up text"] * 4)
         rows = await sched.submit(name, prepared, deadline=time.monotonic() + 300.0)
         model.finish(prepared, rows)
-        await self._warm_largest_batch(name, model)
-        sched.forget_throughput()  # the warm-up paid one-time costs: not the rate traffic will see
 
     async def _warm_largest_batch(self, name: str, model: InferenceModel) -> None:
         """The largest batch the scheduler forms (``max_batch_tokens`` in sequences of the model's
