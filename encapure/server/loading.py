@@ -108,9 +108,14 @@ def _export_source(source: str) -> str | None:
     return info.hub_id if info else source
 
 
-def _cached(source: str, settings: Settings) -> bool:
+def _cache_entry(source: str, settings: Settings) -> Path:
+    """Where the export on load of ``source`` lives (or will), in the format the backend asks for."""
     key = cache_key(source, settings.precision, format=export_format(settings.backend, settings.precision))
-    return (Path(settings.cache_dir).expanduser() / key / MANIFEST_NAME).is_file()
+    return Path(settings.cache_dir).expanduser() / key
+
+
+def _cached(source: str, settings: Settings) -> bool:
+    return (_cache_entry(source, settings) / MANIFEST_NAME).is_file()
 
 
 def preflight(settings: Settings) -> str | None:
@@ -239,7 +244,7 @@ def estimate_parameters(source: str, settings: Settings) -> int | None:
         src = _export_source(source)
         if src is None:
             return None
-        cached = Path(settings.cache_dir).expanduser() / cache_key(src, settings.precision)
+        cached = _cache_entry(src, settings)
         if (cached / MANIFEST_NAME).is_file():
             return _exported_parameters(cached)
         if path.is_dir():  # a Hugging Face folder still to export: its weights, in their dtype

@@ -122,7 +122,7 @@ class ServerState:
             self._trim_when_idle()
 
     def _trim_when_idle(self) -> None:
-        """Give free heap back to the kernel (``--malloc-trim``) once no request has been in flight for
+        """Release runtimes' idle memory and give free heap back (``--malloc-trim``) once no request has been in flight for
         a moment; in a worker thread, not on the event loop."""
         if not self._trim.enabled or self._trim_handle is not None:
             return
