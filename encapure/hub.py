@@ -12,10 +12,12 @@ folder that is renamed into place only when complete, so a crash or a racing pro
 leaves a half-written model where a reader would find it.
 
 Which format an export on load takes depends on the backend that will run it (``export_format``):
-ONNX Runtime runs only ONNX, so ``backend=onnxruntime`` and ``auto`` always get ONNX; the OpenVINO
-backend asks for format ``auto`` at int8, which makes embedders the NNCF static int8 IR (the
-fastest int8 embedder there) and leaves everything else ONNX. The format request is part of the
-cache key, so an entry made for one backend is never handed to another that cannot run it.
+ONNX Runtime runs only ONNX, so ``backend=onnxruntime`` always gets ONNX; the OpenVINO backend asks
+for format ``auto`` at int8, which makes embedders the NNCF static int8 IR (the fastest int8
+embedder there) and leaves everything else ONNX. ``backend=auto`` at int8, for an embedder, with
+openvino and nncf installed, makes both and keeps what a probe measures faster (``choose_format``).
+The format request is part of the cache key, so an entry made for one backend is never handed to
+another that cannot run it.
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import Protocol
 
 from filelock import FileLock
 
 from encapure.errors import ExportError, ModelError, UnsupportedModelError
-from encapure.manifest import MANIFEST_NAME
+from encapure.manifest import MANIFEST_NAME, Manifest
 from encapure.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -87,19 +90,59 @@ def export_format(backend: str, precision: str, task: str = "auto") -> str:
     ``auto`` (resolved after task detection: the static int8 IR for embedders, ONNX otherwise) only
     for ``backend="openvino"`` at int8, and only where openvino and nncf are installed; otherwise
     ``onnx``, so a partial install falls back to the ONNX entry (and a later full install gets the
-    IR under its own key instead of finding that fallback cached). ``backend="auto"`` may pick ONNX
-    Runtime, which cannot run an IR, so it keeps ONNX. A ``task`` known to be no embedding keeps
-    ONNX too, sharing the entry other backends use.
+    IR under its own key instead of finding that fallback cached). ``backend="auto"`` gets ONNX here,
+    the format every backend runs; ``choose_format`` adds the IR beside it where it may pay. A
+    ``task`` known to be no embedding keeps ONNX too, sharing the entry other backends use.
     """
     if backend != "openvino" or precision != "int8" or task in ("rerank", "classify"):
         return "onnx"
     missing = missing_ir_modules()
     if missing:
-        log.warning("backend openvino: the int8 embedder recipe (static int8 IR) needs %s; int8 embedders "
-                    "exported on load stay ONNX (slower): pip install 'encapure[export,openvino]'",
-                    " and ".join(missing))
+        _warn_no_ir(tuple(missing))
         return "onnx"
     return "auto"
+
+
+@cache
+def _warn_no_ir(missing: tuple[str, ...]) -> None:
+    """Once per process: the format is asked for on every cache look-up, the advice is needed once."""
+    log.warning("backend openvino: the int8 embedder recipe (static int8 IR) needs %s; int8 embedders "
+                "exported on load stay ONNX (slower): pip install 'encapure[export,openvino]'", " and ".join(missing))
+
+
+def across_formats(backend: str, precision: str, task: str = "auto") -> bool:
+    """Whether an export on load should compare the ONNX export with the OpenVINO int8 IR
+    (``choose_format``): ``backend=auto`` at int8 for what may be an embedder, where both runtimes and
+    nncf are installed. Without them auto is ONNX Runtime on ONNX, as before, and says nothing."""
+    return backend == "auto" and precision == "int8" and task not in ("rerank", "classify") and not missing_ir_modules()
+
+
+def _ir_candidate(manifest: Manifest) -> bool:
+    """An encoder embedder: what the IR recipe was measured on (``resolve_format`` makes the IR only for
+    those; a decoder embedder, pooled on its last token, would get a second ONNX export for nothing)."""
+    return manifest.task == "embed" and manifest.output_kind == "token_embeddings" and manifest.pooling != "last"
+
+
+def choose_format(build: Callable[[str], Path], settings: Settings) -> Path:
+    """``build("onnx")``, or ``build("auto")`` (the IR) if the probe across formats picks it.
+
+    The ONNX export comes first: it is the reference, and it says (manifest) whether the model is an
+    embedder the IR is made for. A failing IR export costs the choice, not the model.
+    """
+    onnx = build("onnx")
+    if not _ir_candidate(Manifest.load(onnx)):
+        return onnx
+    try:
+        ir = build("auto")
+    except Exception as e:  # the ONNX export serves; say why the faster candidate is missing
+        log.warning("backend auto: no OpenVINO IR candidate for %s (%s: %s); ONNX it is", onnx, type(e).__name__, e)
+        return onnx
+    if not Manifest.load(ir).model_file.endswith(".xml"):
+        return onnx
+    from encapure.engine.backends import _open
+    from encapure.engine.backends.auto import choose_export
+
+    return choose_export(onnx, ir, settings, _open)
 
 
 def cache_key(source: str | Path, precision: str, task: str = "auto", max_length: int | None = None,
@@ -180,10 +223,14 @@ def cached_export(
     """Export a Hugging Face folder or hub id into ``settings.cache_dir`` once; return the folder.
 
     ``format`` (default: ``export_format(settings.backend, precision, task)``) is what the exporter is
-    asked for: ``onnx``, ``openvino`` or ``auto``.
+    asked for: ``onnx``, ``openvino`` or ``auto``; with no ``format`` and ``backend=auto`` at int8,
+    ``choose_format`` may export both and return the faster.
     """
     settings = settings or Settings()
     precision = precision or settings.precision
+    if format is None and across_formats(settings.backend, precision, task):
+        return choose_format(lambda fmt: cached_export(source, settings=settings, precision=precision, task=task,
+                                                       max_length=max_length, format=fmt), settings)
     format = format or export_format(settings.backend, precision, task)
     key = cache_key(source, precision, task, max_length, format)
 

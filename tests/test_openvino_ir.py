@@ -497,3 +497,111 @@ def test_without_nncf_the_openvino_backend_falls_back_to_onnx(monkeypatch: pytes
     monkeypatch.setattr(core, "missing_ir_modules", lambda: ["nncf"])
     assert hub.export_format("openvino", "int8") == "onnx"
     assert core.resolve_format("auto", "int8", "embed") == "onnx"
+
+
+# --- --backend auto across export formats (int8 embedders) ----------------------------------------
+@pytest.fixture(scope="module")
+def auto_embedder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, object]:
+    """A tiny sentence-transformers embedder exported on load under ``backend=auto`` at int8: the cache
+    then holds the ONNX export and the IR, and the probe record between them."""
+    from encapure.engine import Embedder, load_model
+
+    root = tmp_path_factory.mktemp("auto-embedder")
+    src = _tiny_st_embedder(root)
+    settings = Settings(backend="auto", cache_dir=root / "cache", workers=1, threads_per_worker=2)
+    model = Embedder(load_model(src, settings=settings, precision="int8"))
+    return src, root / "cache", model
+
+
+def test_auto_exports_both_formats_and_serves_the_probed_one(auto_embedder: tuple[Path, Path, object]) -> None:
+    """``backend=auto`` at int8 compares ONNX Runtime on the ONNX export with OpenVINO on the NNCF IR
+    (each within its own parity record of PyTorch) and loads what the probe picked; the record makes
+    the next load read the choice instead of probing."""
+    from sentence_transformers import SentenceTransformer
+
+    from encapure.engine import Embedder, load_model
+    from encapure.engine.backends import auto
+    from encapure.hub import cache_key
+
+    src, cache, model = auto_embedder
+    onnx, ir = cache / cache_key(src, "int8"), cache / cache_key(src, "int8", format="auto")
+    assert Manifest.load(onnx).model_file == "model.onnx" and Manifest.load(ir).model_file == "model.xml"
+    records = list((cache / "backend-probes").glob("formats-*.json"))
+    assert len(records) == 1
+    record = json.loads(records[0].read_text())
+    assert set(record["invariance"]) == {"onnxruntime", auto.IR_LABEL}, record
+    assert "sum of both exports" in record["rule"], record  # both parity records were read
+    chosen = ir if record["chosen"] == auto.IR_LABEL else onnx
+    assert model.model.folder == chosen  # type: ignore[attr-defined]
+    if record["chosen"] == auto.IR_LABEL:
+        assert type(model.model.session).__name__ == "OpenVINOSession"  # type: ignore[attr-defined]
+
+    want = SentenceTransformer(str(src), device="cpu").encode(EMBED_TEXTS)
+    got = model.embed(EMBED_TEXTS)  # type: ignore[attr-defined]
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() > 0.99
+    alone = np.stack([model.embed([t])[0] for t in EMBED_TEXTS])  # type: ignore[attr-defined]
+    np.testing.assert_allclose(alone, got, atol=1e-5, rtol=0)
+
+    settings = Settings(backend="auto", cache_dir=cache, workers=1, threads_per_worker=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(auto, "_probe", lambda *a, **k: pytest.fail("probed twice"))
+        again = Embedder(load_model(src, settings=settings, precision="int8"))
+    assert again.model.folder == chosen
+
+
+def test_auto_across_formats_switches_only_for_a_clear_gain(auto_embedder: tuple[Path, Path, object],
+                                                            tmp_path: Path) -> None:
+    """The rules of the per-file probe hold across formats: the IR replaces the ONNX export only with a
+    full batch >= 10% faster; a near tie stays on ONNX (the reference, on every install)."""
+    from test_backends import _Timed
+
+    from encapure.engine.backends import auto
+    from encapure.hub import cache_key
+
+    src, cache, _ = auto_embedder
+    onnx, ir = cache / cache_key(src, "int8"), cache / cache_key(src, "int8", format="auto")
+
+    def opener(cost: dict[str, float]):  # type: ignore[no-untyped-def]
+        return lambda backend, path, settings: _Timed(cost[backend])
+
+    settings = Settings(cache_dir=tmp_path / "a")
+    assert auto.choose_export(onnx, ir, settings, opener({"onnxruntime": 0.1, "openvino": 0.05})) == ir
+    settings = Settings(cache_dir=tmp_path / "b")
+    assert auto.choose_export(onnx, ir, settings, opener({"onnxruntime": 0.1, "openvino": 0.0975})) == onnx
+
+
+def test_auto_across_formats_only_for_int8_embedders_with_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
+    from encapure import hub
+
+    assert hub.across_formats("auto", "int8")
+    assert not hub.across_formats("auto", "int8", task="rerank")
+    assert not hub.across_formats("auto", "fp32")
+    assert not hub.across_formats("onnxruntime", "int8") and not hub.across_formats("openvino", "int8")
+    monkeypatch.setattr(hub, "missing_ir_modules", lambda: ["nncf"])
+    assert not hub.across_formats("auto", "int8")  # without nncf: ONNX on ONNX Runtime, as before
+
+
+def test_server_exporter_probes_across_formats_in_the_serving_process(auto_embedder: tuple[Path, Path, object],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``encapure serve``'s exporter (a child process per export) asks for both formats under auto and
+    returns the recorded choice; a reranker is exported once, as ONNX."""
+    from encapure.engine.backends import auto
+    from encapure.hub import cache_key
+    from encapure.server import loading
+
+    src, cache, model = auto_embedder
+    asked: list[str] = []
+
+    def child(source, settings, precision, task, max_length, fmt):  # type: ignore[no-untyped-def]
+        asked.append(fmt)
+        return cache / cache_key(src, precision, format=fmt)
+
+    monkeypatch.setattr(loading, "_export_in_child", child)
+    settings = Settings(backend="auto", cache_dir=cache, workers=1, threads_per_worker=2)
+    monkeypatch.setattr(auto, "_probe", lambda *a, **k: pytest.fail("the record should answer"))
+    assert loading.export_in_child(src, settings=settings, precision="int8") == model.model.folder  # type: ignore[attr-defined]
+    assert asked == ["onnx", "auto"]
+    asked.clear()
+    loading.export_in_child(src, settings=settings, precision="int8", task="rerank")
+    assert asked == ["onnx"]

@@ -21,7 +21,15 @@ from pathlib import Path
 
 from encapure.engine.types import InferenceModel
 from encapure.errors import ExportError, InvalidInputError
-from encapure.hub import cache_key, cached_export, download, export_format, is_hub_id
+from encapure.hub import (
+    across_formats,
+    cache_key,
+    cached_export,
+    choose_format,
+    download,
+    export_format,
+    is_hub_id,
+)
 from encapure.manifest import MANIFEST_NAME
 from encapure.registry import lookup
 from encapure.settings import DEFAULT_RERANKER, LARGE_MODEL_PARAMETERS, Settings
@@ -150,11 +158,21 @@ def export_in_child(
 ) -> Path:
     """The server's exporter: ``encapure.hub.cached_export`` run in a child process, so torch and
     transformers are never imported by the serving process (a first ``make serve`` held them:
-    823 MB RSS at ready for a 24 MB model, 164 MB after a restart). Same cache, same lock."""
+    823 MB RSS at ready for a 24 MB model, 164 MB after a restart). Same cache, same lock. Under
+    ``--backend auto`` at int8 the child may export twice (ONNX, then the IR) and this process, which
+    runs the model, probes which one it serves (``encapure.hub.choose_format``)."""
     settings = settings or Settings()
     precision = precision or settings.precision
+    if across_formats(settings.backend, precision, task):
+        return choose_format(lambda fmt: _export_in_child(source, settings, precision, task, max_length, fmt),
+                             settings)
+    return _export_in_child(source, settings, precision, task, max_length,
+                            export_format(settings.backend, precision, task))  # the IR for int8 embedders on OpenVINO
+
+
+def _export_in_child(source: str | Path, settings: Settings, precision: str, task: str, max_length: int | None,
+                     fmt: str) -> Path:
     cache_dir = Path(settings.cache_dir).expanduser()
-    fmt = export_format(settings.backend, precision, task)  # the IR for int8 embedders on OpenVINO
     final = cache_dir / cache_key(source, precision, task, max_length, fmt)
     if (final / MANIFEST_NAME).is_file():
         return final
@@ -169,7 +187,7 @@ def export_in_child(
         # and not that an export started (the child then finds the files in the hub's cache)
         log.info("fetching %s from the Hugging Face hub", source)
         download(str(source))
-    log.info("exporting %s (%s) in a child process into the cache at %s", source, precision, cache_dir)
+    log.info("exporting %s (%s, format %s) in a child process into the cache at %s", source, precision, fmt, cache_dir)
     job = {"source": str(source), "cache_dir": str(cache_dir), "precision": precision, "task": task,
            "max_length": max_length, "format": fmt}
     proc = subprocess.run(

@@ -226,24 +226,30 @@ def _measure(session: Any, feed: dict[str, np.ndarray]) -> tuple[list[np.ndarray
 
 def probe(path: Path, settings: Settings, open_session: Callable[[str, Path, Settings], Any],
           candidates: list[str]) -> ProbeResult:
-    """Run every candidate on the same batches; ``candidates[0]`` is the reference.
+    """Run every candidate backend on the same file; ``candidates[0]`` is the reference."""
+    return _probe([(name, name, path) for name in candidates], settings, open_session, quantized_tolerance(path))
+
+
+def _probe(entries: list[tuple[str, str, Path]], settings: Settings,
+           open_session: Callable[[str, Path, Settings], Any], quantized: tuple[float, str] | None) -> ProbeResult:
+    """Run every ``(label, backend, model file)`` on the same batches; the first is the reference.
 
     The qualifying sessions stay open together so their timings alternate round by round (A, B, B, A...)
     and each keeps its best: on a shared machine the load drifts within seconds, and timing one backend
     after the other let that drift decide (seen: the lone-batch verdict flipped between two probes).
     """
-    result = ProbeResult(chosen=candidates[0], cpu=cpu_signature())
-    quantized = quantized_tolerance(path)
+    labels = [label for label, _, _ in entries]
+    result = ProbeResult(chosen=labels[0], cpu=cpu_signature())
     reference: list[np.ndarray] | None = None
     sessions: dict[str, Any] = {}
-    for name in candidates:
+    for label, backend, path in entries:
         try:
-            session = open_session(name, path, settings)
+            session = open_session(backend, path, settings)
             rows, worst = _measure(session, _probe_feed(session))
         except Exception as e:  # an optional runtime that is absent or cannot run this graph
-            result.rejected[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+            result.rejected[label] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
             continue
-        result.invariance[name] = worst
+        result.invariance[label] = worst
         if reference is None:
             reference = rows
             scale = max(float(np.abs(np.concatenate([r.ravel() for r in reference])).max()), 1e-6)
@@ -253,14 +259,14 @@ def probe(path: Path, settings: Settings, open_session: Callable[[str, Path, Set
             agree = 0.0
         else:
             agree = max(float(np.abs(a - b).max()) for a, b in zip(rows, reference, strict=True))
-        result.agreement[name] = agree
+        result.agreement[label] = agree
         if worst > _INVARIANT:
-            result.rejected[name] = f"not batch-invariant: {worst:.2g} alone vs batched"
+            result.rejected[label] = f"not batch-invariant: {worst:.2g} alone vs batched"
         elif agree > result.tolerance:
-            result.rejected[name] = (f"disagrees with {candidates[0]}: max |Δ| {agree:.3g} > {result.tolerance:.3g} "
-                                     f"({result.rule})")
+            result.rejected[label] = (f"disagrees with {labels[0]}: max |Δ| {agree:.3g} > {result.tolerance:.3g} "
+                                      f"({result.rule})")
         else:
-            sessions[name] = session
+            sessions[label] = session
     if not sessions:
         return result
     bulk = _bulk_shape(settings)
@@ -276,7 +282,7 @@ def probe(path: Path, settings: Settings, open_session: Callable[[str, Path, Set
             result.lone_seconds[name] = min(result.lone_seconds.get(name, lone), lone)
             result.seconds[name] = min(result.seconds.get(name, full), full)
     sessions.clear()
-    ref = candidates[0]
+    ref = labels[0]
     if ref in result.seconds:
         # Not slower for a lone request (latency) than the reference beyond timing noise, then the
         # fastest full batch (throughput), if it beats the reference's clearly.
@@ -289,26 +295,75 @@ def probe(path: Path, settings: Settings, open_session: Callable[[str, Path, Set
     return result
 
 
-def choose(path: Path, settings: Settings, open_session: Callable[[str, Path, Settings], Any],
-           candidates: list[str]) -> str:
-    """The recorded choice for this model and machine, probing first when there is none."""
-    folder = Path(settings.cache_dir).expanduser() / "backend-probes"
-    record = folder / f"{_key(path, settings, candidates)}.json"
+def _recorded(record: Path, labels: list[str], run: Callable[[], ProbeResult], what: str) -> str:
+    """The choice stored in ``record``, or ``run()``'s, stored there (JSON, atomically)."""
     try:
         data = json.loads(record.read_text(encoding="utf-8"))
-        if data.get("chosen") in candidates:
+        if data.get("chosen") in labels:
             return str(data["chosen"])
     except (OSError, ValueError):
         pass
-    result = probe(path, settings, open_session, candidates)
-    log.info("backend auto: %s for %s (lone batch s %s, full batch s %s; rejected %s; %s)", result.chosen, path,
+    result = run()
+    log.info("backend auto: %s for %s (lone batch s %s, full batch s %s; rejected %s; %s)", result.chosen, what,
              {k: round(v, 4) for k, v in result.lone_seconds.items()},
              {k: round(v, 4) for k, v in result.seconds.items()}, result.rejected or "none", result.cpu)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"model": str(path), **asdict(result)}, indent=1), encoding="utf-8")
+        tmp.write_text(json.dumps({"model": what, **asdict(result)}, indent=1), encoding="utf-8")
         tmp.replace(record)
     except OSError as e:  # a read-only cache only costs a probe per start
-        log.warning("backend auto: cannot record the probe in %s (%s)", folder, e)
+        log.warning("backend auto: cannot record the probe in %s (%s)", record.parent, e)
     return result.chosen
+
+
+def _records(settings: Settings) -> Path:
+    return Path(settings.cache_dir).expanduser() / "backend-probes"
+
+
+def choose(path: Path, settings: Settings, open_session: Callable[[str, Path, Settings], Any],
+           candidates: list[str]) -> str:
+    """The recorded choice for this model and machine, probing first when there is none."""
+    record = _records(settings) / f"{_key(path, settings, candidates)}.json"
+    return _recorded(record, candidates, lambda: probe(path, settings, open_session, candidates), str(path))
+
+
+# label of the OpenVINO IR candidate in a probe across export formats
+IR_LABEL = "openvino-ir"
+
+
+def choose_export(onnx_folder: Path, ir_folder: Path, settings: Settings,
+                  open_session: Callable[[str, Path, Settings], Any]) -> Path:
+    """Between two exports of one model, the ONNX one (for ONNX Runtime, the reference) and an OpenVINO
+    IR (quantized by NNCF with its own recipe), the folder that measures faster and scores alike.
+
+    Why across formats: for int8 embedders the fastest route is not one file on two runtimes. The ONNX
+    int8 embedder keeps both FFN MatMuls fp32 (ONNX Runtime's static int8 of all of them cost cosine to
+    0.968), while NNCF quantizes them with SmoothQuant and keeps cosine >= 0.99; all-MiniLM-L6-v2 ran
+    1.69x fp32 as the IR on OpenVINO against 1.22x as ONNX on ONNX Runtime (AMD EPYC AVX-512 VNNI).
+    The same rules as for one file: batch-invariant, not slower for a lone request, a full batch
+    ``_SWITCH_GAIN`` faster. Agreement: the two exports are two quantizations of one model, each within
+    its own recorded deviation from PyTorch, so they may differ by the sum of the two and no more
+    (strict rule without both records). The ONNX folder, when it wins, still gets the per-file probe
+    (ONNX Runtime or OpenVINO on that file) when its session opens.
+    """
+    onnx_file = onnx_folder / _model_file(onnx_folder)
+    ir_file = ir_folder / _model_file(ir_folder)
+    qa, qb = quantized_tolerance(onnx_file), quantized_tolerance(ir_file)
+    quantized = None
+    if qa is not None and qb is not None:
+        quantized = (qa[0] + qb[0], f"the sum of both exports' max |Δ| vs PyTorch ({qa[0]:.3g} + {qb[0]:.3g})")
+    labels = ["onnxruntime", IR_LABEL]
+    parts = [_key(onnx_file, settings, ["onnxruntime", "openvino"]), _key(ir_file, settings, ["openvino"])]
+    record = _records(settings) / f"formats-{hashlib.sha256('/'.join(parts).encode()).hexdigest()[:20]}.json"
+    entries = [("onnxruntime", "onnxruntime", onnx_file), (IR_LABEL, "openvino", ir_file)]
+    chosen = _recorded(record, labels, lambda: _probe(entries, settings, open_session, quantized),
+                       f"{onnx_folder} | {ir_folder}")
+    return ir_folder if chosen == IR_LABEL else onnx_folder
+
+
+def _model_file(folder: Path) -> str:
+    try:
+        return str(json.loads((folder / "encapure.json").read_text(encoding="utf-8")).get("model_file", "model.onnx"))
+    except (OSError, ValueError):
+        return "model.onnx"
