@@ -174,8 +174,13 @@ def test_similarity_and_prompts_match(st_emb: Any, emb32: SentenceTransformer, t
     _same(ours.encode(texts[:4], prompt_name="passage"), theirs.encode(texts[:4], prompt_name="passage"))
 
 
-def test_default_int8_cosine_bar(embedder_int8_dir: Path, st_emb: Any, texts: list[str]) -> None:
-    ours = SentenceTransformer(str(embedder_int8_dir)).encode(texts)
+@pytest.mark.parametrize("export", ["embedder_int8_dir", "embedder_int8_ir_dir"])
+def test_default_int8_cosine_bar(export: str, st_emb: Any, texts: list[str], request: pytest.FixtureRequest,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both int8 exports ``--backend auto`` may serve for an embedder: ONNX (ONNX Runtime) and the IR (OpenVINO)."""
+    if export.endswith("_ir_dir"):
+        monkeypatch.delenv("ENCAPURE_BACKEND", raising=False)  # the suite pins onnxruntime, which refuses an IR
+    ours = SentenceTransformer(str(request.getfixturevalue(export))).encode(texts)
     theirs = st_emb.encode(texts)
     cos = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
     print(f"\nint8 via compat, cosine to sentence-transformers: min {cos.min():.4f} mean {cos.mean():.4f}")
