@@ -108,16 +108,18 @@ class Settings(BaseSettings):
     # --- runtime ----------------------------------------------------------------------------
     # auto by default: which runtime is faster depends on the CPU and the model (AMD EPYC AVX-512 VNNI,
     # int8 MiniLM reranker, in-process: OpenVINO 580 pairs/s vs ONNX Runtime 321; fp32 and the int8
-    # embedder: a tie), and "a backend is the default where it wins". Without openvino installed auto
-    # is onnxruntime.
+    # ONNX embedder: a tie; the int8 embedder as the NNCF IR on OpenVINO: 1.4-1.65x the ONNX one on ONNX
+    # Runtime), and "a backend is the default where it wins". Without openvino installed auto is onnxruntime.
     backend: Literal["auto", "onnxruntime", "openvino"] = Field(
         default="auto",
         description="what runs the exported ONNX graph: onnxruntime, openvino (pip install openvino), or auto "
         "(default: a one-time probe per model and CPU, ~5-10 s at the first start, picks the fastest "
         "batch-invariant backend that agrees with onnxruntime: within 1e-3 of the output scale, or for a "
         "quantized export within its own recorded deviation from PyTorch (parity.json), and is at least 10% "
-        "faster on a full batch; recorded in the cache, so every process on the machine then uses it). With "
-        "openvino, an int8 embedder exported on load is the NNCF static int8 IR (onnxruntime and auto: ONNX)",
+        "faster on a full batch; recorded in the cache, so every process on the machine then uses it). An int8 "
+        "embedder exported on load: with openvino the NNCF static int8 IR; with auto (openvino and nncf "
+        "installed) both the ONNX export and the IR, and the same probe picks which one is served; with "
+        "onnxruntime ONNX",
     )
     openvino_device: str = Field(
         default="CPU", min_length=1, description="OpenVINO device name for --backend openvino (CPU, GPU, AUTO:...)"
