@@ -291,3 +291,29 @@ def test_openvino_pads_lengths_to_repeat_shapes_without_changing_outputs(embedde
     unpadded = ovb.create_session(reranker_int8_dir / "model.onnx", settings)
     unpadded._pad_limit = 0  # as before padding: the feed runs as given
     np.testing.assert_array_equal(padded.run(None, feed)[0], unpadded.run(None, feed)[0])
+
+
+class _PerRow(_Timed):
+    """A session whose run takes ``seconds`` per row of the batch, as a large model's does."""
+
+    def run(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import time
+
+        time.sleep(self.seconds * len(feed["input_ids"]))
+        return [(feed["input_ids"] * feed["attention_mask"]).sum(1, keepdims=True).astype(np.float32) / 1000]
+
+
+def test_auto_probe_shrinks_the_full_batch_of_a_slow_model(reranker_fp32_dir: Path) -> None:
+    """A full batch that takes the reference over a second (bge-reranker-v2-m3 on 2 cores: seconds per
+    run, 82.5 s of probing at its first start) is timed with fewer rows of the same length; a small
+    model's full batch is kept."""
+    from encapure.engine.backends import auto
+
+    model = reranker_fp32_dir / "model.onnx"
+    settings = Settings(workers=1)
+    full = auto._bulk_shape(settings)
+    slow = auto.probe(model, settings, lambda name, path, s: _PerRow(0.08), ["ref"])
+    assert slow.bulk[1] == full[1] and 1 <= slow.bulk[0] < full[0], slow
+    assert slow.bulk[0] * 0.08 <= auto._BULK_BUDGET_S * 1.05
+    fast = auto.probe(model, settings, lambda name, path, s: _PerRow(0.005), ["ref"])
+    assert fast.bulk == list(full), fast
