@@ -1,17 +1,26 @@
 """bge-reranker-v2-m3 (random weights, exact config): export time, file size, startup, RSS and 8x64 latency.
 
-    python scripts/measure_bge_memory.py [--variants ort-int8,ov-int4,ov-int8] [--runs 100] [--out .work/bge-memory]
+    python scripts/measure_bge_memory.py [--variants ort-int8,ort-int4,ov-int4] [--runs 100] [--out .work/bge-memory]
     python scripts/measure_bge_memory.py --probe-only   # re-measure the folders already exported
+    python scripts/measure_bge_memory.py --probe-only --folder ort-int8=PATH --folder ort-int4=PATH \
+        --folder ov-int4=PATH --md benchmarks/results/bge-reranker-v2-m3-memory.md   # the BENCHMARKS.md section
     python scripts/measure_bge_memory.py --probe-only --variants ov-int4 --only engine   # the engine rows only
     python scripts/measure_bge_memory.py --variants ov-int4-r0.8,ov-int4-r1.0 --only engine --rounds 2
     python scripts/measure_bge_memory.py --probe-only --variants ov-int4 --only server    # `encapure serve` rows
     python scripts/measure_bge_memory.py --probe-only --variants ov-int4 --only startup   # where start-up goes
 
+The default (``--only server``, server row 0): ``encapure serve --model <folder>`` with no other
+argument, i.e. what a user gets (``--backend auto``, the worker count sized by the model, idle memory
+release), for int8 and int4 ONNX (ONNX Runtime, the backend the auto probe picks for them) and the int4
+OpenVINO IR: file size, seconds to the first /ready 200, RSS at ready, after ``--runs`` sequential
+requests of 8 x 64 tokens (read as the last response arrives) and one idle second later (the server's
+idle release has run), c=1 p50. ``--folder VARIANT=PATH`` measures an export made elsewhere (read only).
+
 ``ov-int4-r1.0`` / ``ov-int4-r0.8`` pin the int4 recipe's int4 share (``openvino_ir.INT4_RATIO``) so two
 recipes can be measured side by side; ``--rounds N`` alternates the variants (A, B, A, B...) and keeps
-each row's best time and highest RSS. Server rows (``SERVER_CONFIGS``): ``encapure serve`` in a fresh
-process, launch to the first /ready 200, the process's RSS at ready and after ``--runs`` sequential
-/rerank requests of 8 pairs of exactly 64 tokens (documents cut at a token's end). Startup: each stage
+each row's best time and highest RSS. Server rows (``SERVER_CONFIGS``, every variant): ``encapure serve``
+in a fresh process, launch to the first /ready 200, the process's RSS at ready and after ``--runs``
+sequential /rerank requests of 8 pairs of exactly 64 tokens (documents cut at a token's end). Startup: each stage
 of what ``serve`` does before /ready, timed alone in one process. The section is written to
 ``<out>/section.md`` (``--md`` to write the benchmark page, whose hand-written notes it replaces).
 
@@ -48,7 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BGE_ARCH = Path(os.environ.get("ENCAPURE_SHARED", "/work/shared")) / "models" / "bge-reranker-v2-m3-arch"
 
 # variant -> (export format, precision)
-VARIANTS = {"ort-int8": ("onnx", "int8"), "ov-int4": ("openvino", "int4"), "ov-int8": ("openvino", "int8"),
+VARIANTS = {"ort-int8": ("onnx", "int8"), "ort-int4": ("onnx", "int4"), "ov-int4": ("openvino", "int4"),
+            "ov-int8": ("openvino", "int8"),
             "ov-int4-r1.0": ("openvino", "int4"), "ov-int4-r0.8": ("openvino", "int4")}
 # int4 variants pinned to an int4 share (``openvino_ir.INT4_RATIO``), whatever the shipped default is,
 # so two recipes can be measured side by side; "ov-int4" is the shipped recipe.
@@ -57,6 +67,7 @@ INT4_RATIOS = {"ov-int4-r1.0": 1.0, "ov-int4-r0.8": 0.8}
 # (label, backend, mmap, dq group, release mapped weights)
 CONFIGS = {
     "ort-int8": [("ORT int8 (dynamic)", "onnxruntime", True, 0, False)],
+    "ort-int4": [("ORT int4 (MatMulNBits)", "onnxruntime", True, 0, False)],
     "ov-int4": [("OV int4 IR, mmap on, page-out on, dq off", "openvino", True, 0, True),
                 ("OV int4 IR, mmap on, page-out off, dq off", "openvino", True, 0, False),
                 ("OV int4 IR, mmap on, page-out on, dq 128", "openvino", True, 128, True),
@@ -188,14 +199,12 @@ print(json.dumps({"base_rss_mb": round(base["VmRSS"]), "session_load_s": round(l
 
 # server rows: (label, extra ``encapure serve`` arguments)
 SERVER_CONFIGS = [
-    ("server, defaults", []),
-    ("server, --workers 1", ["--workers", "1"]),
-    # the defaults before the size-aware worker count and the malloc settings
-    ("server, old defaults", ["--workers", "2", "--malloc-arena-max", "0", "--no-malloc-trim"]),
-    # one lever at a time off the new defaults
-    ("server, defaults, glibc arenas", ["--malloc-arena-max", "0"]),
-    ("server, defaults, --no-malloc-trim", ["--no-malloc-trim"]),
-    ("server, defaults, no malloc settings", ["--malloc-arena-max", "0", "--no-malloc-trim"]),
+    ("server, defaults", []),  # `encapure serve --model X`, nothing else: the section's table
+    # one lever at a time off the defaults
+    ("server, --workers 2", ["--workers", "2"]),  # the worker count before large models got 1
+    ("server, --no-malloc-trim", ["--no-malloc-trim"]),  # no idle release
+    ("server, --malloc-arena-max 2", ["--malloc-arena-max", "2"]),
+    ("server, old defaults", ["--workers", "2", "--no-malloc-trim"]),
 ]
 
 _STARTUP_PROBE = r"""
@@ -308,31 +317,64 @@ def cut_pairs(folder: Path, pairs: list[tuple[str, str]], tokens: int = 64) -> l
     return out
 
 
-CHECKPOINT = 30  # server rows also read the RSS after this many requests
+IDLE_S = 1.0  # "after an idle second": the server releases memory once idle for 0.25 s (--malloc-trim)
 
 
-def server_probe(folder: Path, extra: list[str], runs: int, pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    """``encapure serve --model folder`` in a fresh process: seconds from launch to /ready 200, the
-    process's RSS at ready and after ``runs`` sequential /rerank requests of 8 pairs (c=1), p50."""
+def model_size_mb(folder: Path) -> float:
+    """The model's files (graph and weights; not the tokenizer), MB."""
+    return round(sum(p.stat().st_size for p in folder.iterdir()
+                     if p.name.startswith(("model.onnx", "model.xml", "model.bin"))) / 1e6, 1)
+
+
+def _probe_records(settings_cache: Path) -> dict[str, str]:
+    """--backend auto's recorded choices (model file -> backend) in the cache the server uses."""
+    out = {}
+    for rec in (settings_cache / "backend-probes").glob("*.json"):
+        try:
+            data = json.loads(rec.read_text())
+            out[str(data["model"])] = str(data["chosen"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return out
+
+
+def served_backend(folder: Path, before: dict[str, str], after: dict[str, str]) -> str:
+    """Which runtime the server ran the model on: an IR only runs on OpenVINO; an ONNX file on what the
+    auto probe recorded (and whether this start ran the probe, which then counts in its start-up)."""
+    if (folder / "model.xml").is_file():
+        return "openvino"
+    onnx = str((folder / "model.onnx").resolve())
+    chosen = after.get(onnx) or after.get(str(folder / "model.onnx"))
+    if chosen is None:
+        return "?"
+    return chosen + ("" if onnx in before or str(folder / "model.onnx") in before else " (probed at this start)")
+
+
+def server_probe(folder: Path, extra: list[str], runs: int, pairs: list[tuple[str, str]],
+                 log_dir: Path) -> dict[str, Any]:
+    """``encapure serve --model folder`` (plus ``extra``) in a fresh process: seconds from launch to
+    /ready 200; the process's RSS at ready and ``IDLE_S`` later, after ``runs`` sequential /rerank
+    requests of 8 pairs (c=1) as the last response arrives and ``IDLE_S`` later; p50."""
     import socket
 
     import httpx
+
+    from encapure.settings import Settings
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    log_path = Path(folder).parent / f"server-{port}.log"
-    # --request-timeout: the work limit admits a request of up to a sixth of it in measured work; on a
-    # busy shared CPU one 8 x 64 request of this model measured over 5 s and got 413 at the default 30 s.
-    cmd = [sys.executable, "-m", "encapure", "serve", "--model", str(folder), "--port", str(port),
-           "--request-timeout", "300", *extra]
+    log_path = log_dir / f"server-{folder.name}-{port}.log"  # not beside the model: its folder may be read-only
+    cache = Path(Settings().cache_dir).expanduser()
+    records = _probe_records(cache)
+    cmd = [sys.executable, "-m", "encapure", "serve", "--model", str(folder), "--port", str(port), *extra]
     t0 = time.perf_counter()
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        with httpx.Client(timeout=120) as client:
+        with httpx.Client(timeout=300) as client:
             while True:
                 if proc.poll() is not None:
                     return {"error": f"server exited {proc.returncode}: {log_path.read_text()[-300:]}"}
@@ -341,53 +383,61 @@ def server_probe(folder: Path, extra: list[str], runs: int, pairs: list[tuple[st
                         break
                 except httpx.TransportError:
                     pass
-                if time.perf_counter() - t0 > 600:
-                    return {"error": "not ready after 600 s"}
+                if time.perf_counter() - t0 > 900:
+                    return {"error": "not ready after 900 s"}
                 time.sleep(0.05)
             ready_s = time.perf_counter() - t0
-            time.sleep(1.5)  # one page-out interval after the warm-up's last inference
-            kids = _children(proc.pid)
             at_ready = _proc_rss(proc.pid)
+            time.sleep(IDLE_S)
+            ready_idle = _proc_rss(proc.pid)
+            kids = _children(proc.pid)
             lat = []
-            checkpoint: dict[str, float] = {}
             for i in range(runs):
-                if i == CHECKPOINT and runs > CHECKPOINT:  # rows measured with fewer requests compare here
-                    time.sleep(1.5)
-                    checkpoint = _proc_rss(proc.pid)
                 batch = pairs[(i * 8) % len(pairs):][:8]
                 t = time.perf_counter()
                 r = client.post(f"{url}/rerank", json={"query": batch[0][0], "documents": [d for _, d in batch]})
                 lat.append(time.perf_counter() - t)
-                r.raise_for_status()
-            time.sleep(1.5)
+                if r.status_code != 200:
+                    return {"error": f"request {i + 1}: HTTP {r.status_code} {r.text[:200]}"}
             after = _proc_rss(proc.pid)
+            time.sleep(IDLE_S)
+            after_idle = _proc_rss(proc.pid)
     finally:
         proc.terminate()
         proc.wait(30)
     lat.sort()
     skipped = [ln for ln in log_path.read_text().splitlines() if "largest-batch warm-up skipped" in ln]
-    return {"startup_s": round(ready_s, 2), "rss_ready_mb": round(at_ready["VmRSS"]),
-            "anon_ready_mb": round(at_ready["RssAnon"]), "file_ready_mb": round(at_ready["RssFile"]),
-            "rss_after_mb": round(after["VmRSS"]), "anon_after_mb": round(after["RssAnon"]),
-            "file_after_mb": round(after["RssFile"]), "requests": runs, "child_processes": len(kids),
-            **({f"rss_after_{CHECKPOINT}_mb": round(checkpoint["VmRSS"])} if checkpoint else {}),
-            "p50_ms": round(1000 * lat[len(lat) // 2], 1), "min_ms": round(1000 * lat[0], 1),
-            "largest_batch_warmup": "skipped" if skipped else "ran", "args": " ".join(extra) or "(defaults)"}
+    workers = [ln for ln in log_path.read_text().splitlines() if "inference worker(s)" in ln]
+
+    def mb(rss: dict[str, float], prefix: str) -> dict[str, int]:
+        return {f"rss_{prefix}_mb": round(rss["VmRSS"]), f"anon_{prefix}_mb": round(rss["RssAnon"]),
+                f"file_{prefix}_mb": round(rss["RssFile"])}
+
+    return {"size_mb": model_size_mb(folder), "backend": served_backend(folder, records, _probe_records(cache)),
+            "startup_s": round(ready_s, 2), **mb(at_ready, "ready"), **mb(ready_idle, "ready_idle"),
+            **mb(after, "after"), **mb(after_idle, "after_idle"), "requests": runs, "idle_s": IDLE_S,
+            "child_processes": len(kids), "p50_ms": round(1000 * lat[len(lat) // 2], 1),
+            "min_ms": round(1000 * lat[0], 1), "largest_batch_warmup": "skipped" if skipped else "ran",
+            "workers_log": workers[-1].strip()[-160:] if workers else "", "args": " ".join(extra) or "(defaults)"}
 
 
 def server_table(results: dict[str, Any]) -> str:
-    lines = ["| variant | startup (launch to /ready 200) | RSS at ready (anon/file) | N | after N requests "
-             "(anon/file) | 8x64 p50 (min), c=1 | largest-batch warm-up |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | backend | model files | startup (to /ready) | RSS at ready (anon/file) | + 1 s idle | "
+             "N | after N requests (anon/file) | + 1 s idle (anon/file) | c=1 p50 (min) | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant, res in results.get("variants", {}).items():
         for label, p in res.get("server", {}).items():
+            name = variant if label == SERVER_CONFIGS[0][0] else f"{variant}: {label}"
             if "error" in p:
-                lines.append(f"| {variant}: {label} | error: {p['error']} | | | | | |")
+                lines.append(f"| {name} | error: {p['error']} | | | | | | | | | |")
                 continue
+            loads = [x for x in (p.get("loadavgs") or [p.get("loadavg")]) if x is not None]
             lines.append(
-                f"| {variant}: {label} | {p['startup_s']} s | {p['rss_ready_mb']} MB ({p['anon_ready_mb']}/"
-                f"{p['file_ready_mb']}) | {p['requests']} | {p['rss_after_mb']} MB ({p['anon_after_mb']}/"
-                f"{p['file_after_mb']}) | {p['p50_ms']:.0f} ({p['min_ms']:.0f}) ms | {p['largest_batch_warmup']} |")
+                f"| {name} | {p['backend']} | {p['size_mb']:.0f} MB | {p['startup_s']:.1f} s | "
+                f"{p['rss_ready_mb']} MB ({p['anon_ready_mb']}/{p['file_ready_mb']}) | {p['rss_ready_idle_mb']} MB | "
+                f"{p['requests']} | {p['rss_after_mb']} MB ({p['anon_after_mb']}/{p['file_after_mb']}) | "
+                f"{p['rss_after_idle_mb']} MB ({p['anon_after_idle_mb']}/{p['file_after_idle_mb']}) | "
+                f"{p['p50_ms']:.0f} ({p['min_ms']:.0f}) ms | {', '.join(str(x) for x in loads)} |")
     return "\n".join(lines)
 
 
@@ -515,63 +565,84 @@ MD = ROOT / "benchmarks" / "results" / "bge-reranker-v2-m3-memory.md"
 
 
 def section(results: dict[str, Any], runs: int) -> str:
-    """The BENCHMARKS.md section (benchmarks/report.py includes the file this writes)."""
+    """The BENCHMARKS.md section (benchmarks/report.py includes the file this writes): one table per kind
+    of row measured, the server's defaults first."""
     c = results["conditions"]
+    variants = results.get("variants", {})
     exports = []
-    for v, res in results.get("variants", {}).items():
+    for v, res in variants.items():
         ex = res.get("export") or {}
+        if not ex:
+            continue
         steps = ex.get("steps_s") or {}
         parity = ex.get("parity") or {}
         work = sum(t for k, t in steps.items() if k not in ("total", "Verifying against PyTorch"))
         pline = (f", parity vs PyTorch max |Δ| {parity['max_abs_diff']:.3f}, cosine {parity['cosine']:.3f}"
                  if parity.get("max_abs_diff") is not None else "")
         exports.append(f"- `{v}`: {ex.get('size_mb', '?')} MB; export {work:.0f} s without the PyTorch parity step{pline}.")
-    has_session = any(r.get("configs") for r in results.get("variants", {}).values())
-    return "\n".join([
-        "## bge-reranker-v2-m3 memory (architecture, random weights): ONNX Runtime int8 vs OpenVINO int4 IR\n",
-        f"`python scripts/measure_bge_memory.py` on {c['cpu']}, **shared CPU** (load average "
-        f"{c['loadavg_start'][0]:.1f} at start: latencies are noisy, compare within the table).",
-        *([] if has_session else [""]),
-        *([] if not has_session else [f"One fresh process "
-        f"per row, 1 stream x 2 threads, the session alone (no tokenizer, no server): RSS after load, after {runs} "
-        "requests of 8 x 64 random token ids (new ids each request), after 9 more of other shapes; then the "
-        "`tokenizers` XLM-R tokenizer (`tokenizer.json`) loaded into the same process. Startup = session "
-        "creation + tokenizer load (the first request also pays the plugin's weight repacking: `first run`). "
-        "mmap = `--openvino-mmap`, dq = `--openvino-dynamic-quantization-group-size`. Batch invariance = max "
-        "|Δ logit| between 8 rows of different lengths scored alone and in one padded batch.\n"]),
-        *exports, "",
-        *([table(results), ""] if has_session else []),
-        "Through the engine (`load_model` with the tokenizer the export recorded and its warm-up, 1 worker x 2 "
-        "threads, max length 64; N requests of 8 WikiQA-test-gold pairs, each exactly 64 tokens; a fresh "
-        "process per row, RSS at ready and after the requests; scores of 16 fixed pairs at ready vs after the "
-        "requests, and vs the first row):\n",
-        engine_table(results), "",
-        *([] if not any(r.get("server") for r in results.get("variants", {}).values()) else [
-            "Through the server (`encapure serve --model <folder>` plus the row's arguments, a fresh process; "
-            "startup = launch to the first /ready 200; RSS of the server process at ready and after N "
-            "sequential /rerank requests of 8 pairs of exactly 64 tokens, c=1, each read 1.5 s after the last "
-            "inference, one page-out interval; `--request-timeout 300` so the work limit admits 8 x 64 on a busy CPU):\n", server_table(results), ""]),
-        *[f"Startup stages, {v}, {label} (load average {p.get('loadavgs') or p.get('loadavg')}): "
-          + ", ".join(f"{k} {t} s" for k, t in p.get("stages_s", {}).items())
-          + f"; largest batch {p.get('largest_batch')} priced {p.get('priced_s')} s vs budget {p.get('budget_s')} s.\n"
-          for v, res in results.get("variants", {}).items() for label, p in res.get("startup", {}).items()
-          if "error" not in p]])
+    has = {kind: any(r.get(kind) for r in variants.values()) for kind in ("configs", "engine", "server", "startup")}
+    load = f"load average {c['loadavg_start'][0]:.1f} at start"
+    if c.get("loadavg_end"):
+        load += f", {c['loadavg_end'][0]:.1f} at the end"
+    out = [
+        "## bge-reranker-v2-m3 memory (architecture, random weights): `encapure serve` defaults, "
+        "int8/int4 ONNX vs int4 OpenVINO IR\n",
+        f"`python scripts/measure_bge_memory.py` on {c['cpu']}, **shared CPU** ({load}; the `load` column: "
+        "1-minute load average after each row). RSS does not depend on the load; start-up and latency do: "
+        "compare them within the table only.\n",
+    ]
+    if has["server"]:
+        out += [
+            "`encapure serve --model <folder>` and nothing else (a fresh process per row: `--backend auto`, "
+            "the worker count sized by the model, idle memory release on). Model files: graph and weights, "
+            "not the tokenizer. Backend: an IR runs on OpenVINO; for ONNX, what the auto probe recorded for "
+            "the file. Startup: launch to the first /ready 200. RSS of the server process (VmRSS; anonymous/"
+            f"file-backed), read at /ready, {IDLE_S:.0f} s later, after N sequential /rerank requests of 8 "
+            "WikiQA-test-gold pairs cut to exactly 64 tokens (read as the last response arrives) and "
+            f"{IDLE_S:.0f} s later (the server releases memory once idle for 0.25 s). p50 over the N requests, "
+            "c=1.\n",
+            server_table(results), ""]
+    out += [*exports, *([""] if exports else [])]
+    if has["configs"]:
+        out += [
+            "One fresh process per row, 1 stream x 2 threads, the session alone (no tokenizer, no server): RSS "
+            f"after load, after {runs} requests of 8 x 64 random token ids (new ids each request), after 9 more "
+            "of other shapes; then the `tokenizers` XLM-R tokenizer (`tokenizer.json`) loaded into the same "
+            "process. Startup = session creation + tokenizer load (the first request also pays the plugin's "
+            "weight repacking: `first run`). mmap = `--openvino-mmap`, dq = "
+            "`--openvino-dynamic-quantization-group-size`. Batch invariance = max |Δ logit| between 8 rows of "
+            "different lengths scored alone and in one padded batch.\n", table(results), ""]
+    if has["engine"]:
+        out += [
+            "Through the engine (`load_model` with the tokenizer the export recorded and its warm-up, 1 worker "
+            "x 2 threads, max length 64; N requests of 8 WikiQA-test-gold pairs, each exactly 64 tokens; a fresh "
+            "process per row, RSS at ready and after the requests; scores of 16 fixed pairs at ready vs after "
+            "the requests, and vs the first row):\n", engine_table(results), ""]
+    out += [f"Startup stages, {v}, {label} (load average {p.get('loadavgs') or p.get('loadavg')}): "
+            + ", ".join(f"{k} {t} s" for k, t in p.get("stages_s", {}).items())
+            + f"; largest batch {p.get('largest_batch')} priced {p.get('priced_s')} s vs budget {p.get('budget_s')} s.\n"
+            for v, res in variants.items() for label, p in res.get("startup", {}).items() if "error" not in p]
+    return "\n".join(out).rstrip()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", default="ov-int4,ort-int8,ov-int8")
+    ap.add_argument("--variants", default="ort-int8,ort-int4,ov-int4")
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--out", type=Path, default=ROOT / ".work" / "bge-memory")
     ap.add_argument("--probe-only", action="store_true")
     ap.add_argument("--skip-export", default="", help="variants already exported (their folders are reused)")
-    ap.add_argument("--only", choices=["all", "session", "engine", "server", "startup"], default="all",
+    ap.add_argument("--only", choices=["all", "session", "engine", "server", "startup"], default="server",
                     help="session: the session-only rows; engine: the engine rows (OpenVINO IR variants); "
-                    "server: `encapure serve` rows; startup: where the seconds to ready go")
+                    "server (default): `encapure serve` rows; startup: where the seconds to ready go (IR variants)")
+    ap.add_argument("--folder", action="append", default=[], metavar="VARIANT=PATH",
+                    help="measure the export in PATH as VARIANT instead of exporting to <out>/VARIANT (not "
+                    "written to; repeatable)")
     ap.add_argument("--md", type=Path, default=None,
                     help=f"write the BENCHMARKS.md section here (e.g. {MD.relative_to(ROOT)}, which holds hand-written "
                     "notes it would replace); default <out>/section.md")
-    ap.add_argument("--server-rows", default="", help="indices into SERVER_CONFIGS to measure (default: all)")
+    ap.add_argument("--server-rows", default="0",
+                    help="indices into SERVER_CONFIGS to measure (default 0: the defaults; 'all': every row)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="engine/server/startup rows: alternate the variants this many rounds (A, B, A, B...), "
                     "keeping each row's best startup and p50 and its last RSS")
@@ -586,43 +657,46 @@ def main() -> None:
                              "loadavg_start": os.getloadavg(), "threads": 2, "note": "shared CPU"}
     variants = results.setdefault("variants", {})
     names = args.variants.split(",")
+    given = dict(f.split("=", 1) for f in args.folder)
+    folders = {v: Path(given[v]) if v in given else args.out / v for v in names}
     if not args.probe_only:  # export all first: the probes then run without an export beside them
         for v in names:
-            if v in args.skip_export.split(","):
+            if v in args.skip_export.split(",") or v in given:
                 continue
             variants.setdefault(v, {})["export"] = export(v, args.out / v, parity=not args.no_parity)
             print(f"{v}: export {json.dumps(variants[v]['export'])}", flush=True)
             res_path.write_text(json.dumps(results, indent=2) + "\n")
     for v in names if args.only in ("all", "session") else []:
         for label, backend, mmap, dq, release in CONFIGS[v]:
-            p = probe(args.out / v, backend, mmap, dq, args.runs, release)
+            p = probe(folders[v], backend, mmap, dq, args.runs, release)
             variants.setdefault(v, {}).setdefault("configs", {})[label] = p
             print(f"{label}: {json.dumps(p)}", flush=True)
             res_path.write_text(json.dumps(results, indent=2) + "\n")
     pairs = long_pairs()
     ir = [v for v in names if VARIANTS[v][0] == "openvino"]
-    jobs: list[tuple[str, str, Any]] = []  # (kind, label, measure(folder) -> row)
+    jobs: list[tuple[str, str, list[str], Any]] = []  # (kind, label, variants, measure(folder) -> row)
     if args.only in ("all", "engine"):
         rows = [int(i) for i in args.engine_rows.split(",")] if args.engine_rows else range(len(ENGINE_CONFIGS))
         for label, mmap, release in (ENGINE_CONFIGS[i] for i in rows):
-            jobs.append(("engine", label, lambda f, m=mmap, r=release: engine_probe(f, m, r, args.runs, pairs)))
+            jobs.append(("engine", label, ir, lambda f, m=mmap, r=release: engine_probe(f, m, r, args.runs, pairs)))
     if args.only in ("all", "server"):
-        rows = [int(i) for i in args.server_rows.split(",")] if args.server_rows else range(len(SERVER_CONFIGS))
+        rows = (range(len(SERVER_CONFIGS)) if args.server_rows == "all"
+                else [int(i) for i in args.server_rows.split(",")])
         served: dict[Path, list[tuple[str, str]]] = {}
         for label, extra in (SERVER_CONFIGS[i] for i in rows):
             def run_server(f: Path, x: list[str] = extra) -> dict[str, Any]:
                 if f not in served:
                     served[f] = cut_pairs(f, pairs)
-                return server_probe(f, x, args.runs, served[f])
-            jobs.append(("server", label, run_server))
+                return server_probe(f, x, args.runs, served[f], args.out)
+            jobs.append(("server", label, names, run_server))
     if args.only == "startup":
         for w in (2, 1):
-            jobs.append(("startup", f"workers {w}", lambda f, w=w: startup_probe(f, w)))
+            jobs.append(("startup", f"workers {w}", ir, lambda f, w=w: startup_probe(f, w)))
     # alternated: round r measures every job on every variant before round r + 1 starts
     for _ in range(args.rounds):
-        for kind, label, measure in jobs:
-            for v in ir:
-                p = measure(args.out / v)
+        for kind, label, of, measure in jobs:
+            for v in of:
+                p = measure(folders[v])
                 p["loadavg"] = round(os.getloadavg()[0], 1)
                 rows_of = variants.setdefault(v, {}).setdefault(kind, {})
                 rows_of[label] = _best(rows_of.get(label) if args.rounds > 1 else None, p)
@@ -631,9 +705,9 @@ def main() -> None:
     results["conditions"]["loadavg_end"] = os.getloadavg()
     res_path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{results['conditions']['cpu']}, 2 threads, {args.runs} runs, shared CPU\n")
-    print(table(results))
-    print(engine_table(results))
-    print(server_table(results))
+    for kind, render in (("configs", table), ("engine", engine_table), ("server", server_table)):
+        if any(r.get(kind) for r in variants.values()):
+            print(render(results))
     for v in ir:
         for label, p in variants.get(v, {}).get("startup", {}).items():
             print(f"\n{v} startup, {label} (load {p.get('loadavg')}): {json.dumps(p)}")
