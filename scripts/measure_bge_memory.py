@@ -2,6 +2,7 @@
 
     python scripts/measure_bge_memory.py [--variants ort-int8,ort-int4,ov-int4] [--runs 100] [--out .work/bge-memory]
     python scripts/measure_bge_memory.py --probe-only   # re-measure the folders already exported
+    python scripts/measure_bge_memory.py --render --md benchmarks/results/bge-reranker-v2-m3-memory.md  # no measuring
     python scripts/measure_bge_memory.py --probe-only --folder ort-int8=PATH --folder ort-int4=PATH \
         --folder ov-int4=PATH --md benchmarks/results/bge-reranker-v2-m3-memory.md   # the BENCHMARKS.md section
     python scripts/measure_bge_memory.py --probe-only --variants ov-int4 --only engine   # the engine rows only
@@ -47,6 +48,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -297,23 +299,31 @@ def _children(pid: int) -> list[int]:
 
 
 def cut_pairs(folder: Path, pairs: list[tuple[str, str]], tokens: int = 64) -> list[tuple[str, str]]:
-    """Each pair's document cut (at a token's end offset) so query + document is exactly ``tokens``
-    tokens with the model's tokenizer: the server keeps its own max length (512) and still sees
-    8 x 64-token requests. Pairs that do not come out at exactly ``tokens`` are dropped."""
+    """Requests of 8 pairs, one query each (the server probe sends ``pairs[8 * i:][:8]`` as one
+    /rerank request, with the first pair's query): each group of 8 takes its first pair's query and
+    every document is cut (at a token's end offset) so query + document is exactly ``tokens`` tokens
+    with the model's ``tokenizer.json``. The server keeps its own max length (512) and still sees
+    8 x 64-token requests. A document that cannot come out at exactly ``tokens`` is dropped; a group
+    left with fewer than 8 is dropped."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tok.no_truncation()
-    out = []
-    for q, d in pairs:
-        nq = len(tok.encode(q, d).ids) - len(tok.encode("", d).ids)  # query tokens (specials cancel)
-        doc = tok.encode(d, add_special_tokens=False)
-        k = tokens - nq - tok.num_special_tokens_to_add(True)
-        if k <= 0 or k > len(doc.ids):
-            continue
-        cut = d[:doc.offsets[k - 1][1]]
-        if len(tok.encode(q, cut).ids) == tokens:
-            out.append((q, cut))
+    out: list[tuple[str, str]] = []
+    for g in range(0, len(pairs) - 7, 8):
+        q = pairs[g][0]
+        group = []
+        for _, d in pairs[g:g + 8]:
+            nq = len(tok.encode(q, d).ids) - len(tok.encode("", d).ids)  # query tokens (specials cancel)
+            doc = tok.encode(d, add_special_tokens=False)
+            k = tokens - nq - tok.num_special_tokens_to_add(True)
+            if k <= 0 or k > len(doc.ids):
+                continue
+            cut = d[:doc.offsets[k - 1][1]]
+            if len(tok.encode(q, cut).ids) == tokens:
+                group.append((q, cut))
+        if len(group) == 8:
+            out += group
     return out
 
 
@@ -348,6 +358,12 @@ def served_backend(folder: Path, before: dict[str, str], after: dict[str, str]) 
     if chosen is None:
         return "?"
     return chosen + ("" if onnx in before or str(folder / "model.onnx") in before else " (probed at this start)")
+
+
+def request_tokens(log_path: Path) -> list[int]:
+    """Tokens per /rerank request as the server counted them (its access log): the pairs are cut to 64
+    tokens by ``tokenizer.json``, the server may tokenize with SentencePiece, which can differ by a few."""
+    return [int(m.group(1)) for m in re.finditer(r"route=/rerank status=200 .*?tokens=(\d+)", log_path.read_text())]
 
 
 def server_probe(folder: Path, extra: list[str], runs: int, pairs: list[tuple[str, str]],
@@ -408,6 +424,7 @@ def server_probe(folder: Path, extra: list[str], runs: int, pairs: list[tuple[st
     lat.sort()
     skipped = [ln for ln in log_path.read_text().splitlines() if "largest-batch warm-up skipped" in ln]
     workers = [ln for ln in log_path.read_text().splitlines() if "inference worker(s)" in ln]
+    tokens = request_tokens(log_path)
 
     def mb(rss: dict[str, float], prefix: str) -> dict[str, int]:
         return {f"rss_{prefix}_mb": round(rss["VmRSS"]), f"anon_{prefix}_mb": round(rss["RssAnon"]),
@@ -418,7 +435,8 @@ def server_probe(folder: Path, extra: list[str], runs: int, pairs: list[tuple[st
             **mb(after, "after"), **mb(after_idle, "after_idle"), "requests": runs, "idle_s": IDLE_S,
             "child_processes": len(kids), "p50_ms": round(1000 * lat[len(lat) // 2], 1),
             "min_ms": round(1000 * lat[0], 1), "largest_batch_warmup": "skipped" if skipped else "ran",
-            "workers_log": workers[-1].strip()[-160:] if workers else "", "args": " ".join(extra) or "(defaults)"}
+            "workers_log": workers[-1].strip()[-160:] if workers else "",
+            **({"tokens_per_request": [min(tokens), max(tokens)]} if tokens else {}), "args": " ".join(extra) or "(defaults)"}
 
 
 def server_table(results: dict[str, Any]) -> str:
@@ -591,6 +609,9 @@ def section(results: dict[str, Any], runs: int) -> str:
         "1-minute load average after each row). RSS does not depend on the load; start-up and latency do: "
         "compare them within the table only.\n",
     ]
+    counts = [p["tokens_per_request"] for r in variants.values() for p in r.get("server", {}).values()
+              if "tokens_per_request" in p]
+    tok = (min(c[0] for c in counts), max(c[1] for c in counts)) if counts else None
     if has["server"]:
         out += [
             "`encapure serve --model <folder>` and nothing else (a fresh process per row: `--backend auto`, "
@@ -598,7 +619,9 @@ def section(results: dict[str, Any], runs: int) -> str:
             "not the tokenizer. Backend: an IR runs on OpenVINO; for ONNX, what the auto probe recorded for "
             "the file. Startup: launch to the first /ready 200. RSS of the server process (VmRSS; anonymous/"
             f"file-backed), read at /ready, {IDLE_S:.0f} s later, after N sequential /rerank requests of 8 "
-            "WikiQA-test-gold pairs cut to exactly 64 tokens (read as the last response arrives) and "
+            "WikiQA-test-gold pairs cut to exactly 64 tokens by `tokenizer.json`"
+            + (f" ({tok[0]}-{tok[1]} tokens per request as the server counted them)" if tok else "")
+            + " (read as the last response arrives) and "
             f"{IDLE_S:.0f} s later (the server releases memory once idle for 0.25 s). p50 over the N requests, "
             "c=1.\n",
             server_table(results), ""]
@@ -622,6 +645,9 @@ def section(results: dict[str, Any], runs: int) -> str:
             + ", ".join(f"{k} {t} s" for k, t in p.get("stages_s", {}).items())
             + f"; largest batch {p.get('largest_batch')} priced {p.get('priced_s')} s vs budget {p.get('budget_s')} s.\n"
             for v, res in variants.items() for label, p in res.get("startup", {}).items() if "error" not in p]
+    out.append("Earlier measurements of this model (the session alone, the engine, mmap and page-out of the IR's "
+               "weights, OpenVINO's model cache, the int4 recipe's ratio, start-up stages) were made on older "
+               "defaults and are in this file's history: `git log -p benchmarks/results/bge-reranker-v2-m3-memory.md`.")
     return "\n".join(out).rstrip()
 
 
@@ -647,12 +673,19 @@ def main() -> None:
                     help="engine/server/startup rows: alternate the variants this many rounds (A, B, A, B...), "
                     "keeping each row's best startup and p50 and its last RSS")
     ap.add_argument("--engine-rows", default="", help="indices into ENGINE_CONFIGS to measure (default: all)")
+    ap.add_argument("--render", action="store_true",
+                    help="measure nothing: write the section (--md) from <out>/results.json as it stands")
     ap.add_argument("--no-parity", action="store_true",
                     help="skip the PyTorch parity check (10 minutes per variant on a busy 2-core machine)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     res_path = args.out / "results.json"
     results: dict[str, Any] = json.loads(res_path.read_text()) if res_path.exists() else {}
+    md = args.md or args.out / "section.md"  # the benchmark page has hand-written notes: opt in
+    if args.render:
+        md.write_text(section(results, args.runs) + "\n")
+        print(f"wrote {md}")
+        return
     results["conditions"] = {"cpu": cpu_isa(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
                              "loadavg_start": os.getloadavg(), "threads": 2, "note": "shared CPU"}
     variants = results.setdefault("variants", {})
@@ -711,7 +744,6 @@ def main() -> None:
     for v in ir:
         for label, p in variants.get(v, {}).get("startup", {}).items():
             print(f"\n{v} startup, {label} (load {p.get('loadavg')}): {json.dumps(p)}")
-    md = args.md or args.out / "section.md"  # the benchmark page has hand-written notes: opt in
     md.write_text(section(results, args.runs) + "\n")
     print(f"wrote {md}")
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -78,4 +80,25 @@ def test_section_has_the_server_table_only_when_measured() -> None:
     header = next(ln for ln in lines if ln.startswith("| variant | backend"))
     # every row has the header's column count, error rows included (a markdown table otherwise breaks)
     assert all(ln.count("|") == header.count("|") for ln in lines if ln.startswith("| o"))
-    assert "Through the engine" not in text and "session alone" not in text
+    assert "| variant | startup (to ready)" not in text and "| variant | file | startup" not in text  # not measured
+
+
+def test_requests_are_8_pairs_of_one_query_each_exactly_64_tokens() -> None:
+    """Each request the server probe sends is ``pairs[8 * i:][:8]`` with the first pair's query: every
+    document must be cut for that query, not for the query it came with (a longer query then made
+    some requests 190 tokens and others 590)."""
+    folder = bge.BGE_ARCH
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip(f"fixture absent: {folder}/tokenizer.json")
+    from tokenizers import Tokenizer
+
+    doc = "The quick brown fox jumps over the lazy dog near the river bank. " * 12
+    queries = ["why", "how do antibodies recognise the antigens of a virus that mutates quickly"]
+    pairs = [(queries[i % 2], f"{i} {doc}") for i in range(17)]  # 2 groups of 8, one left over
+    out = bge.cut_pairs(folder, pairs)
+    assert len(out) == 16
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.no_truncation()
+    for g in (0, 8):
+        assert {q for q, _ in out[g:g + 8]} == {pairs[g][0]}
+        assert [len(tok.encode(q, d).ids) for q, d in out[g:g + 8]] == [64] * 8
