@@ -612,16 +612,20 @@ def section(results: dict[str, Any], runs: int) -> str:
     counts = [p["tokens_per_request"] for r in variants.values() for p in r.get("server", {}).values()
               if "tokens_per_request" in p]
     tok = (min(c[0] for c in counts), max(c[1] for c in counts)) if counts else None
+    workers = {m.group(1) for r in variants.values() for p in r.get("server", {}).values()
+               if (m := re.search(r"(\d+) inference worker", p.get("workers_log", "")))}
     if has["server"]:
         out += [
             "`encapure serve --model <folder>` and nothing else (a fresh process per row: `--backend auto`, "
-            "the worker count sized by the model, idle memory release on). Model files: graph and weights, "
+            "the worker count sized by the model"
+            + (f" (the server logged {', '.join(sorted(workers))} inference worker(s))" if workers else "")
+            + ", idle memory release on). Model files: graph and weights, "
             "not the tokenizer. Backend: an IR runs on OpenVINO; for ONNX, what the auto probe recorded for "
             "the file. Startup: launch to the first /ready 200. RSS of the server process (VmRSS; anonymous/"
             f"file-backed), read at /ready, {IDLE_S:.0f} s later, after N sequential /rerank requests of 8 "
-            "WikiQA-test-gold pairs cut to exactly 64 tokens by `tokenizer.json`"
-            + (f" ({tok[0]}-{tok[1]} tokens per request as the server counted them)" if tok else "")
-            + " (read as the last response arrives) and "
+            "WikiQA-test-gold pairs cut to exactly 64 tokens by `tokenizer.json` (read as the last response "
+            "arrives; " + (f"{tok[0]}" if tok and tok[0] == tok[1] else f"{tok[0]}-{tok[1]}" if tok else "?")
+            + " tokens per request as the server counted them) and "
             f"{IDLE_S:.0f} s later (the server releases memory once idle for 0.25 s). p50 over the N requests, "
             "c=1.\n",
             server_table(results), ""]
