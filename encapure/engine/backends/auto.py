@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from encapure.manifest import Manifest
 from encapure.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -368,8 +369,8 @@ def choose_export(onnx_folder: Path, ir_folder: Path, settings: Settings,
     (strict rule without both records). The ONNX folder, when it wins, still gets the per-file probe
     (ONNX Runtime or OpenVINO on that file) when its session opens.
     """
-    onnx_file = onnx_folder / _model_file(onnx_folder)
-    ir_file = ir_folder / _model_file(ir_folder)
+    onnx_file = onnx_folder / Manifest.load(onnx_folder).model_file
+    ir_file = ir_folder / Manifest.load(ir_folder).model_file
     qa, qb = quantized_tolerance(onnx_file), quantized_tolerance(ir_file)
     quantized = None
     if qa is not None and qb is not None:
@@ -382,9 +383,3 @@ def choose_export(onnx_folder: Path, ir_folder: Path, settings: Settings,
                        f"{onnx_folder} | {ir_folder}")
     return ir_folder if chosen == IR_LABEL else onnx_folder
 
-
-def _model_file(folder: Path) -> str:
-    try:
-        return str(json.loads((folder / "encapure.json").read_text(encoding="utf-8")).get("model_file", "model.onnx"))
-    except (OSError, ValueError):
-        return "model.onnx"
