@@ -40,7 +40,11 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--workload", type=Path, required=True)
     p.add_argument("--duration", type=float, default=5.0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2,
+                   help="the thread budget: torch threads for sentence-transformers; the engine's workers x "
+                   "threads per worker (Encapure's default split: 2 single-thread workers for 2)")
+    p.add_argument("--threads-per-worker", type=int, default=None,
+                   help="engine only: override the split (e.g. 2 with 2 workers = 4 threads, oversubscribed)")
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--backend", default=None, help="engine only: encapure --backend (default: the library's, auto)")
     p.add_argument("--out", type=Path, required=True)
@@ -56,7 +60,14 @@ def main() -> None:
         from encapure.engine import Embedder, Reranker
         from encapure.settings import Settings
 
-        settings = Settings(threads_per_worker=a.threads, **({"backend": a.backend} if a.backend else {}))
+        # The same thread budget as the peers: Encapure's workers share it (threads per worker = budget /
+        # workers, the library's default split on a 2-core machine), not a budget per worker, which
+        # oversubscribed the cores twice over (2 workers x 2 threads on 2 cores).
+        workers = Settings().workers
+        per_worker = a.threads_per_worker or max(1, a.threads // workers)
+        settings = Settings(workers=workers, threads_per_worker=per_worker,
+                            **({"backend": a.backend} if a.backend else {}))
+        layout = f"{settings.workers} workers x {settings.resolved_threads()} threads"
         if a.task == "rerank":
             rr = Reranker.from_pretrained(a.model, settings=settings)
 
@@ -77,6 +88,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(a.threads)
+        layout = f"torch threads {a.threads}"
         if a.task == "rerank":
             from sentence_transformers import CrossEncoder
 
@@ -152,6 +164,7 @@ def main() -> None:
         "scores_by_key": scores_by_key,
         "embeddings_head": np.asarray(bulk_out)[:64].astype(float).tolist() if a.task == "embed" else None,
         "threads": a.threads,
+        "layout": layout,
         "omp": os.environ.get("OMP_NUM_THREADS"),
     }
     a.out.write_text(json.dumps(result))

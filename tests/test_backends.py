@@ -189,6 +189,28 @@ def test_auto_record_is_one_per_model_and_machine_not_per_worker_layout(reranker
     assert auto._key(model, Settings(openvino_device="GPU"), ["onnxruntime", "openvino"]) != key
 
 
+def test_auto_probe_times_in_the_default_thread_split_whatever_the_caller_set(reranker_fp32_dir: Path) -> None:
+    """The record is shared by every process on the machine, so who probes first must not decide it: a
+    process oversubscribing the cores (2 workers x 2 threads on 2) once recorded the ONNX embedder,
+    which loses at the default split. Here "split" is fast only at the default split."""
+    from encapure.engine.backends import auto
+
+    model = reranker_fp32_dir / "model.onnx"
+    default = Settings(workers=2).resolved_threads()
+    seen: list[int] = []
+
+    def timed(name: str, path: Path, settings: Settings) -> object:
+        seen.append(settings.resolved_threads())
+        at_default = settings.resolved_threads() == default
+        return _Timed(0.03 if name == "ref" else 0.012 if at_default else 0.06)
+
+    for caller in (Settings(workers=2), Settings(workers=2, threads_per_worker=default + 1)):
+        res = auto.probe(model, caller, timed, ["ref", "split"])
+        assert res.chosen == "split", res
+        assert res.layout == f"2 x {default}"
+    assert set(seen) == {default}
+
+
 def test_auto_backend_is_recorded_and_scores_like_onnxruntime(reranker_int8_dir: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import json

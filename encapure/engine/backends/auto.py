@@ -29,8 +29,14 @@ The decision is stored as JSON under ``<cache>/backend-probes/`` keyed by the mo
 mtime), its tolerance, the CPU, the runtimes' versions and the settings that change what a runtime
 computes (OpenVINO device and precision). Not by workers, threads or batch sizes: one machine and one
 model get one backend, so the library and a server configured differently score alike, and a restart
-picks the same backend (scores do not flip between restarts). The probe times with the settings of
-the first process that needs it.
+picks the same backend (scores do not flip between restarts).
+
+Because the record is shared, the probe must not time in whatever layout its caller happens to use: it
+times with the caller's worker count and the default thread split (cores / workers threads per worker,
+``_timing_settings``), whatever ``threads_per_worker`` says. Measured (all-MiniLM-L6-v2 int8, AMD EPYC
+AVX-512 VNNI, 2 cores): with 2 workers x 1 thread the NNCF IR on OpenVINO beat the ONNX export on
+ONNX Runtime (full batch 0.27-0.32 vs 0.445 s); a process with 2 workers x 2 threads (4 threads on 2
+cores) probed first, timed ONNX faster (0.290 vs 0.326 s), and recorded ONNX for every process after it.
 """
 
 from __future__ import annotations
@@ -83,6 +89,9 @@ _LONE_SLACK = 1.10
 _SWITCH_GAIN = 1.10
 # parity.json key holding the export's deviation from PyTorch, in the graph's output units
 _PARITY_KEY = {"logits": "max_abs_diff", "token_embeddings": "max_abs_diff_token_embeddings"}
+# Enters the record's key: a change to how the probe times invalidates records made the old way
+# (2: timed in the default thread split, not the caller's).
+_PROBE_VERSION = 2
 
 
 @dataclass
@@ -97,6 +106,7 @@ class ProbeResult:
     tolerance: float = 0.0  # the absolute agreement bound applied
     rule: str = ""  # where the bound comes from
     bulk: list[int] = field(default_factory=list)  # rows, tokens of the full batch timed
+    layout: str = ""  # workers x threads per worker the timing ran with
     rounds: int = 0  # alternated timing rounds run
     rejected: dict[str, str] = field(default_factory=dict)
     cpu: str = ""
@@ -152,7 +162,7 @@ def _versions(names: list[str]) -> dict[str, str]:
 
 def _key(path: Path, settings: Settings, candidates: list[str]) -> str:
     st = path.stat()
-    parts = [str(path.resolve()), st.st_size, int(st.st_mtime), cpu_signature(), settings.openvino_device,
+    parts = [_PROBE_VERSION, str(path.resolve()), st.st_size, int(st.st_mtime), cpu_signature(), settings.openvino_device,
              settings.openvino_inference_precision, settings.openvino_dynamic_quantization_group_size,
              _versions(candidates), quantized_tolerance(path)]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
@@ -237,6 +247,14 @@ def _measure(session: Any, feed: dict[str, np.ndarray]) -> tuple[list[np.ndarray
     return batched, worst
 
 
+def _timing_settings(settings: Settings) -> Settings:
+    """``settings`` with the default thread split (cores / workers per worker): the layout every probe
+    times in, so the shared record does not depend on which process probed first (module docstring)."""
+    if settings.threads_per_worker == 0:
+        return settings
+    return settings.model_copy(update={"threads_per_worker": 0})
+
+
 def probe(path: Path, settings: Settings, open_session: Callable[[str, Path, Settings], Any],
           candidates: list[str]) -> ProbeResult:
     """Run every candidate backend on the same file; ``candidates[0]`` is the reference."""
@@ -252,7 +270,9 @@ def _probe(entries: list[tuple[str, str, Path]], settings: Settings,
     after the other let that drift decide (seen: the lone-batch verdict flipped between two probes).
     """
     labels = [label for label, _, _ in entries]
-    result = ProbeResult(chosen=labels[0], cpu=cpu_signature())
+    settings = _timing_settings(settings)
+    result = ProbeResult(chosen=labels[0], cpu=cpu_signature(),
+                         layout=f"{settings.workers} x {settings.resolved_threads()}")
     reference: list[np.ndarray] | None = None
     sessions: dict[str, Any] = {}
     for label, backend, path in entries:
@@ -326,9 +346,10 @@ def _recorded(record: Path, labels: list[str], run: Callable[[], ProbeResult], w
     except (OSError, ValueError):
         pass
     result = run()
-    log.info("backend auto: %s for %s (lone batch s %s, full batch s %s; rejected %s; %s)", result.chosen, what,
-             {k: round(v, 4) for k, v in result.lone_seconds.items()},
-             {k: round(v, 4) for k, v in result.seconds.items()}, result.rejected or "none", result.cpu)
+    log.info("backend auto: %s for %s (lone batch s %s, full batch s %s, %s workers x threads; rejected %s; %s)",
+             result.chosen, what, {k: round(v, 4) for k, v in result.lone_seconds.items()},
+             {k: round(v, 4) for k, v in result.seconds.items()}, result.layout, result.rejected or "none",
+             result.cpu)
     try:
         record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_suffix(".tmp")
