@@ -54,7 +54,12 @@ def ensure_export(name: str, precision: str, *, log: Path | None = None, timeout
             raise RuntimeError(f"export of {name} at {precision} failed (log {logf}):\n{tail}")
         (out / ".complete").write_text(json.dumps({"export_s": time.perf_counter() - t0}))
 
-    return cached_build(WORK / "models", f"{name}-{precision}-v{EXPORT_VERSION}", build)
+    version = f"v{EXPORT_VERSION}"
+    if "openvino" in precision:  # an IR recipe has its own version (hub.cache_key)
+        from encapure.export.openvino_ir import IR_RECIPE_VERSION
+
+        version += f"-ir{IR_RECIPE_VERSION}"
+    return cached_build(WORK / "models", f"{name}-{precision}-{version}", build)
 
 
 def export_seconds(folder: Path) -> float | None:

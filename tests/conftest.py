@@ -165,13 +165,14 @@ def embedder_int8_dir() -> Path:
 @pytest.fixture(scope="session")
 def embedder_int8_ir_dir() -> Path:
     """all-MiniLM-L6-v2 as the NNCF static int8 IR: what ``--backend auto`` serves for an int8 embedder
-    exported on load where its probe finds the IR on OpenVINO faster (AMD EPYC AVX-512 VNNI: 1.4-1.65x)."""
+    exported on load where its probe finds the IR on OpenVINO faster."""
     pytest.importorskip("openvino", reason="the int8 IR needs openvino (the openvino extra)")
     pytest.importorskip("nncf", reason="the int8 IR export needs nncf (the export extra)")
     from encapure.export import export_model
+    from encapure.export.openvino_ir import IR_RECIPE_VERSION
 
     source = embedder_source()
-    key = _model_key("embedder-ir", [source], "int8", extra="openvino")
+    key = _model_key("embedder-ir", [source], "int8", extra=f"openvino/ir{IR_RECIPE_VERSION}")
     return cached_export(key, lambda out: export_model(source, out, precision="int8", format="openvino"))
 
 

@@ -12,19 +12,24 @@ Recipes (``precision``):
   f32, so scores do not depend on batch-mates).
 - ``int8``, embedders: NNCF static int8 (``nncf.quantize``, transformer preset: SmoothQuant 0.95,
   per-tensor asymmetric u8 activations with constant scales, per-channel s8 weights) with the FFN
-  down projections kept f32, calibrated on the shipped set (or ``--calibration``) one text per
-  batch, so no padding position widens a range. Constant scales make it batch-invariant: on
-  all-MiniLM-L6-v2 a text embedded alone and inside a padded batch gave identical vectors (max
-  |delta| 0.0). Worst-text cosine to sentence-transformers on the 304 mixed texts: 0.9968 (mean
-  0.9987); with the FFN down projections int8 too, 0.9898 (their input, the GELU output, has a few
-  channels far wider than the rest, and one scale per tensor leaves the others a handful of
-  levels). experiments/ov_int8_embedder.py holds the search and the speed figures.
+  down projections of the first third of the layers kept f32, calibrated on the shipped set (or
+  ``--calibration``) one text per batch, so no padding position widens a range. Constant scales make
+  it batch-invariant: on all-MiniLM-L6-v2 a text embedded alone and inside a padded batch gave
+  identical vectors (max |delta| 0.0). The FFN down projection's input, the GELU output, has a few
+  channels far wider than the rest, and one scale per tensor leaves the others a handful of levels;
+  the error an early layer makes is carried through every later one. all-MiniLM-L6-v2 (6 layers),
+  worst-text cosine to sentence-transformers on the 304 mixed texts / seconds for 1,000 WikiQA texts
+  as a ratio to ONNX Runtime fp32 (AMD EPYC AVX-512 VNNI, 2 single-thread workers, one quiet run):
+  every down projection int8 0.9898 / 2.48x; all six f32 0.9968 / 1.64x; layer 0's alone 0.9936 /
+  2.30x; layers 0-1 (the first third) **0.9952 / 2.05x**; layers 0-2 0.9965 / 1.94x; one later
+  layer alone (3, 4 or 5) 0.9899-0.9905. experiments/ov_int8_embedder.py holds the search.
 - ``fp32``: plain conversion (weights kept f32, not the f16 ``save_model`` applies by default).
 NNCF is an export-time dependency only (the ``export`` extra); serving needs just ``openvino``.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -40,10 +45,15 @@ INT4_GROUP = 128
 # Share of the compressible weights that get int4 (the rest int8 per channel, NNCF picks which by
 # weight-quantization error). scripts/measure_bge_memory.py patches it to measure other recipes.
 INT4_RATIO = 1.0
-# Embedders at int8: NNCF static int8 with these MatMuls kept f32 (regular expressions matched with
-# re.match against OpenVINO's node names, which keep the TorchScript exporter's ONNX names).
-EMBED_PTQ_IGNORED: tuple[str, ...] = (r".*layer\.\d+/output/dense/MatMul$",)
+# Embedders at int8: NNCF static int8 with the FFN down projections (this pattern, matched with re.match
+# against OpenVINO's node names, which keep the TorchScript exporter's ONNX names) of the first
+# EMBED_PTQ_F32_SHARE of the layers (rounded up) kept f32.
+EMBED_PTQ_FFN_DOWN = r".*layer\.(\d+)/output/dense/MatMul$"
+EMBED_PTQ_F32_SHARE = 1 / 3
 EMBED_PTQ_SMOOTH_QUANT = 0.95
+# Enters the export cache key of IR formats (hub.cache_key): bump when an IR recipe changes, so a cached
+# IR made by the old recipe is not served (2: embedders keep only the first third's FFN down f32).
+IR_RECIPE_VERSION = "2"
 
 Feeds = list[dict[str, Any]]
 
@@ -52,7 +62,7 @@ def recipe(precision: str, task: str = "rerank") -> dict[str, Any]:
     """What ``convert`` applies for ``precision`` and ``task``, as recorded in the manifest's ``quantization``."""
     if precision == "int8" and task == "embed":
         return {"format": "openvino", "method": "nncf_ptq", "model_type": "transformer", "preset": "mixed",
-                "smooth_quant_alpha": EMBED_PTQ_SMOOTH_QUANT, "ignored_patterns": list(EMBED_PTQ_IGNORED),
+                "smooth_quant_alpha": EMBED_PTQ_SMOOTH_QUANT, "f32_ffn_down_share": round(EMBED_PTQ_F32_SHARE, 4),
                 "calibration_batch_size": 1}
     if precision == "int4":
         return {"format": "openvino", "method": "nncf_weights", "mode": "int4_sym", "group_size": INT4_GROUP,
@@ -111,6 +121,20 @@ def convert(
 
 
 
+def f32_ffn_downs(matmuls: list[str], share: float) -> list[str]:
+    """The FFN down projections among ``matmuls`` (node names) of the first ``share`` of the layers,
+    rounded up: those the embedder recipe keeps f32."""
+    layers: dict[int, list[str]] = {}
+    for name in matmuls:
+        m = re.match(EMBED_PTQ_FFN_DOWN, name)
+        if m:
+            layers.setdefault(int(m.group(1)), []).append(name)
+    if not layers:
+        return []
+    count = math.ceil(len(layers) * share)
+    return [n for i in sorted(layers)[:count] for n in layers[i]]
+
+
 def _quantize_static(model: Any, spec: dict[str, Any], feeds: Feeds) -> Any:
     """NNCF post-training quantization (int8 weights and activations, constant scales) of ``model``;
     records in ``spec`` how many calibration batches were used and which MatMuls stayed f32."""
@@ -123,12 +147,11 @@ def _quantize_static(model: Any, spec: dict[str, Any], feeds: Feeds) -> Any:
     if not feeds:
         raise ExportError("static int8 needs calibration batches")
     names = [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul"]
-    pattern = re.compile("|".join(f"(?:{p})" for p in spec["ignored_patterns"]))
-    kept = [n for n in names if pattern.match(n)]
+    kept = f32_ffn_downs(names, float(spec["f32_ffn_down_share"]))
     adv = AdvancedQuantizationParameters(
         smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=float(spec["smooth_quant_alpha"])))
-    # validate=False: an architecture whose names match no pattern is quantized whole (recorded below).
-    ignored = nncf.IgnoredScope(patterns=list(spec["ignored_patterns"]), validate=False)
+    # An architecture whose names match no pattern is quantized whole (recorded below).
+    ignored = nncf.IgnoredScope(names=kept, validate=False)
     try:
         quantized = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds),
                                   model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED,
