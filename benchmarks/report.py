@@ -187,10 +187,12 @@ def goals(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     out += speed_goals(r)
     h = r["headline"].get("int4-openvino") or r["headline"].get("int4")
     if h:
-        out.append(("bge-reranker-v2-m3 int4 (OpenVINO IR where exported): RSS < 500 MB and startup < 5 s",
+        startup = h.get("startup_median_s") or h.get("startup_s")
+        out.append(("bge-reranker-v2-m3 int4 (OpenVINO IR where exported): RSS < 500 MB and startup < 5 s "
+                    "(median of 3 starts)",
                     f"RSS {_f(h.get('rss_ready_mb'), 0)} MB at ready, {_f(h.get('rss_after_mb'), 0)} MB after load; "
-                    f"startup {_f(h.get('startup_s'), 1)} s",
-                    _goal((h.get("rss_after_mb") or h.get("rss_ready_mb") or 1e9) < 500 and (h.get("startup_s") or 99) < 5)))
+                    f"startup {_starts(h)} s",
+                    _goal((h.get("rss_after_mb") or h.get("rss_ready_mb") or 1e9) < 500 and (startup or 99) < 5)))
     return out
 
 
@@ -198,6 +200,14 @@ def _bulk(row: Row | None) -> float | None:
     """In-process throughput on the same slice for every system (the first ~800 items in one call):
     sentence-transformers is not timed on the whole workload."""
     return None if row is None else row.get("bulk_items_per_s")
+
+
+def _starts(h: dict[str, Any]) -> str:
+    """"first; restarts (median)" of a headline row, or the one start of an older result."""
+    if not h.get("restarts_s"):
+        return _f(h.get("startup_s"), 1)
+    rest = ", ".join(_f(x, 1) for x in h["restarts_s"])
+    return f"{_f(h.get('startup_s'), 1)}; {rest} (median {_f(h.get('startup_median_s'), 1)})"
 
 
 def speed_goals(r: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -364,13 +374,14 @@ def render(r: dict[str, Any], plot_files: list[str], plot_dir: Path, md_dir: Pat
         L.append("")
     if r["headline"]:
         L.append("## Headline: bge-reranker-v2-m3 architecture (random weights), Encapure server\n")
-        L.append("Startup = process start to the first 200 on `/ready`. Workload: 8 documents x 64 tokens per request "
-                 "(XLM-R tokenizer).\n")
+        L.append("Startup = process start to the first 200 on `/ready`: the first start (it holds one-time costs such "
+                 "as an ONNX file's backend probe), then two restarts, and their median. Workload: 8 documents x 64 "
+                 "tokens per request (XLM-R tokenizer).\n")
         L.append("| precision | files MB | startup s | RSS at ready MB | RSS after load MB | c=1 p50 / p99 ms | c=8 pairs/s | c=8 p50 ms |")
         L.append("|---|---|---|---|---|---|---|---|")
         for prec, h in r["headline"].items():
             c1, c8 = h.get("c1") or {}, h.get("c8") or {}
-            L.append(f"| {prec} | {_f(h.get('size_mb'), 0)} | {_f(h.get('startup_s'), 1)} | {_f(h.get('rss_ready_mb'), 0)} "
+            L.append(f"| {prec} | {_f(h.get('size_mb'), 0)} | {_starts(h)} | {_f(h.get('rss_ready_mb'), 0)} "
                      f"| {_f(h.get('rss_after_mb'), 0)} | {_f(c1.get('p50_ms'), 0)} / {_f(c1.get('p99_ms'), 0)} "
                      f"| {_f(c8.get('items_per_s'), 1)} | {_f(c8.get('p50_ms'), 0)} |")
         L.append("")

@@ -8,6 +8,7 @@ the load-time choice, and engine scores that do not depend on which tokenizer ra
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from pathlib import Path
@@ -260,3 +261,25 @@ async def test_server_answers_the_same_with_either_tokenizer(tiny_xlmr_reranker_
             assert tok.status_code == 200 and rr.status_code == 200, (tok.text, rr.text)
             answers.append((tok.json(), [(r["index"], r["relevance_score"]) for r in rr.json()["results"]]))
     assert answers[0] == answers[1]
+
+
+def test_spliced_model_equals_a_full_protobuf_rewrite(arch: Path) -> None:
+    """The light loader copies the 250k pieces as spans of the file; protobuf's own parse and rewrite
+    of the same edit must give the same message."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from encapure.engine.spm_tokenizer import _splice, _wire_spans
+
+    raw = (arch / SPM_FILE).read_bytes()
+    fields = _wire_spans(raw)
+    assert fields[0][1] == 0 and fields[-1][3] == len(raw)
+    assert all(a[3] == b[1] for a, b in itertools.pairwise(fields))  # contiguous, nothing skipped
+    spec = pb.NormalizerSpec(name="identity", add_dummy_prefix=False)  # type: ignore[attr-defined]
+    expected = pb.ModelProto.FromString(raw)  # type: ignore[attr-defined]
+    expected.normalizer_spec.CopyFrom(spec)
+    expected.ClearField("denormalizer_spec")
+    got = pb.ModelProto.FromString(_splice(raw, fields, {3: spec.SerializeToString(), 5: None}))  # type: ignore[attr-defined]
+    assert got == expected
+    assert len(got.pieces) == len(expected.pieces) > 200_000
+    with pytest.raises(ValueError, match="truncated"):
+        _wire_spans(raw[:-1])
