@@ -139,10 +139,10 @@ def choose_format(build: Callable[[str], Path], settings: Settings) -> Path:
         return onnx
     if not Manifest.load(ir).model_file.endswith(".xml"):
         return onnx
-    from encapure.engine.backends import _open
+    from encapure.engine.backends import open_backend
     from encapure.engine.backends.auto import choose_export
 
-    return choose_export(onnx, ir, settings, _open)
+    return choose_export(onnx, ir, settings, open_backend)
 
 
 def cache_key(source: str | Path, precision: str, task: str = "auto", max_length: int | None = None,

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from encapure.errors import ManifestError
 
 MANIFEST_NAME = "encapure.json"
+PARITY_NAME = "parity.json"  # the export's parity report beside the manifest
 FORMAT_VERSION = 1
 
 Task = Literal["rerank", "embed", "classify"]

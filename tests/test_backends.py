@@ -242,14 +242,14 @@ def test_auto_accepts_openvino_on_int8_within_the_quantization_error(reranker_in
     scores from PyTorch, so it qualifies; a backend off by more than that is still rejected."""
     import json
 
-    from encapure.engine.backends import _open, auto
+    from encapure.engine.backends import auto, open_backend
     from encapure.engine.backends.onnxruntime import create_session as ort_session
 
     model = reranker_int8_dir / "model.onnx"
     recorded = json.loads((reranker_int8_dir / "parity.json").read_text())["max_abs_diff"]
     tolerance = auto.quantized_tolerance(model)
     assert tolerance is not None and tolerance[0] == recorded
-    res = auto.probe(model, Settings(), _open, ["onnxruntime", "openvino"])
+    res = auto.probe(model, Settings(), open_backend, ["onnxruntime", "openvino"])
     assert res.tolerance == recorded
     # Agreement is what this test is about. Batch invariance is checked as well and depends on the
     # CPU's int8 kernels (bit-exact on AMD EPYC AVX-512 VNNI; an earlier Intel VNNI machine differed by

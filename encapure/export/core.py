@@ -32,7 +32,7 @@ from encapure.export.detect import (
 )
 from encapure.export.progress import Progress
 from encapure.hub import download, missing_ir_modules
-from encapure.manifest import MANIFEST_NAME, Manifest
+from encapure.manifest import MANIFEST_NAME, PARITY_NAME, Manifest
 from encapure.settings import PRECISIONS
 
 # Bump when the exporter's output changes (the test fixture cache keys on it).
@@ -284,13 +284,13 @@ def _export(
             manifest.tokenizer = light_tokenizer(tok_dir, tok_obj, rust_tok, info.model_type, work)
         manifest.source = src_label
         manifest.tool_versions = _versions()
-        files = sorted(p.name for p in work.iterdir() if p.is_file() and p.name not in (MANIFEST_NAME, "parity.json"))
+        files = sorted(p.name for p in work.iterdir() if p.is_file() and p.name not in (MANIFEST_NAME, PARITY_NAME))
         with prog.step("Writing manifest"):
             manifest.compute_files(work, files)
             manifest.validate()
             manifest.save(work)
             report["timings_s"] = dict(prog.timings)
-            (work / "parity.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            (work / PARITY_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         _replace_dir(work, output)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

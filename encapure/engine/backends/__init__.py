@@ -45,7 +45,9 @@ BACKENDS: dict[str, str] = {
 }
 
 
-def _open(name: str, path: Path, settings: Settings) -> Session:
+def open_backend(name: str, path: Path, settings: Settings) -> Session:
+    """A session of the backend ``name`` (a ``BACKENDS`` key) on ``path``: no probe, no IR routing (what
+    ``--backend auto``'s probes open each candidate with)."""
     module = importlib.import_module(BACKENDS[name])
     session: Session = module.create_session(path, settings)
     return session
@@ -68,9 +70,9 @@ def create_session(model_path: str | Path, settings: Settings | None = None) -> 
                 f"{path.name} is an OpenVINO IR (encapure export --format openvino): it runs on --backend openvino "
                 "(or auto), not onnxruntime; export with --format onnx for onnxruntime"
             )
-        return _open("openvino", path, settings)
+        return open_backend("openvino", path, settings)
     if name == "auto":
         from encapure.engine.backends.auto import choose
 
-        name = choose(path, settings, _open, list(BACKENDS))
-    return _open(name, path, settings)
+        name = choose(path, settings, open_backend, list(BACKENDS))
+    return open_backend(name, path, settings)

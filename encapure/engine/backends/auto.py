@@ -55,7 +55,8 @@ from typing import Any
 
 import numpy as np
 
-from encapure.manifest import Manifest
+from encapure.errors import EncapureError
+from encapure.manifest import PARITY_NAME, Manifest
 from encapure.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -120,13 +121,13 @@ def quantized_tolerance(path: Path) -> tuple[float, str] | None:
     """
     folder = path.parent
     try:
-        manifest = json.loads((folder / "encapure.json").read_text(encoding="utf-8"))
-        parity = json.loads((folder / "parity.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = Manifest.load(folder)
+        parity = json.loads((folder / PARITY_NAME).read_text(encoding="utf-8"))
+    except (EncapureError, OSError, ValueError):
         return None
-    precision = str(manifest.get("precision", ""))
-    key = _PARITY_KEY.get(str(manifest.get("output_kind", "")))
-    if precision in ("fp32", "unknown", "") or key is None or manifest.get("model_file", "model.onnx") != path.name:
+    precision = str(manifest.precision or "")
+    key = _PARITY_KEY.get(str(manifest.output_kind or ""))
+    if precision in ("fp32", "unknown", "") or key is None or manifest.model_file != path.name:
         return None
     value = parity.get(key)
     if not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
