@@ -55,10 +55,11 @@ def ensure_export(name: str, precision: str, *, log: Path | None = None, timeout
         (out / ".complete").write_text(json.dumps({"export_s": time.perf_counter() - t0}))
 
     version = f"v{EXPORT_VERSION}"
-    if "openvino" in precision:  # an IR recipe has its own version (hub.cache_key)
-        from encapure.export.openvino_ir import IR_RECIPE_VERSION
+    if precision.endswith("-openvino"):  # an IR recipe has its own version per precision (hub.cache_key)
+        from encapure.export.openvino_ir import ir_recipe_version
 
-        version += f"-ir{IR_RECIPE_VERSION}"
+        if (ir := ir_recipe_version(precision.removesuffix("-openvino"))) != "1":
+            version += f"-ir{ir}"
     return cached_build(WORK / "models", f"{name}-{precision}-{version}", build)
 
 

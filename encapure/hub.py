@@ -150,8 +150,8 @@ def cache_key(source: str | Path, precision: str, task: str = "auto", max_length
     """A readable, collision-safe folder name for one (source, export options, exporter version).
 
     ``format`` enters the key only when it is not ``onnx``, so ONNX entries made before it existed
-    keep their names; with it the IR recipes' own version (an IR recipe can change while the ONNX
-    exports stay as they were).
+    keep their names; with it the IR recipe's own version for ``precision`` past 1 (an IR recipe can
+    change while the ONNX exports and the other precisions' IRs stay as they were).
     """
     src = str(source)
     p = Path(src).expanduser()
@@ -162,10 +162,12 @@ def cache_key(source: str | Path, precision: str, task: str = "auto", max_length
     parts: list[object] = [ident, precision, task, max_length, str(version)]
     label = precision
     if format != "onnx":
-        ir_version: object = 0
+        ir_version = "1"
         with contextlib.suppress(ImportError):
-            from encapure.export.openvino_ir import IR_RECIPE_VERSION as ir_version
-        parts.append(f"{format}/ir{ir_version}")
+            from encapure.export.openvino_ir import ir_recipe_version
+
+            ir_version = ir_recipe_version(precision)
+        parts.append(format if ir_version == "1" else f"{format}/ir{ir_version}")
         label = f"{precision}-{format}"
     h = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
     slug = re.sub(r"[^A-Za-z0-9._-]+", "--", ident.strip("/"))[-80:]

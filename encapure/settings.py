@@ -108,9 +108,9 @@ class Settings(BaseSettings):
     # --- runtime ----------------------------------------------------------------------------
     # auto by default: which runtime is faster depends on the CPU and the model (AMD EPYC AVX-512 VNNI,
     # int8 MiniLM reranker, in-process: OpenVINO 580 pairs/s vs ONNX Runtime 321; fp32 and the int8
-    # ONNX embedder: a tie; the int8 embedder as the NNCF IR on OpenVINO: 1.4-1.65x the ONNX one on ONNX
-    # Runtime with 2 workers x 1 thread, 0.89x with 2 threads per worker), and "a backend is the default
-    # where it wins". Without openvino installed auto is onnxruntime.
+    # ONNX embedder: a tie; the int8 embedder as the NNCF IR on OpenVINO, first third's FFN down f32: probe
+    # full batch 2.19x the ONNX one on ONNX Runtime, 2 workers x 1 thread, the split every probe times in),
+    # and "a backend is the default where it wins". Without openvino installed auto is onnxruntime.
     backend: Literal["auto", "onnxruntime", "openvino"] = Field(
         default="auto",
         description="what runs the exported ONNX graph: onnxruntime, openvino (pip install openvino), or auto "

@@ -169,10 +169,10 @@ def embedder_int8_ir_dir() -> Path:
     pytest.importorskip("openvino", reason="the int8 IR needs openvino (the openvino extra)")
     pytest.importorskip("nncf", reason="the int8 IR export needs nncf (the export extra)")
     from encapure.export import export_model
-    from encapure.export.openvino_ir import IR_RECIPE_VERSION
+    from encapure.export.openvino_ir import ir_recipe_version
 
     source = embedder_source()
-    key = _model_key("embedder-ir", [source], "int8", extra=f"openvino/ir{IR_RECIPE_VERSION}")
+    key = _model_key("embedder-ir", [source], "int8", extra=f"openvino/ir{ir_recipe_version('int8')}")
     return cached_export(key, lambda out: export_model(source, out, precision="int8", format="openvino"))
 
 

@@ -371,6 +371,18 @@ EMBED_TEXTS = [
 ]
 
 
+def test_a_changed_ir_recipe_changes_only_its_own_cache_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached IR made by an old recipe must not be served; the other precisions' IRs and every ONNX
+    export keep their cache entries (a bge-reranker-v2-m3 int4 IR takes minutes to export)."""
+    from encapure.export import openvino_ir
+    from encapure.hub import cache_key
+
+    keys = {(p, f): cache_key("/m", p, format=f) for p in ("int8", "int4") for f in ("onnx", "openvino", "auto")}
+    monkeypatch.setitem(openvino_ir.IR_RECIPE_VERSIONS, "int8", "99")
+    changed = {k for k in keys if cache_key("/m", k[0], format=k[1]) != keys[k]}
+    assert changed == {("int8", "openvino"), ("int8", "auto")}
+
+
 def test_embedder_recipe_keeps_the_first_third_of_ffn_downs_f32() -> None:
     """Early layers' errors are carried through every later one (MiniLM-L6: layer 0's FFN down alone f32
     0.9936 min cosine, one later layer's 0.9899-0.9905), so the f32 share is counted from the input."""

@@ -51,9 +51,15 @@ INT4_RATIO = 1.0
 EMBED_PTQ_FFN_DOWN = r".*layer\.(\d+)/output/dense/MatMul$"
 EMBED_PTQ_F32_SHARE = 1 / 3
 EMBED_PTQ_SMOOTH_QUANT = 0.95
-# Enters the export cache key of IR formats (hub.cache_key): bump when an IR recipe changes, so a cached
-# IR made by the old recipe is not served (2: embedders keep only the first third's FFN down f32).
-IR_RECIPE_VERSION = "2"
+# Per precision, enters the export cache key of IR formats (hub.cache_key): bump a precision's entry when
+# its recipe changes, so a cached IR made by the old recipe is not served, while the others' caches stay
+# valid. "1" (the default) keys as before versions existed. int8 2: embedders keep only the first third's
+# FFN down projections f32.
+IR_RECIPE_VERSIONS: dict[str, str] = {"int8": "2"}
+
+
+def ir_recipe_version(precision: str) -> str:
+    return IR_RECIPE_VERSIONS.get(precision, "1")
 
 Feeds = list[dict[str, Any]]
 
