@@ -56,10 +56,10 @@ def ensure_export(name: str, precision: str, *, log: Path | None = None, timeout
 
     version = f"v{EXPORT_VERSION}"
     if precision.endswith("-openvino"):  # an IR recipe has its own version per precision (hub.cache_key)
-        from encapure.export.openvino_ir import ir_recipe_version
+        from encapure.export.openvino_ir import ir_recipe_tag
 
-        if (ir := ir_recipe_version(precision.removesuffix("-openvino"))) != "1":
-            version += f"-ir{ir}"
+        if tag := ir_recipe_tag(precision.removesuffix("-openvino")):
+            version += f"-{tag}"
     return cached_build(WORK / "models", f"{name}-{precision}-{version}", build)
 
 

@@ -162,12 +162,12 @@ def cache_key(source: str | Path, precision: str, task: str = "auto", max_length
     parts: list[object] = [ident, precision, task, max_length, str(version)]
     label = precision
     if format != "onnx":
-        ir_version = "1"
+        tag = ""
         with contextlib.suppress(ImportError):
-            from encapure.export.openvino_ir import ir_recipe_version
+            from encapure.export.openvino_ir import ir_recipe_tag
 
-            ir_version = ir_recipe_version(precision)
-        parts.append(format if ir_version == "1" else f"{format}/ir{ir_version}")
+            tag = ir_recipe_tag(precision)
+        parts.append(f"{format}/{tag}" if tag else format)
         label = f"{precision}-{format}"
     h = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
     slug = re.sub(r"[^A-Za-z0-9._-]+", "--", ident.strip("/"))[-80:]

@@ -61,6 +61,12 @@ IR_RECIPE_VERSIONS: dict[str, str] = {"int8": "2"}
 def ir_recipe_version(precision: str) -> str:
     return IR_RECIPE_VERSIONS.get(precision, "1")
 
+
+def ir_recipe_tag(precision: str) -> str:
+    """The suffix that keys a cached IR of ``precision`` ("" for version 1, so old caches keep their names)."""
+    version = ir_recipe_version(precision)
+    return "" if version == "1" else f"ir{version}"
+
 Feeds = list[dict[str, Any]]
 
 
@@ -156,7 +162,8 @@ def _quantize_static(model: Any, spec: dict[str, Any], feeds: Feeds) -> Any:
     kept = f32_ffn_downs(names, float(spec["f32_ffn_down_share"]))
     adv = AdvancedQuantizationParameters(
         smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=float(spec["smooth_quant_alpha"])))
-    # An architecture whose names match no pattern is quantized whole (recorded below).
+    # An architecture with no FFN down projection named as EMBED_PTQ_FFN_DOWN expects is quantized whole
+    # (kept is empty; recorded below).
     ignored = nncf.IgnoredScope(names=kept, validate=False)
     try:
         quantized = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds),
