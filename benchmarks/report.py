@@ -397,13 +397,15 @@ def render(r: dict[str, Any], plot_files: list[str], plot_dir: Path, md_dir: Pat
         L.append(f"`{p.get('command', 'py-spy record')}` while 32 clients sent WikiQA requests "
                  f"({_f((p.get('load') or {}).get('items_per_s'))} pairs/s during the profile). Python frames only; "
                  "threads idle in the GIL-free wait are not sampled.\n")
-        L.append(f"- Samples: {p['samples']}; inside ONNX Runtime `session.run`: {_f((p['in_ort_share'] or 0) * 100, 1)}%; "
+        inside = p.get("in_runtime_share", p.get("in_ort_share"))  # results before OpenVINO counted: ORT only
+        L.append(f"- Samples: {p['samples']}; inside the runtime's inference call (ONNX Runtime `session.run`, "
+                 f"OpenVINO `InferRequest.infer`): {_f((inside or 0) * 100, 1)}%; "
                  f"elsewhere: {_f((p['outside_share'] or 0) * 100, 1)}%.")
-        L.append("\nTop frames outside ONNX Runtime (self time, share of all samples):\n")
+        L.append("\nTop frames outside the runtime (self time, share of all samples):\n")
         L.append("| frame | share |\n|---|---|")
         for f, share in p["top_self_outside"][:12]:
             L.append(f"| `{f}` | {share:.1%} |")
-        L.append("\nTop frames outside ONNX Runtime (inclusive):\n")
+        L.append("\nTop frames outside the runtime (inclusive):\n")
         L.append("| frame | share |\n|---|---|")
         for f, share in p["top_inclusive_outside"][:12]:
             L.append(f"| `{f}` | {share:.1%} |")

@@ -670,10 +670,16 @@ def _frame(f: str) -> str:
     return f"{head}({path}"
 
 
+# A sample whose stack passes through one of these modules is inside the inference runtime: ONNX Runtime's
+# ``session.run`` or OpenVINO's ``InferRequest.infer`` (with ``--backend auto`` either may serve).
+RUNTIME_MODULES = ("onnxruntime_inference_collection.py", "openvino/_ov_api.py")
+
+
 def summarize_profile(raw: str, top: int = 15) -> dict[str, Any]:
-    """Collapsed stacks -> share of samples inside ORT's run vs elsewhere, and top self frames outside ORT."""
+    """Collapsed stacks -> share of samples inside the runtime's inference call vs elsewhere, and the
+    top frames outside it."""
     total = 0
-    in_ort = 0
+    in_runtime = 0
     self_frames: dict[str, int] = {}
     incl: dict[str, int] = {}
     for line in raw.splitlines():
@@ -686,17 +692,17 @@ def summarize_profile(raw: str, top: int = 15) -> dict[str, Any]:
             continue
         frames = [_frame(f) for f in stack.split(";")]
         total += count
-        if any("onnxruntime_inference_collection.py" in f for f in frames):
-            in_ort += count
+        if any(m in f for f in frames for m in RUNTIME_MODULES):
+            in_runtime += count
             continue
         leaf = frames[-1]
         self_frames[leaf] = self_frames.get(leaf, 0) + count
         for f in set(frames[1:]):
             incl[f] = incl.get(f, 0) + count
-    outside = total - in_ort
+    outside = total - in_runtime
     return {
         "samples": total,
-        "in_ort_share": in_ort / total if total else None,
+        "in_runtime_share": in_runtime / total if total else None,
         "outside_share": outside / total if total else None,
         "top_self_outside": sorted(((f, n / total) for f, n in self_frames.items()), key=lambda x: -x[1])[:top]
         if total else [],

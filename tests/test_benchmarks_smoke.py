@@ -127,3 +127,20 @@ def test_wikiqa_workload_is_the_evaluation_reader() -> None:
     assert [(r.key, r.query, r.texts, r.labels) for r in wl.requests] == [
         (g.qid, g.query, g.documents, g.labels) for g in groups]
     assert wl.items == 2351 and len(wl.requests) == 243
+
+
+def test_profile_counts_either_runtime_as_inside() -> None:
+    """With ``--backend auto`` the server may run OpenVINO: its ``infer`` is runtime time, as ONNX
+    Runtime's ``session.run`` is (a run once reported 0% inside the runtime for an OpenVINO server)."""
+    from benchmarks.runner import summarize_profile
+
+    ort = "run (onnxruntime/capi/onnxruntime_inference_collection.py:220)"
+    ov = "InferRequest.infer (/x/site-packages/openvino/_ov_api.py:171)"
+    raw = "\n".join([
+        f"main (a.py:1);OnnxModel.forward (encapure/engine/model.py:9);{ort} 3",
+        f"main (a.py:1);OnnxModel.forward (encapure/engine/model.py:9);{ov};_ (openvino/utils/x.py:5) 5",
+        "main (a.py:1);Runner.run (asyncio/runners.py:118) 2",
+    ])
+    p = summarize_profile(raw)
+    assert p["samples"] == 10 and p["in_runtime_share"] == pytest.approx(0.8)
+    assert p["top_self_outside"] == [("Runner.run (asyncio/runners.py)", pytest.approx(0.2))]
