@@ -106,11 +106,13 @@ class Settings(BaseSettings):
     )
 
     # --- runtime ----------------------------------------------------------------------------
-    # auto by default: which runtime is faster depends on the CPU and the model (AMD EPYC AVX-512 VNNI,
-    # int8 MiniLM reranker, in-process: OpenVINO 580 pairs/s vs ONNX Runtime 321; fp32 and the int8
-    # ONNX embedder: a tie; the int8 embedder as the NNCF IR on OpenVINO, first third's FFN down f32: probe
-    # full batch 2.19x the ONNX one on ONNX Runtime, 2 workers x 1 thread, the split every probe times in),
-    # and "a backend is the default where it wins". Without openvino installed auto is onnxruntime.
+    # auto by default: which runtime is faster depends on the CPU and the model, and "a backend is the
+    # default where it wins". The int8 MiniLM reranker, probe at the default split (2 workers x 1 thread):
+    # Intel Xeon AVX-512 VNNI + AMX, OpenVINO 2.1x ONNX Runtime on the full batch and faster alone (picked);
+    # AMD EPYC AVX-512 VNNI, 1.34-1.45x on the full batch but 1.04-1.14x slower alone (ONNX Runtime kept).
+    # fp32: OpenVINO slower alone on both (ONNX Runtime kept). The int8 embedder as the NNCF IR on
+    # OpenVINO (first third's FFN down f32): full batch 2.19x (AMD) / 3.1x (Intel) the ONNX one on ONNX
+    # Runtime. Without openvino installed auto is onnxruntime.
     backend: Literal["auto", "onnxruntime", "openvino"] = Field(
         default="auto",
         description="what runs the exported ONNX graph: onnxruntime, openvino (pip install openvino), or auto "
