@@ -222,6 +222,9 @@ DOCUMENTS = [
 ]
 
 
+READY_TIMEOUT_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+
+
 @pytest.fixture(scope="module")
 def ray_serve() -> Any:
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'encapure[ray]')")
@@ -230,9 +233,13 @@ def ray_serve() -> Any:
 
     from encapure.deploy.ray import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
-    # The proxy actor reads this at start; it inherits the environment of the local cluster.
-    before = os.environ.get(PROXY_CALLBACK_ENV)
+    # The proxy actor reads this at start; it inherits the environment of the local cluster. So does
+    # Serve's controller, which kills a proxy not ready within RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S
+    # (5 s by default): on 2 cores shared with other heavy work that killed it once ("killed by
+    # ray.kill ... never ran"), and serve.start failed.
+    saved = {k: os.environ.get(k) for k in (PROXY_CALLBACK_ENV, READY_TIMEOUT_ENV)}
     os.environ[PROXY_CALLBACK_ENV] = PROXY_CALLBACK
+    os.environ[READY_TIMEOUT_ENV] = "60"
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              object_store_memory=80 * 1024 * 1024, log_to_driver=False)
     port = free_port()
@@ -242,10 +249,11 @@ def ray_serve() -> Any:
     finally:
         serve.shutdown()
         ray.shutdown()
-        if before is None:
-            os.environ.pop(PROXY_CALLBACK_ENV, None)
-        else:
-            os.environ[PROXY_CALLBACK_ENV] = before
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def test_ray_args_are_checked_on_the_driver() -> None:
